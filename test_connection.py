@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Send one question (and optionally one image) to the Qwen2.5-VL API and print the answer.
+
+The client of this kit: it checks that a running server (local, or deployed on
+AI Studio) answers chat completions. Standard library + requests only.
+
+Examples:
+    # the server started by notebooks/04_serve_api.ipynb or `python api.py`
+    python test_connection.py --image demo.jpg
+    python test_connection.py --image demo.jpg --question "What is in the picture?" --stream
+
+    # text only, OpenAI-style image parts, an image given by URL
+    python test_connection.py --question "Hello, who are you?"
+    python test_connection.py --format openai --image https://example.com/cat.png
+
+    # a deployed AI Studio service (the key is sent as "Authorization: Bearer ...")
+    API_KEY=... python test_connection.py --api-url https://<service>/v1/chat/completions \
+        --image demo.jpg
+
+Payload formats (--format):
+    tutorial  {"type": "image", "image": "<raw base64 of the file, or the http(s) URL>"}
+    openai    {"type": "image_url", "image_url": {"url": "data:<mime>;base64,<b64>" or the URL}}
+
+Prints the answer, then a line "time: 1.23 s, prompt_tokens=.., completion_tokens=..".
+Exit code 0 on success, 1 on any failure (message on stderr), 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+import requests
+
+DEFAULT_API_URL = "http://127.0.0.1:8080/v1/chat/completions"
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+DEFAULT_IMAGE_QUESTION = "Describe this image."
+DEFAULT_TEXT_QUESTION = "Hello! Who are you?"
+
+
+class ClientError(Exception):
+    """A failure to report to the user as one clear line (exit code 1)."""
+
+
+def _is_url(image: str) -> bool:
+    return image.startswith(("http://", "https://"))
+
+
+def _sniff_mime(data: bytes) -> Optional[str]:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM"):
+        return "image/bmp"
+    return None
+
+
+def _read_image(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise ClientError(f"image file not found: {path}")
+    if not os.path.isfile(path):
+        raise ClientError(f"image path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ClientError(f"cannot read image file {path}: {exc}") from exc
+
+
+def image_part(image: str, fmt: str = "tutorial") -> dict:
+    """The content part for an image given as a local path, an http(s) URL or a data: URL."""
+    if fmt not in ("tutorial", "openai"):
+        raise ValueError(f"unknown format {fmt!r} (tutorial or openai)")
+    if _is_url(image) or image.startswith("data:"):
+        if fmt == "openai":
+            return {"type": "image_url", "image_url": {"url": image}}
+        if image.startswith("data:"):  # the tutorial form carries raw base64
+            image = image.split(",", 1)[-1]
+        return {"type": "image", "image": image}
+    data = _read_image(image)
+    b64 = base64.b64encode(data).decode("ascii")
+    if fmt == "tutorial":
+        return {"type": "image", "image": b64}
+    mime = mimetypes.guess_type(image)[0] or _sniff_mime(data) or "application/octet-stream"
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64}"}}
+
+
+def build_payload(
+    question: str,
+    image: Optional[str] = None,
+    fmt: str = "tutorial",
+    model: str = DEFAULT_MODEL,
+    temperature: float = 0.7,
+    max_tokens: int = 256,
+    stream: bool = False,
+) -> dict:
+    """The chat-completions request body: one user message, image part first, then the text."""
+    content = []
+    if image:
+        content.append(image_part(image, fmt))
+    content.append({"type": "text", "text": question})
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def _error_detail(resp: requests.Response) -> str:
+    """The server's error.message when the body is OpenAI-shaped JSON, else the body's start."""
+    try:
+        body = json.loads(resp.content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    text = " ".join(resp.content.decode("utf-8", errors="replace").split())
+    detail = text[:300] if text else "(empty body)"
+    if resp.status_code == 404:
+        detail += " (check --api-url; it should end with /v1/chat/completions)"
+    return detail
+
+
+def _message_content(data: Any) -> str:
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ClientError(
+            "unexpected answer (no choices[0].message.content): "
+            + json.dumps(data, ensure_ascii=False)[:300]
+        ) from None
+    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+
+
+def _read_stream(resp: requests.Response, out: TextIO, started: float) -> dict:
+    """Print the deltas of an SSE chat.completion.chunk stream until `data: [DONE]`."""
+    parts = []
+    usage = None
+    first_token = None
+    done = False
+    # Bytes, decoded as UTF-8 here: requests would guess ISO-8859-1 for text/event-stream.
+    for raw in resp.iter_lines():
+        line = raw.decode("utf-8", errors="replace").strip()
+        if not line.startswith("data:"):
+            continue  # blank separators, comments (": ping"), event:/id: fields
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise ClientError(f"invalid JSON in stream event: {data[:200]}") from None
+        if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
+            raise ClientError(f"server error in stream: {chunk['error'].get('message')}")
+        if isinstance(chunk, dict) and chunk.get("usage"):
+            usage = chunk["usage"]
+        try:
+            delta = chunk["choices"][0].get("delta") or {}
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue  # e.g. a final usage-only chunk with empty choices
+        text = delta.get("content")
+        if text:
+            if first_token is None:
+                first_token = time.monotonic() - started
+            parts.append(text)
+            out.write(text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    if not done:
+        raise ClientError("the stream ended without 'data: [DONE]' (answer may be cut off)")
+    return {"content": "".join(parts), "usage": usage, "first_token": first_token}
+
+
+def send(
+    api_url: str,
+    payload: dict,
+    api_key: Optional[str] = None,
+    timeout: float = 300,
+    out: Optional[TextIO] = None,
+) -> dict:
+    """POST the payload; print the answer to `out`; return {"content", "usage", "seconds", ...}.
+
+    Streams (SSE) when payload["stream"] is true. Raises ClientError on any failure.
+    """
+    out = out if out is not None else sys.stdout
+    stream = bool(payload.get("stream"))
+    headers = {"Content-Type": "application/json"}
+    if stream:
+        headers["Accept"] = "text/event-stream"
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    started = time.monotonic()
+    try:
+        resp = requests.post(api_url, json=payload, headers=headers, timeout=timeout, stream=stream)
+    except requests.exceptions.ConnectionError as exc:
+        raise ClientError(
+            f"the server is not reachable at {api_url} (is it running? {type(exc).__name__})"
+        ) from None
+    except requests.exceptions.Timeout:
+        raise ClientError(f"no answer from {api_url} within {timeout:g} s") from None
+    except requests.exceptions.RequestException as exc:
+        raise ClientError(f"request to {api_url} failed: {exc}") from None
+
+    with resp:
+        if not 200 <= resp.status_code < 300:
+            raise ClientError(
+                f"HTTP {resp.status_code} {resp.reason or ''}".rstrip() + f": {_error_detail(resp)}"
+            )
+        ctype = resp.headers.get("Content-Type", "")
+        try:
+            if stream and "text/event-stream" in ctype:
+                result = _read_stream(resp, out, started)
+            else:
+                # Not streamed (or the server ignored "stream"): one JSON body.
+                try:
+                    data = json.loads(resp.content)
+                except ValueError:
+                    raise ClientError(
+                        "the server's answer is not valid JSON: "
+                        + resp.content[:200].decode("utf-8", errors="replace")
+                    ) from None
+                content = _message_content(data)
+                out.write(content + "\n")
+                out.flush()
+                usage = data.get("usage") if isinstance(data, dict) else None
+                result = {"content": content, "usage": usage, "first_token": None}
+        except requests.exceptions.Timeout:
+            raise ClientError(f"no answer from {api_url} within {timeout:g} s") from None
+        except requests.exceptions.RequestException as exc:
+            raise ClientError(f"the connection broke while reading the answer: {exc}") from None
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def format_stats(result: dict) -> str:
+    """`time: 1.23 s, prompt_tokens=.., completion_tokens=..` (token counts when usage is known)."""
+    parts = [f"time: {result['seconds']:.2f} s"]
+    if result.get("first_token") is not None:
+        parts.append(f"first_token: {result['first_token']:.2f} s")
+    usage = result.get("usage")
+    if isinstance(usage, dict):
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if key in usage:
+                parts.append(f"{key}={usage[key]}")
+    return ", ".join(parts)
+
+
+def _use_utf8() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Send a question (and an image) to the OpenAI-compatible Qwen2.5-VL API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--api-url", default=DEFAULT_API_URL, help="chat completions endpoint")
+    p.add_argument("--api-key", default=os.environ.get("API_KEY"),
+                   help="sent as 'Authorization: Bearer <key>' (default: env API_KEY)")
+    p.add_argument("--image", help="local image path or http(s) URL; omit for a text-only question")
+    p.add_argument("--question", help=f"default: {DEFAULT_IMAGE_QUESTION!r} with an image, "
+                                      f"{DEFAULT_TEXT_QUESTION!r} without")
+    p.add_argument("--stream", action="store_true", help="stream the answer (SSE)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--format", choices=("tutorial", "openai"), default="tutorial",
+                   help="how the image part is written")
+    p.add_argument("--timeout", type=float, default=300, help="seconds")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    _use_utf8()
+    args = parse_args(argv)
+    question = args.question or (DEFAULT_IMAGE_QUESTION if args.image else DEFAULT_TEXT_QUESTION)
+    # Under a non-UTF-8 locale argv holds surrogate escapes; recover the UTF-8 text.
+    question = question.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        payload = build_payload(
+            question, image=args.image, fmt=args.format, model=args.model,
+            temperature=args.temperature, max_tokens=args.max_tokens, stream=args.stream,
+        )
+        result = send(args.api_url, payload, api_key=args.api_key, timeout=args.timeout)
+    except ClientError as exc:
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 1
+    print(format_stats(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
