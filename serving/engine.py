@@ -121,6 +121,7 @@ class Engine:
             messages.append({"role": turn.role, "content": content})
         if messages and messages[-1]["role"] == "assistant":
             raise InvalidRequest("the last message must not be an assistant message", param="messages")
+        _ensure_dynamic_mode()
         with self._template_lock:
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             batch = self.processor(text=[text], images=images or None, return_tensors="pd")
@@ -172,6 +173,7 @@ class Engine:
     # ------------------------------------------------------------------ the worker
 
     def _work(self) -> None:
+        _ensure_dynamic_mode()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -244,6 +246,15 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         with self._template_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _ensure_dynamic_mode() -> None:
+    """Paddle keeps its eager/static mode per thread, and a server thread that existed before
+    paddle was imported starts in static mode, where the processor's tensors cannot be read."""
+    import paddle
+
+    if not paddle.in_dynamic_mode():
+        paddle.disable_static()
 
 
 class _JobStreamer:

@@ -1,0 +1,78 @@
+"""Running the app: logging, the model loaded in the background, and waitress as the WSGI server.
+
+The port is bound first and /health answers 503 until the model is ready, so a platform's
+health check sees the service come up instead of a connection refused for minutes.
+Waitress streams each server-sent event as it is written (send_bytes=1) and serves
+concurrent connections from a thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+log = logging.getLogger("serving")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("paddleformers", "paddle"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_engine(settings):
+    """Load the model named by the settings and wrap it in an engine."""
+    from .engine import Engine
+    from .model import load_model
+
+    return Engine(load_model(settings), default_max_tokens=settings.default_max_tokens,
+                  max_tokens_limit=settings.max_tokens_limit)
+
+
+def load_in_background(app, settings, on_failure=None) -> threading.Thread:
+    from .app import attach_engine
+    from .model import ModelLoadError
+
+    def load():
+        try:
+            attach_engine(app, build_engine(settings))
+            log.info("ready: http://%s:%d/v1/chat/completions", settings.host, settings.port)
+        except ModelLoadError as exc:
+            log.error("%s", exc)
+            (on_failure or _exit)(2)
+        except Exception:
+            log.exception("loading the model failed")
+            (on_failure or _exit)(1)
+
+    thread = threading.Thread(target=load, name="model-loader", daemon=True)
+    thread.start()
+    return thread
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)  # the HTTP server holds the main thread: end the whole process
+
+
+def make_server(app, settings):
+    from waitress import create_server
+
+    return create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                         send_bytes=1, channel_timeout=600, ident="qwenvl-serving",
+                         max_request_body_size=settings.max_request_bytes + 1)
+
+
+def serve(app, settings) -> None:
+    """Bind the port, load the model in the background, serve until stopped."""
+    import paddle  # noqa: F401  (imported on the main thread: Paddle's per-thread mode starts right)
+
+    server = make_server(app, settings)
+    log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
+    load_in_background(app, settings)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopped")
