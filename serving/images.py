@@ -36,15 +36,28 @@ def load_image(source: str, *, param: str, allow_urls: bool = True, timeout: flo
             raise ImageError("image URLs are turned off on this server; send the image as base64",
                              param=param, code="image_url_disabled")
         data = _fetch(source, param, timeout, max_bytes)
-    elif lowered.startswith("file:") or source.startswith(("/", "./", "../", "~")):
-        raise ImageError("local file paths are not accepted; send the image as base64 or an http(s) URL",
-                         param=param, code="unsupported_image_source")
+    elif lowered.startswith("file:"):
+        raise _local_path_refused(param)
     else:
-        data = _from_base64(source, param)
+        try:
+            data = _from_base64(source, param)
+            if len(data) <= max_bytes:
+                return decode_image_bytes(data, param=param)
+        except ImageError:
+            # JPEG base64 starts with "/9j/" and "/etc/passwd" is valid base64: only when the
+            # text is neither an image nor base64 is a path-like string called a path.
+            if source.startswith(("/", "./", "../", "~")) or re.match(r"^[A-Za-z]:\\", source):
+                raise _local_path_refused(param) from None
+            raise
     if len(data) > max_bytes:
         raise ImageError(f"image is {len(data)} bytes, more than the limit of {max_bytes}",
                          param=param, code="image_too_large")
     return decode_image_bytes(data, param=param)
+
+
+def _local_path_refused(param: str) -> ImageError:
+    return ImageError("local file paths are not accepted; send the image as base64 or an http(s) URL",
+                      param=param, code="unsupported_image_source")
 
 
 def decode_image_bytes(data: bytes, *, param: str) -> Image.Image:

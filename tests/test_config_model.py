@@ -1,0 +1,68 @@
+"""Settings from flags and environment; model source, device and dtype choices; clear load errors."""
+
+import pytest
+
+from serving.config import DEFAULT_MODEL, Settings, load_settings
+from serving.model import ModelLoadError, choose_device, choose_dtype, load_model
+
+
+def test_defaults():
+    s = load_settings([], environ={})
+    assert (s.host, s.port, s.model, s.hub) == ("0.0.0.0", 8080, DEFAULT_MODEL, "aistudio")
+
+
+def test_flags_beat_environment_beat_defaults():
+    env = {"PORT": "9000", "MODEL": "demo", "API_KEY": "a, b", "ALLOW_IMAGE_URLS": "false"}
+    s = load_settings(["--port", "9100"], environ=env)
+    assert s.port == 9100 and s.model == "demo" and s.api_key == ("a", "b") and s.allow_image_urls is False
+    assert load_settings([], environ=env).port == 9000
+
+
+def test_bad_setting_value_exits_with_message():
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--port", "eighty"], environ={})
+    assert "--port" in str(info.value)
+
+
+def test_device_and_dtype_on_cpu():
+    assert choose_device("auto") == "cpu"
+    assert choose_dtype("cpu") == "float32"
+    assert choose_dtype("cpu", "bfloat16") == "bfloat16"
+    with pytest.raises(ModelLoadError, match="GPU"):
+        choose_device("gpu")
+    with pytest.raises(ModelLoadError):
+        choose_dtype("cpu", "int3")
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(Settings(model=str(tmp_path / "nowhere")))
+    assert "does not exist" in str(info.value) and "--model demo" in str(info.value)
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(Settings(model=str(tmp_path)))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_unreachable_hub_model_names_model_and_remedies():
+    """Offline, a hub id fails at once with one message naming the model and the ways out."""
+    with pytest.raises(ModelLoadError) as info:
+        load_model(Settings(model="Qwen/Qwen2.5-VL-3B-Instruct", hub="aistudio"))
+    message = str(info.value)
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in message
+    assert "--model /path/to" in message and "--model demo" in message
+
+
+def test_api_py_fails_cleanly_offline(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    done = subprocess.run([sys.executable, str(ROOT / "api.py"), "--model", str(tmp_path / "missing"),
+                           "--port", str(free_port()), "--host", "127.0.0.1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr

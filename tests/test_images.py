@@ -1,0 +1,96 @@
+"""Image references -> PIL images, in memory."""
+
+import base64
+import http.server
+import threading
+
+import pytest
+from PIL import Image
+
+from serving.errors import ImageError
+from serving.images import fit_pixels, load_image
+
+from conftest import b64, png_bytes
+
+
+def test_data_url_raw_base64_and_urlsafe():
+    data = png_bytes((40, 30))
+    for source in (f"data:image/png;base64,{b64(data)}", b64(data), b64(data).rstrip("="),
+                   base64.urlsafe_b64encode(data).decode(), "\n".join([b64(data)[:50], b64(data)[50:]])):
+        img = load_image(source, param="p")
+        assert img.size == (40, 30) and img.mode == "RGB"
+
+
+def test_jpeg_and_transparent_png():
+    assert load_image(b64(png_bytes((20, 20), fmt="JPEG")), param="p").size == (20, 20)
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(buf, "PNG")
+    img = load_image(b64(buf.getvalue()), param="p")
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("source,code", [
+    ("not base64!!", "invalid_image"),
+    (b64(b"these bytes are not an image"), "invalid_image"),
+    ("data:image/png,rawdata", "invalid_image"),
+    ("/etc/passwd", "unsupported_image_source"),
+    ("file:///etc/passwd", "unsupported_image_source"),
+    ("", "invalid_image"),
+])
+def test_bad_sources_are_client_errors(source, code):
+    with pytest.raises(ImageError) as info:
+        load_image(source, param="messages[0].content[1]")
+    assert info.value.code == code and info.value.status == 400
+    assert info.value.param == "messages[0].content[1]"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/img.png":
+            body = png_bytes((33, 22))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+        else:
+            body = b"nope"
+            self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def image_host():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_url(image_host):
+    assert load_image(image_host + "/img.png", param="p").size == (33, 22)
+    with pytest.raises(ImageError) as info:
+        load_image(image_host + "/missing.png", param="p")
+    assert info.value.code == "image_fetch_failed"
+    with pytest.raises(ImageError) as info:
+        load_image(image_host + "/img.png", param="p", allow_urls=False)
+    assert info.value.code == "image_url_disabled"
+
+
+def test_fit_pixels_respects_budget():
+    img = Image.new("RGB", (4000, 3000))
+    fitted = fit_pixels(img, 3136, 1003520)
+    w, h = fitted.size
+    assert w % 28 == 0 and h % 28 == 0 and w * h <= 1003520
+    small = fit_pixels(Image.new("RGB", (10, 10)), 3136, 1003520)
+    assert small.size[0] * small.size[1] >= 3136
+
+
+def test_nothing_written_to_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_image(b64(png_bytes()), param="p")
+    assert list(tmp_path.iterdir()) == []
