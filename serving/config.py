@@ -57,6 +57,14 @@ class Settings:
         "help": "seconds to connect to and read an http(s) image URL"})
     allow_image_urls: bool = field(default=True, metadata={
         "help": "fetch http(s) image URLs (false: only inline base64 images)", "type": _bool})
+    max_batch_size: int = field(default=8, metadata={
+        "help": "most requests that share one batched generation"})
+    max_batch_tokens: int = field(default=16384, metadata={
+        "help": "padded prompt tokens one batch may hold (batch size x longest prompt)"})
+    batch_wait_ms: float = field(default=10.0, metadata={
+        "help": "longest a request waits for companions to batch with"})
+    image_cache_mb: int = field(default=256, metadata={
+        "help": "memory for cached image work (pixel patches and vision-tower outputs), LRU"})
     threads: int = field(default=8, metadata={"help": "HTTP worker threads"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 

@@ -1,12 +1,19 @@
 """The engine: chat turns + images -> prompt tensors -> generated text, whole or streamed.
 
-One model worker thread owns the model and runs one generation at a time; requests hand it
-jobs through a queue and read their events from a per-job queue. (The batching scheduler
-replaces the worker loop; the Job contract stays.)
+One model worker thread owns the model. Requests hand it jobs through a queue and read their
+events (text deltas, then Finished) from a per-job queue. The worker is a small scheduler: it
+takes the waiting jobs that can share a forward pass (same sampling settings, within the batch
+and token budgets, waiting at most `batch_wait` for companions) and runs them as one batched,
+left-padded generation; each job still ends on its own eos, stop string or max_tokens.
+
+Image work is cached by image content and size: the preprocessed pixel patches, and the
+vision tower's output (PaddleFormers' `get_image_features` is wrapped to consult the cache).
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import queue
 import threading
@@ -16,10 +23,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .cache import ByteLRU
 from .detokenize import IncrementalText
 from .errors import InternalError, InvalidRequest
 
 log = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
 
 
 @dataclass
@@ -39,6 +49,7 @@ class Prompt:
     prompt_tokens: int
     text: str  # the templated prompt, for logs and debugging
     image_count: int
+    image_keys: tuple = ()  # content digests of the images, in prompt order (for the vision cache)
 
 
 @dataclass
@@ -79,7 +90,9 @@ class Job:
 
 
 class Engine:
-    def __init__(self, loaded, *, default_max_tokens: int = 512, max_tokens_limit: int = 4096):
+    def __init__(self, loaded, *, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
+                 max_batch_size: int = 8, max_batch_tokens: int = 16384, batch_wait: float = 0.01,
+                 image_cache_bytes: int = 256 * 2**20):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -99,7 +112,17 @@ class Engine:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_ids[-1]
         self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_wait = batch_wait
+        self.batches_run = 0
+        self.batched_jobs = 0
+        self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
+        self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
+        self._batch_image_keys: list = []
+        self._wrap_image_features()
         self._jobs: queue.Queue = queue.Queue()
+        self._held: collections.deque = collections.deque()  # taken from the queue, not yet scheduled
         self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
         self._worker.start()
 
@@ -124,10 +147,43 @@ class Engine:
         _ensure_dynamic_mode()
         with self._template_lock:
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            batch = self.processor(text=[text], images=images or None, return_tensors="pd")
-        arrays = {k: v.numpy() for k, v in batch.items()}  # the worker makes its own tensors
-        prompt_tokens = int(arrays["input_ids"].shape[-1])
-        return Prompt(arrays=arrays, prompt_tokens=prompt_tokens, text=text, image_count=len(images))
+        pixels, grids, keys = [], [], []
+        for img in images:
+            key, (pv, grid) = self._preprocess_image(img)
+            pixels.append(pv)
+            grids.append(grid)
+            keys.append(key)
+        # What the processor does for the text: each image placeholder becomes one token per
+        # merged 2x2 patch group of that image.
+        merge = int(self.processor.image_processor.merge_size) ** 2
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(images):
+            raise InvalidRequest("the number of image placeholders does not match the images", param="messages")
+        expanded = pieces[0]
+        for grid, piece in zip(grids, pieces[1:]):
+            expanded += IMAGE_PAD * (int(np.prod(grid)) // merge) + piece
+        with self._template_lock:
+            ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        arrays = {"input_ids": np.asarray([ids], dtype=np.int64),
+                  "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        if images:
+            arrays["pixel_values"] = np.concatenate(pixels, axis=0)
+            arrays["image_grid_thw"] = np.concatenate(grids, axis=0).astype(np.int64)
+        return Prompt(arrays=arrays, prompt_tokens=len(ids), text=text, image_count=len(images),
+                      image_keys=tuple(keys))
+
+    def _preprocess_image(self, img):
+        """(key, (pixel patches, grid)) for one image, from the cache when the same image was seen."""
+        digest = hashlib.blake2b(img.tobytes(), digest_size=16)
+        digest.update(f"{img.size}{img.mode}".encode())
+        key = digest.hexdigest()
+        entry = self.pixel_cache.get(key)
+        if entry is None:
+            with self._template_lock:
+                out = self.processor.image_processor(images=[img], return_tensors="pd")
+            entry = (out["pixel_values"].numpy(), out["image_grid_thw"].numpy().reshape(1, 3))
+            self.pixel_cache.put(key, entry, entry[0].nbytes)
+        return key, entry
 
     def sampling_params(self, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
                         repetition_penalty=None, seed=None, stop=None) -> SamplingParams:
@@ -172,40 +228,144 @@ class Engine:
 
     # ------------------------------------------------------------------ the worker
 
+    def queue_depth(self) -> int:
+        """Jobs waiting for the model (not counting the batch running now)."""
+        return self._jobs.qsize() + len(self._held)
+
+    def cache_stats(self) -> dict:
+        return {"pixels": self.pixel_cache.stats(), "vision": self.vision_cache.stats()}
+
     def _work(self) -> None:
         _ensure_dynamic_mode()
         while True:
-            job = self._jobs.get()
-            if job is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            if job.cancelled.is_set():
-                continue
             try:
-                self._run(job)
+                self._run(batch)
             except Exception as exc:  # keep the worker alive for everyone else
                 log.exception("generation failed")
-                job.events.put(InternalError(f"generation failed: {type(exc).__name__}: {exc}"))
+                for job in batch:
+                    job.events.put(InternalError(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _run(self, job: Job) -> None:
+    def _next_batch(self):
+        """The oldest live job, plus the waiting jobs that can share its forward pass."""
+        head = self._held.popleft() if self._held else self._jobs.get()
+        if head is None:
+            return None
+        if head.cancelled.is_set():
+            return []
+        batch = [head]
+        if head.params.seed is not None:
+            return batch  # a seeded sample must not depend on its companions
+        key = self._batch_key(head)
+        deadline = head.created + self.batch_wait
+        skipped = collections.deque()
+        while len(batch) < self.max_batch_size:
+            if self._held:
+                job = self._held.popleft()
+            else:
+                try:
+                    job = self._jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+            if job is None:
+                skipped.append(job)
+                break
+            if job.cancelled.is_set():
+                continue
+            longest = max(j.prompt.prompt_tokens for j in batch + [job])
+            if (job.params.seed is None and self._batch_key(job) == key
+                    and longest * (len(batch) + 1) <= self.max_batch_tokens):
+                batch.append(job)
+            else:
+                skipped.append(job)
+        self._held.extendleft(reversed(skipped))  # they go first next time, in arrival order
+        return batch
+
+    def _batch_key(self, job: Job):
+        kwargs = self._generate_kwargs(job.params)
+        return tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("max_new_tokens", "eos_token_id")))
+
+    def _run(self, batch: list) -> None:
+        if not batch:
+            return
         import paddle
         from paddleformers.generation.stopping_criteria import StoppingCriteriaList
 
-        params, started = job.params, time.perf_counter()
-        kwargs = self._generate_kwargs(params)
-        streamer = _JobStreamer(job, IncrementalText(self.tokenizer, params.stop), self.eos_token_ids)
-        inputs = {k: paddle.to_tensor(v) for k, v in job.prompt.arrays.items()}
-        with paddle.no_grad():
-            if params.seed is not None:
-                paddle.seed(params.seed)
-            self.model.generate(
-                **inputs, **kwargs, streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_StopWhen(streamer.should_stop)]),
-            )
-        tail = streamer.text.finish()
-        if tail:
-            job.events.put(tail)
-        reason = "stop" if streamer.saw_eos or streamer.text.stopped else "length"
-        job.events.put(Finished(reason, job.prompt.prompt_tokens, streamer.count, time.perf_counter() - started))
+        started = time.perf_counter()
+        kwargs = self._generate_kwargs(batch[0].params)
+        kwargs["max_new_tokens"] = max(job.params.max_tokens for job in batch)
+        rows = [_Row(job, IncrementalText(self.tokenizer, job.params.stop), started) for job in batch]
+        streamer = _BatchStreamer(rows, set(self.eos_token_ids))
+        inputs = {k: paddle.to_tensor(v) for k, v in self._collate(batch).items()}
+        self._batch_image_keys = [key for job in batch for key in job.prompt.image_keys]
+        self.batches_run += 1
+        self.batched_jobs += len(batch)
+        try:
+            with paddle.no_grad():
+                if batch[0].params.seed is not None:
+                    paddle.seed(batch[0].params.seed)
+                self.model.generate(
+                    **inputs, **kwargs, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhen(streamer.all_done)]),
+                )
+        finally:
+            self._batch_image_keys = []
+        for row in rows:
+            row.finish("length")  # rows that were still going ran out of tokens
+
+    def _collate(self, batch: list) -> dict:
+        """One left-padded batch from the jobs' prompts; image patches concatenated in job order."""
+        if len(batch) == 1:
+            return dict(batch[0].prompt.arrays)
+        width = max(job.prompt.prompt_tokens for job in batch)
+        ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, job in enumerate(batch):
+            n = job.prompt.prompt_tokens
+            ids[i, width - n:] = job.prompt.arrays["input_ids"][0]
+            mask[i, width - n:] = 1
+        arrays = {"input_ids": ids, "attention_mask": mask}
+        with_images = [job.prompt.arrays for job in batch if "pixel_values" in job.prompt.arrays]
+        if with_images:
+            arrays["pixel_values"] = np.concatenate([a["pixel_values"] for a in with_images], axis=0)
+            arrays["image_grid_thw"] = np.concatenate([a["image_grid_thw"] for a in with_images], axis=0)
+        return arrays
+
+    def _wrap_image_features(self) -> None:
+        """Serve the vision tower's output from the cache for images seen before.
+
+        Qwen2_5_VLModel.forward asks `self.get_image_features(pixel_values, grid)` for the
+        embeddings of all images in the batch; the wrapper computes only the missing ones.
+        """
+        inner = getattr(self.model, "model", None)
+        original = getattr(inner, "get_image_features", None)
+        if original is None:
+            return
+        engine = self
+
+        def get_image_features(pixel_values, image_grid_thw=None):
+            import paddle
+
+            keys = engine._batch_image_keys
+            grid = image_grid_thw.numpy() if hasattr(image_grid_thw, "numpy") else np.asarray(image_grid_thw)
+            if len(keys) != len(grid):
+                return original(pixel_values, image_grid_thw)
+            found = [engine.vision_cache.get(k) for k in keys]
+            missing = [i for i, f in enumerate(found) if f is None]
+            if missing:
+                sizes = [int(np.prod(g)) for g in grid]
+                parts = paddle.split(pixel_values, sizes, axis=0)
+                sub_pixels = paddle.concat([parts[i] for i in missing], axis=0)
+                sub_grid = paddle.to_tensor(grid[missing])
+                computed = original(sub_pixels, sub_grid)
+                for i, emb in zip(missing, computed):
+                    found[i] = emb
+                    engine.vision_cache.put(keys[i], emb, int(np.prod(emb.shape)) * (4 if str(emb.dtype).endswith("float32") else 2))
+            return tuple(found)
+
+        inner.get_image_features = get_image_features
 
     def _generate_kwargs(self, params: SamplingParams) -> dict:
         def pick(name):
@@ -257,35 +417,65 @@ def _ensure_dynamic_mode() -> None:
         paddle.disable_static()
 
 
-class _JobStreamer:
-    """Receives token ids from model.generate (in the worker) and queues text deltas for the job."""
+class _Row:
+    """One job's place in a running batch: its text, token count and whether it has finished."""
 
-    def __init__(self, job: Job, text: IncrementalText, eos_ids: list):
-        self.job, self.text, self.eos_ids = job, text, set(eos_ids)
-        self.prompt_seen = False
+    def __init__(self, job: Job, text: IncrementalText, started: float):
+        self.job, self.text, self.started = job, text, started
         self.count = 0
-        self.saw_eos = False
+        self.done = False
+
+    def add(self, token: int, eos_ids: set) -> None:
+        if self.done:
+            return
+        if self.job.cancelled.is_set():
+            self.done = True
+            return
+        self.count += 1
+        if token in eos_ids:
+            return self.finish("stop")
+        delta = self.text.add(token)
+        if delta:
+            self.job.events.put(delta)
+        if self.text.stopped:
+            self.finish("stop")
+        elif self.count >= self.job.params.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """Release the held-back text and tell the client now, without waiting for the batch."""
+        if self.done:
+            return
+        self.done = True
+        tail = self.text.finish()
+        if tail:
+            self.job.events.put(tail)
+        if self.text.stopped:
+            reason = "stop"
+        self.job.events.put(Finished(reason, self.job.prompt.prompt_tokens, self.count,
+                                     time.perf_counter() - self.started))
+
+
+class _BatchStreamer:
+    """Receives each step's token ids from model.generate (in the worker) and routes them per row."""
+
+    def __init__(self, rows: list, eos_ids: set):
+        self.rows, self.eos_ids = rows, eos_ids
+        self.prompt_seen = False
 
     def put(self, value) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt itself
             self.prompt_seen = True
             return
-        if self.saw_eos or self.text.stopped:
-            return
-        token = int(np.asarray(value).reshape(-1)[0])
-        self.count += 1
-        if token in self.eos_ids:
-            self.saw_eos = True
-            return
-        delta = self.text.add(token)
-        if delta:
-            self.job.events.put(delta)
+        tokens = np.asarray(value).reshape(len(self.rows), -1)[:, -1]
+        for row, token in zip(self.rows, tokens.tolist()):
+            row.add(int(token), self.eos_ids)
 
     def end(self) -> None:
         pass
 
-    def should_stop(self) -> bool:
-        return self.saw_eos or self.text.stopped or self.job.cancelled.is_set()
+    def all_done(self) -> bool:
+        return all(row.done or row.job.cancelled.is_set() for row in self.rows)
 
 
 class _StopWhen:

@@ -1,0 +1,108 @@
+"""The batching scheduler and the image caches, on the real model."""
+
+from PIL import Image
+
+from serving.engine import Finished
+from serving.protocol import ChatTurn
+
+
+def collect(job):
+    text, finish = [], None
+    for event in job:
+        if isinstance(event, Finished):
+            finish = event
+        else:
+            text.append(event)
+    return "".join(text), finish
+
+
+def prompts(engine):
+    img = Image.new("RGB", (84, 56), (10, 200, 10))
+    return [
+        engine.build_prompt([ChatTurn("user", ["Hello there."])]),
+        engine.build_prompt([ChatTurn("user", [img, "What is in this picture?"])]),
+        engine.build_prompt([ChatTurn("system", ["Be brief."]), ChatTurn("user", ["A much longer question, "
+                                                                                   "with many more words in it?"])]),
+        engine.build_prompt([ChatTurn("user", [img.rotate(90, expand=True), img, "Compare them."])]),
+    ]
+
+
+def test_greedy_answers_identical_batched_and_alone(engine):
+    ps = prompts(engine)
+    alone = [collect(engine.submit(p, engine.sampling_params(max_tokens=12, temperature=0))) for p in ps]
+    before = (engine.batches_run, engine.batched_jobs)
+    jobs = [engine.submit(p, engine.sampling_params(max_tokens=12, temperature=0)) for p in ps]
+    together = [collect(job) for job in jobs]
+    batches, jobs_run = engine.batches_run - before[0], engine.batched_jobs - before[1]
+    assert jobs_run == 4 and batches < 4, "the four compatible requests should share forward passes"
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    for (_, f_alone), (_, f_batch) in zip(alone, together):
+        assert (f_alone.finish_reason, f_alone.completion_tokens) == (f_batch.finish_reason, f_batch.completion_tokens)
+        assert f_alone.prompt_tokens == f_batch.prompt_tokens
+
+
+def test_each_request_keeps_its_own_limits(engine):
+    ps = prompts(engine)
+    full, _ = collect(engine.submit(ps[1], engine.sampling_params(max_tokens=20, temperature=0)))
+    stop = full[4:7]
+    jobs = [
+        engine.submit(ps[0], engine.sampling_params(max_tokens=2, temperature=0, repetition_penalty=1.05)),
+        engine.submit(ps[1], engine.sampling_params(max_tokens=20, temperature=0, stop=[stop])),
+        engine.submit(ps[2], engine.sampling_params(max_tokens=9, temperature=0)),
+    ]
+    results = [collect(job) for job in jobs]
+    assert results[0][1].completion_tokens <= 2
+    assert results[1][0] == full[:full.index(stop)] and results[1][1].finish_reason == "stop"
+    assert results[2][1].completion_tokens <= 9
+    for _, finish in results:
+        if finish.finish_reason == "length":
+            assert finish.completion_tokens in (2, 9)
+
+
+def test_different_sampling_settings_do_not_share_a_batch(engine):
+    ps = prompts(engine)
+    key_greedy = engine._batch_key(engine.submit(ps[0], engine.sampling_params(max_tokens=1, temperature=0)))
+    key_sampled = engine._batch_key(engine.submit(ps[0], engine.sampling_params(max_tokens=1, temperature=0.8)))
+    assert key_greedy != key_sampled
+
+
+def test_cancelled_job_frees_its_row(engine):
+    ps = prompts(engine)
+    long_job = engine.submit(ps[0], engine.sampling_params(max_tokens=400, temperature=1.0, top_k=0, top_p=1.0))
+    short_job = engine.submit(ps[2], engine.sampling_params(max_tokens=400, temperature=1.0, top_k=0, top_p=1.0))
+    next(iter(long_job))
+    long_job.cancel()
+    short_job.cancel()
+    # the worker is free again soon: a new request completes
+    text, finish = collect(engine.submit(ps[0], engine.sampling_params(max_tokens=3, temperature=0)))
+    assert finish.completion_tokens <= 3
+
+
+def test_repeated_image_hits_both_caches(engine):
+    img = Image.effect_noise((120, 90), 60).convert("RGB")
+    pixels_before = engine.pixel_cache.stats()
+    vision_before = engine.vision_cache.stats()
+    first = engine.build_prompt([ChatTurn("user", [img, "Describe."])])
+    a = engine.generate(first, engine.sampling_params(max_tokens=6, temperature=0))
+    second = engine.build_prompt([ChatTurn("user", [img.copy(), "Describe."])])
+    b = engine.generate(second, engine.sampling_params(max_tokens=6, temperature=0))
+    assert engine.pixel_cache.stats()["hits"] > pixels_before["hits"]
+    assert engine.vision_cache.stats()["hits"] > vision_before["hits"]
+    assert first.image_keys == second.image_keys
+    assert a.text == b.text  # cached vision output gives the same answer as computing it
+
+
+def test_cache_is_bounded_lru():
+    from serving.cache import ByteLRU
+
+    cache = ByteLRU(100)
+    cache.put("a", 1, 40)
+    cache.put("b", 2, 40)
+    assert cache.get("a") == 1  # a is now the most recently used
+    cache.put("c", 3, 40)  # over 100 bytes: b goes
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    assert cache.bytes <= 100
+    cache.put("huge", 4, 1000)
+    assert cache.get("huge") is None
+    stats = cache.stats()
+    assert stats["hits"] == 3 and stats["misses"] == 2
