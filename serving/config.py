@@ -51,12 +51,25 @@ class Settings:
     max_pixels: int = field(default=1003520, metadata={
         "help": "largest pixel count an image is scaled down to (the model accepts up to 12845056)"})
     max_images: int = field(default=8, metadata={"help": "most images in one request"})
+    max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={
+        "help": "largest image in bytes, after base64 decoding or as fetched from a URL"})
+    max_image_pixels: int = field(default=50_000_000, metadata={
+        "help": "largest image in pixels (width x height), read from its header before decoding"})
     max_request_bytes: int = field(default=32 * 1024 * 1024, metadata={
         "help": "largest request body in bytes (413 above it)"})
     image_fetch_timeout: float = field(default=10.0, metadata={
-        "help": "seconds to connect to and read an http(s) image URL"})
+        "help": "seconds to connect to and read an http(s) image URL, and for the whole fetch"})
     allow_image_urls: bool = field(default=True, metadata={
         "help": "fetch http(s) image URLs (false: only inline base64 images)", "type": _bool})
+    image_url_allow_hosts: tuple = field(default=(), metadata={
+        "help": "comma-separated hosts (names or IP addresses, as written in URLs) fetched even when they "
+                "resolve to loopback or private addresses; other hosts must resolve to public addresses only",
+        "type": _keys})
+    max_queue: int = field(default=16, metadata={
+        "help": "most chat completions in the server at once, generating or waiting; more get 429 with Retry-After"})
+    request_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a chat completion may take; then it is cancelled and answered 504 "
+                "(a stream ends with an error event)"})
     max_batch_size: int = field(default=8, metadata={
         "help": "most requests that share one batched generation"})
     max_batch_tokens: int = field(default=16384, metadata={
@@ -65,7 +78,8 @@ class Settings:
         "help": "longest a request waits for companions to batch with"})
     image_cache_mb: int = field(default=256, metadata={
         "help": "memory for cached image work (pixel patches and vision-tower outputs), LRU"})
-    threads: int = field(default=8, metadata={"help": "HTTP worker threads"})
+    threads: int = field(default=24, metadata={
+        "help": "HTTP worker threads; keep it above MAX_QUEUE so /health and 429s are answered under load"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     @property

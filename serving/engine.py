@@ -12,6 +12,7 @@ vision tower's output (PaddleFormers' `get_image_features` is wrapped to consult
 
 from __future__ import annotations
 
+import atexit
 import collections
 import hashlib
 import logging
@@ -80,8 +81,14 @@ class Job:
         self.cancelled.set()
 
     def __iter__(self) -> Iterator:
+        """Text deltas, then Finished. Ends early, without Finished, once the job is cancelled."""
         while True:
-            event = self.events.get()
+            try:
+                event = self.events.get(timeout=0.05)
+            except queue.Empty:
+                if self.cancelled.is_set():
+                    return
+                continue
             if isinstance(event, BaseException):
                 raise event
             yield event
@@ -125,6 +132,7 @@ class Engine:
         self._held: collections.deque = collections.deque()  # taken from the queue, not yet scheduled
         self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
         self._worker.start()
+        atexit.register(self.close, 5.0)  # Paddle can abort the process if it exits mid-step
 
     # ------------------------------------------------------------------ prompts
 
@@ -227,6 +235,13 @@ class Engine:
             job.cancel()
 
     # ------------------------------------------------------------------ the worker
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the model worker after the jobs already queued (an interpreter exiting with the
+        worker still inside Paddle can abort)."""
+        if self._worker.is_alive():
+            self._jobs.put(None)
+            self._worker.join(timeout)
 
     def queue_depth(self) -> int:
         """Jobs waiting for the model (not counting the batch running now)."""

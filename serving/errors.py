@@ -26,6 +26,9 @@ class APIError(Exception):
 class InvalidRequest(APIError):
     """400: the request is malformed or asks for something impossible."""
 
+    def __init__(self, message: str, *, code: str | None = "invalid_value", **kwargs):
+        super().__init__(message, code=code, **kwargs)
+
 
 class ImageError(APIError):
     """400: an image could not be read; `param` names where it was in the request."""
@@ -47,3 +50,15 @@ class ServiceUnavailable(APIError):
 class InternalError(APIError):
     status = 500
     type = "server_error"
+
+
+class ServerBusy(APIError):
+    """429: the wait queue is full; the client should retry after `Retry-After` seconds."""
+    status = 429
+    type = "rate_limit_error"
+
+
+class RequestTimeout(APIError):
+    """504: the request ran past the server's time limit and was cancelled."""
+    status = 504
+    type = "timeout_error"

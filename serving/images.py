@@ -10,64 +10,88 @@ import base64
 import binascii
 import io
 import re
+import warnings
 
-import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import urlguard
 from .errors import ImageError
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$",
                        re.DOTALL)
 _B64_WHITESPACE = re.compile(r"\s+")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never holds a colon
 PATCH_FACTOR = 28  # patch_size 14 x spatial_merge_size 2: image sides are multiples of this
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse by our own limit, quietly
 
 
 def load_image(source: str, *, param: str, allow_urls: bool = True, timeout: float = 10.0,
-               max_bytes: int = 20 * 1024 * 1024) -> Image.Image:
-    """Decode one image reference into an RGB PIL image; ImageError names `param` on failure."""
+               max_bytes: int = 20 * 1024 * 1024, pixel_limit: int = 50_000_000, allow_hosts=()) -> Image.Image:
+    """Decode one image reference into an RGB PIL image; ImageError names `param` on failure.
+
+    `max_bytes` caps the encoded image, `pixel_limit` its width x height (read from the header,
+    before decoding); `allow_hosts` are URL hosts exempt from the public-address rule.
+    """
     if not isinstance(source, str) or not source.strip():
         raise ImageError("image is empty", param=param)
     source = source.strip()
-    lowered = source[:16].lower()
-    if lowered.startswith("data:"):
-        data = _from_data_url(source, param)
-    elif lowered.startswith(("http://", "https://")):
+    scheme = _SCHEME.match(source)
+    scheme = scheme.group(1).lower() if scheme else ""
+    if scheme == "data":
+        data = _from_data_url(source, param, max_bytes)
+    elif scheme in ("http", "https"):
         if not allow_urls:
             raise ImageError("image URLs are turned off on this server; send the image as base64",
                              param=param, code="image_url_disabled")
-        data = _fetch(source, param, timeout, max_bytes)
-    elif lowered.startswith("file:"):
-        raise _local_path_refused(param)
+        try:
+            data = urlguard.fetch(source, timeout=timeout, max_bytes=max_bytes, allow_hosts=allow_hosts)
+        except urlguard.FetchError as exc:
+            raise ImageError(exc.message, param=param, code=exc.code) from None
+    elif scheme:
+        raise _unsupported(param, f"{scheme}: URLs are not accepted")
     else:
         try:
-            data = _from_base64(source, param)
-            if len(data) <= max_bytes:
-                return decode_image_bytes(data, param=param)
-        except ImageError:
+            return decode_image_bytes(_from_base64(source, param, max_bytes), param=param, pixel_limit=pixel_limit)
+        except ImageError as exc:
             # JPEG base64 starts with "/9j/" and "/etc/passwd" is valid base64: only when the
-            # text is neither an image nor base64 is a path-like string called a path.
-            if source.startswith(("/", "./", "../", "~")) or re.match(r"^[A-Za-z]:\\", source):
-                raise _local_path_refused(param) from None
+            # text is not an image is a path-like string called a path.
+            if exc.code == "invalid_image" and source.startswith(("/", "./", "../", "~")):
+                raise _unsupported(param, "local file paths are not accepted") from None
             raise
-    if len(data) > max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, more than the limit of {max_bytes}",
-                         param=param, code="image_too_large")
-    return decode_image_bytes(data, param=param)
+    return decode_image_bytes(data, param=param, pixel_limit=pixel_limit)
 
 
-def _local_path_refused(param: str) -> ImageError:
-    return ImageError("local file paths are not accepted; send the image as base64 or an http(s) URL",
+def _unsupported(param: str, what: str) -> ImageError:
+    return ImageError(f"{what}; send the image as base64, a data URL or an http(s) URL",
                       param=param, code="unsupported_image_source")
 
 
-def decode_image_bytes(data: bytes, *, param: str) -> Image.Image:
+def _check_bytes(size: int, max_bytes: int, param: str) -> None:
+    if size > max_bytes:
+        raise ImageError(f"image is {size} bytes, more than the limit of {max_bytes}",
+                         param=param, code="image_too_large")
+
+
+def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = 50_000_000) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > pixel_limit:
+                raise ImageError(f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+                                 f"{pixel_limit}", param=param, code="image_too_many_pixels")
             img.load()
             img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
             return _to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"the data is not an image Pillow can read ({type(exc).__name__})", param=param) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image has too many pixels ({exc})", param=param, code="image_too_many_pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"the data is not an image Pillow can read ({type(exc).__name__})", param=param) from None
+
+
+def limit_pillow(pixel_limit: int) -> None:
+    """Pillow's own decompression-bomb guard (process-wide) must not be stricter than ours, which runs first."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixel_limit:
+        Image.MAX_IMAGE_PIXELS = int(pixel_limit)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -81,41 +105,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _from_data_url(url: str, param: str) -> bytes:
+def _from_data_url(url: str, param: str, max_bytes: int) -> bytes:
     match = _DATA_URL.match(url)
     if not match or not match.group("b64"):
         raise ImageError("a data URL must look like data:image/png;base64,<data>", param=param)
-    return _from_base64(match.group("data"), param)
+    return _from_base64(match.group("data"), param, max_bytes)
 
 
-def _from_base64(text: str, param: str) -> bytes:
+def _from_base64(text: str, param: str, max_bytes: int) -> bytes:
     compact = _B64_WHITESPACE.sub("", text)
+    _check_bytes(len(compact) * 3 // 4 - 2, max_bytes, param)  # before decoding anything
     compact += "=" * (-len(compact) % 4)  # clients often drop the padding
     try:
         if "-" in compact or "_" in compact:
-            return base64.b64decode(compact, altchars=b"-_", validate=True)
-        return base64.b64decode(compact, validate=True)
+            data = base64.b64decode(compact, altchars=b"-_", validate=True)
+        else:
+            data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError("image data is not valid base64 (nor a data: or http(s) URL)", param=param) from exc
-
-
-def _fetch(url: str, param: str, timeout: float, max_bytes: int) -> bytes:
-    try:
-        with requests.get(url, stream=True, timeout=(timeout, timeout)) as response:
-            if response.status_code >= 400:
-                raise ImageError(f"fetching the image URL gave HTTP {response.status_code}",
-                                 param=param, code="image_fetch_failed")
-            chunks, size = [], 0
-            for chunk in response.iter_content(64 * 1024):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ImageError(f"the image at the URL is larger than {max_bytes} bytes",
-                                     param=param, code="image_too_large")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.RequestException as exc:
-        raise ImageError(f"could not fetch the image URL: {type(exc).__name__}", param=param,
-                         code="image_fetch_failed") from exc
+    _check_bytes(len(data), max_bytes, param)
+    return data
 
 
 def fit_pixels(img: Image.Image, min_pixels: int, max_pixels: int, *, param: str | None = None) -> Image.Image:

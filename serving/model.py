@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import demo
+from . import demo, gpu, paddle_fixes
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,23 @@ def resolve_source(model: str, cache_dir: str | None = None) -> tuple[str, bool]
     return model, False
 
 
+# PaddleFormers and Paddle's checkpoint loader log dozens of INFO lines per load.
+LIBRARY_LOGGERS = ("PaddleFormers", "paddle.distributed.fleet.utils.log_util")
+
+
+def quiet_library_logs() -> None:
+    """Keep their warnings, drop their INFO chatter, unless our own logging asks for DEBUG."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def load_model(settings) -> LoadedModel:
     import paddle
     from paddleformers.transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     started = time.perf_counter()
+    quiet_library_logs()
     source, is_demo = resolve_source(settings.model)
     is_local = os.path.isdir(source)
     if not is_local and _looks_like_path(source):
@@ -91,6 +103,7 @@ def load_model(settings) -> LoadedModel:
         raise ModelLoadError(f"unknown --hub {settings.hub!r}: use one of {', '.join(HUBS)}")
     device = choose_device(settings.device)
     dtype = choose_dtype(device, settings.dtype)
+    gpu.check_before_load(source, device, dtype, settings.dtype, settings, log)  # says no before an OOM would
     paddle.set_device(device)
     hub_args = {} if is_local else {"download_hub": settings.hub}
     where = f"folder {source}" if is_local else f"hub {settings.hub} ({source})"
@@ -102,6 +115,7 @@ def load_model(settings) -> LoadedModel:
     except Exception as exc:  # the hub clients raise many kinds; the user needs one message
         raise ModelLoadError(_load_failure_message(settings, source, is_local, exc)) from exc
     model.eval()
+    paddle_fixes.apply(model)
     loaded = LoadedModel(
         model=model, processor=processor, name=settings.model_name, source=source,
         is_demo=is_demo, device=device, dtype=dtype, load_seconds=time.perf_counter() - started)

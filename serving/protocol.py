@@ -77,7 +77,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: Optional[int] = Field(default=None, ge=-1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -155,6 +155,9 @@ def normalise_messages(request: ChatCompletionRequest) -> list[ChatTurn]:
     return turns
 
 
+_PART_TAGS = {"text", "image_url", "image"}
+
+
 def _loc(loc) -> str | None:
     """pydantic's error location as a request path, without its union-branch labels."""
     names = [item for item in loc
@@ -163,8 +166,8 @@ def _loc(loc) -> str | None:
     for k, item in enumerate(names):
         if isinstance(item, int):
             out += f"[{item}]"
-        elif k + 1 < len(names) and names[k + 1] == item and isinstance(names[k - 1], int):
-            continue  # the discriminator's tag value, repeated before the field itself
+        elif item in _PART_TAGS and k >= 2 and isinstance(names[k - 1], int) and names[k - 2] == "content":
+            continue  # the discriminator's tag value (the part's type), not a field
         else:
             out += ("." if out else "") + str(item)
     return out or None
@@ -253,6 +256,26 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading"]
+    model: str
+    demo: Optional[bool] = None
+    reason: Optional[str] = None
 
 
 def new_completion_id() -> str:

@@ -19,8 +19,6 @@ log = logging.getLogger("serving")
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("paddleformers", "paddle"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def build_engine(settings):
@@ -62,9 +60,25 @@ def _exit(code: int) -> None:
 def make_server(app, settings):
     from waitress import create_server
 
-    return create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                         send_bytes=1, channel_timeout=600, ident="qwenvl-serving",
-                         max_request_body_size=settings.max_request_bytes + 1)
+    from .waitress_errors import use_json_errors
+
+    server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                           send_bytes=1, channel_timeout=600, ident="qwenvl-serving",
+                           max_request_body_size=settings.max_request_bytes + 1)
+    use_json_errors(server)  # waitress's own early answers (413, bad request lines) in OpenAI's shape too
+    return server
+
+
+def shutdown(server, timeout: float = 30.0) -> None:
+    """Stop a server made by make_server that runs in another thread.
+
+    waitress keeps serving while any connection is open (clients keep idle ones), so close them
+    all from the server's own loop, then stop its worker threads.
+    """
+    from waitress import wasyncore
+
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+    server.task_dispatcher.shutdown(timeout=timeout)
 
 
 def serve(app, settings) -> None:

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 from serving.app import create_app  # noqa: E402
 from serving.config import Settings  # noqa: E402
-from serving.server import build_engine, make_server  # noqa: E402
+from serving.server import build_engine, make_server, shutdown  # noqa: E402
 
 
 def free_port() -> int:
@@ -81,7 +81,7 @@ class LiveServer:
         raise RuntimeError("live server did not come up")
 
     def stop(self):
-        self.server.close()
+        shutdown(self.server)
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +89,133 @@ def live_server(app, settings):
     server = LiveServer(app, settings).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_app(settings, engine):
+    """serve_app(**setting_changes) -> a started LiveServer sharing the demo engine (engine=None: loading)."""
+    from dataclasses import replace
+
+    from serving.waitress_errors import use_json_errors
+
+    servers = []
+
+    def start(engine=engine, **changes):
+        custom = replace(settings, **changes)
+        app = create_app(custom, engine)
+        server = LiveServer(app, custom)
+        server.app = app
+        use_json_errors(server.server)
+        servers.append(server)
+        if engine is None:
+            server.thread.start()
+            return server
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries almost no data: a decompression-bomb header."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+class ImageHost:
+    """A local HTTP server with good and bad image URLs, on 127.0.0.1 (allow it: IMAGE_URL_ALLOW_HOSTS)."""
+
+    def __init__(self):
+        import http.server
+
+        routes = self.routes()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                routes.get(self.path.split("?")[0], ImageHost.not_found)(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def send(handler, status, body=b"", headers=(), length=True):
+        handler.send_response(status)
+        for name, value in headers:
+            handler.send_header(name, value)
+        if length:
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        try:
+            handler.wfile.write(body)
+        except OSError:
+            pass
+
+    @staticmethod
+    def not_found(handler):
+        ImageHost.send(handler, 404, b"nope")
+
+    def routes(self):
+        send = ImageHost.send
+        noise = _noise_png(300, 300)
+
+        def slow(handler):  # headers, then a byte every 0.2 s for at most 3 s
+            handler.send_response(200)
+            handler.send_header("Content-Length", "100000")
+            handler.end_headers()
+            for _ in range(15):
+                try:
+                    handler.wfile.write(b"\0")
+                    handler.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def unsized_big(handler):  # no Content-Length (HTTP/1.0, ends at close): the cap must hold while reading
+            send(handler, 200, noise, [("Content-Type", "image/png")], length=False)
+
+        return {
+            "/img.png": lambda h: send(h, 200, png_bytes((33, 22)), [("Content-Type", "image/png")]),
+            "/big.png": lambda h: send(h, 200, noise, [("Content-Type", "image/png")]),
+            "/big-unsized.png": unsized_big,
+            "/bomb.png": lambda h: send(h, 200, png_header_only(20000, 20000), [("Content-Type", "image/png")]),
+            "/page.html": lambda h: send(h, 200, b"<html>not an image</html>", [("Content-Type", "text/html")]),
+            "/redirect": lambda h: send(h, 302, headers=[("Location", "/img.png")]),
+            "/loop": lambda h: send(h, 302, headers=[("Location", "/loop")]),
+            "/to-private": lambda h: send(h, 302, headers=[("Location", "http://10.0.0.1/x.png")]),
+            "/to-metadata": lambda h: send(h, 301, headers=[("Location", "http://169.254.169.254/latest/meta-data/")]),
+            "/slow.png": slow,
+        }
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def _noise_png(width, height) -> bytes:
+    """Random pixels: a PNG that does not compress (about 3 bytes per pixel)."""
+    import os
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (width, height), os.urandom(width * height * 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    host = ImageHost()
+    yield host
+    host.stop()

@@ -72,9 +72,13 @@ def image_host():
 
 
 def test_http_url(image_host):
-    assert load_image(image_host + "/img.png", param="p").size == (33, 22)
+    local = ("127.0.0.1",)  # loopback is refused unless allowed by name
+    assert load_image(image_host + "/img.png", param="p", allow_hosts=local).size == (33, 22)
     with pytest.raises(ImageError) as info:
-        load_image(image_host + "/missing.png", param="p")
+        load_image(image_host + "/img.png", param="p")
+    assert info.value.code == "image_url_refused"
+    with pytest.raises(ImageError) as info:
+        load_image(image_host + "/missing.png", param="p", allow_hosts=local)
     assert info.value.code == "image_fetch_failed"
     with pytest.raises(ImageError) as info:
         load_image(image_host + "/img.png", param="p", allow_urls=False)

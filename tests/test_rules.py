@@ -19,6 +19,7 @@ def test_serving_path_never_imports_torch():
         "create_app(Settings(model='demo'), engine)\n"
         "p = engine.build_prompt([ChatTurn('user', [Image.new('RGB', (64, 64)), 'hi'])])\n"
         "engine.generate(p, engine.sampling_params(max_tokens=2))\n"
+        "engine.close()\n"
         "import api\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"

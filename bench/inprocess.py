@@ -1,0 +1,116 @@
+"""Measurements inside the benchmark's own process: our server's overhead over a direct engine
+call, and the image intake stage of both servers (request bytes -> the tensors generate() takes).
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import requests
+
+from . import baseline_server
+from .workloads import QUESTIONS, median, post, tutorial_payload
+
+
+@dataclass
+class Turn:
+    role: str
+    parts: list
+
+
+def load_engine(model: str):
+    """Our engine, built exactly as our server builds it (default settings)."""
+    from serving.config import Settings
+    from serving.server import build_engine
+
+    settings = Settings(model=model)
+    return build_engine(settings), settings
+
+
+def _our_image(data_url: str, settings):
+    from serving import images
+
+    img = images.load_image(data_url, param="messages[0].content[0]")
+    return images.fit_pixels(img, settings.min_pixels, settings.max_pixels)
+
+
+def direct_call(engine, settings, data_url: str, question: str, max_tokens: int) -> tuple:
+    """(seconds, completion tokens): what our server does for the request, minus HTTP, JSON and the protocol layer."""
+    started = time.perf_counter()
+    img = _our_image(data_url, settings)
+    prompt = engine.build_prompt([Turn("user", [img, question])])
+    result = engine.generate(prompt, engine.sampling_params(max_tokens=max_tokens, temperature=0))
+    return time.perf_counter() - started, result.finish.completion_tokens
+
+
+def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> dict:
+    """The same requests through HTTP and directly; alternating order so drift hits both alike.
+
+    Each image goes once to each process (their caches are separate), so neither sees a repeat.
+    """
+    direct, http, tokens = [], [], []
+    direct_call(engine, settings, images[0], "Warm up.", 4)  # the server was warmed up too
+    with requests.Session() as session:
+        for i, img in enumerate(images):
+            question = QUESTIONS[i % len(QUESTIONS)]
+            order = ("direct", "http") if i % 2 == 0 else ("http", "direct")
+            for which in order:
+                if which == "direct":
+                    seconds, n = direct_call(engine, settings, img, question, max_tokens)
+                    direct.append(seconds)
+                else:
+                    t = post(url, tutorial_payload(img, question, max_tokens=max_tokens), kind="ours",
+                             session=session)
+                    http.append(t.latency)
+                    n = t.completion_tokens
+                tokens.append(n)
+    d, h = median(direct), median(http)
+    return {
+        "n": len(images), "max_tokens": max_tokens,
+        "direct_s": [round(x, 4) for x in direct], "http_s": [round(x, 4) for x in http],
+        "median_direct_s": round(d, 4), "median_http_s": round(h, 4),
+        "overhead_s": round(h - d, 4),
+        "overhead_pct": round(100.0 * (h - d) / h, 2) if h > 0 else 0.0,
+        "completion_tokens": tokens,
+    }
+
+
+def intake(engine, settings, images: list) -> dict:
+    """Request image (data URL) -> model input tensors, on each server's code path, no generation.
+
+    Baseline: base64 -> PIL -> PNG file -> read back and resized by process_vision_info ->
+    processor (tutorial pixel budget). Ours: serving.images (decode, resize to MAX_PIXELS) ->
+    engine.build_prompt (chat template, image processor).
+    """
+    from paddleformers.transformers import AutoProcessor
+
+    processor = baseline_server.tutorial_pixels(AutoProcessor.from_pretrained(engine.loaded.source))
+    folder = tempfile.mkdtemp(prefix="bench-intake-")
+    baseline, ours, shapes = [], [], {}
+    try:
+        for i, img in enumerate(images):
+            body = {"messages": [{"role": "user", "content": [{"type": "image", "image": img},
+                                                              {"type": "text", "text": QUESTIONS[0]}]}]}
+            started = time.perf_counter()
+            messages = baseline_server.process_request_data(body, save_dir=folder, verbose=False)
+            inputs = baseline_server.model_inputs(processor, messages)
+            baseline.append(time.perf_counter() - started)
+            shapes["baseline_grid_thw"] = inputs["image_grid_thw"].numpy().tolist()
+
+            started = time.perf_counter()
+            prompt = engine.build_prompt([Turn("user", [_our_image(img, settings), QUESTIONS[0]])])
+            ours.append(time.perf_counter() - started)
+            shapes["ours_grid_thw"] = prompt.arrays["image_grid_thw"].tolist()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    b, o = median(baseline), median(ours)
+    return {
+        "n": len(images), "image_bytes": len(base64.b64decode(images[0].split(",", 1)[1])),
+        "baseline_s": [round(x, 4) for x in baseline], "ours_s": [round(x, 4) for x in ours],
+        "median_baseline_s": round(b, 4), "median_ours_s": round(o, 4),
+        "speedup": round(b / o, 2) if o > 0 else 0.0, **shapes,
+    }

@@ -1,0 +1,453 @@
+"""The notebook chat UI: ipywidgets over an Engine. Images stay in memory.
+
+    chat = ChatWidget(engine, settings)
+    chat            # the last line of a cell shows it
+
+Everything a person does in the browser has a method here too (add_upload, send, stop, clear,
+wait), so the UI is tested without a browser. The answer is generated in a background thread
+and streamed into the page delta by delta; Stop cancels the engine job at once (the model worker
+drops it at its next step) and the streaming loop ends.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import ipywidgets as W
+
+from .engine import Finished
+from .errors import APIError, ImageError
+from .images import decode_image_bytes, fit_pixels
+from .protocol import ChatTurn
+
+THUMBNAIL = (96, 96)
+
+
+@dataclass
+class Pending:
+    """An uploaded image waiting to be sent with the next question."""
+
+    name: str
+    image: object  # PIL image, RGB, already resized for the vision tower
+    thumbnail: bytes  # PNG
+
+
+@dataclass
+class Result:
+    """How the last answer ended: Finished's fields, or "stopped" when Stop cut it short."""
+
+    finish_reason: str  # "stop", "length" or "stopped"
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChatWidget:
+    def __init__(self, engine, settings=None, *, system: Optional[str] = None,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 max_tokens: Optional[int] = None):
+        from .config import Settings
+
+        self.engine = engine
+        self.settings = settings or Settings()
+        self.system = system
+        self._history: list[ChatTurn] = []
+        self._pending: list[Pending] = []
+        self._lock = threading.RLock()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()  # the running answer's own flag; each answer gets a new one
+        self._job = None  # the running answer's engine job, cancelled by Stop and Clear
+        self._generation = 0  # bumped by send and clear: a stale thread leaves the UI and history alone
+        self._thread_generation = -1
+        self._rows: list = []  # (turn, [widgets]) shown in the transcript, in order
+        self.deltas: list[str] = []  # the text deltas of the latest answer, as they arrived
+        self.answer = ""  # the latest answer so far
+        self.last_result: Optional[Result] = None
+        self._error = ""
+        self._status = ""
+        self._build_controls(temperature, top_p, max_tokens)
+        self._render_transcript()
+        self._set_status("ready: upload images (optional), type a question, press Enter or Send")
+
+    # ------------------------------------------------------------------ layout
+
+    def _build_controls(self, temperature, top_p, max_tokens) -> None:
+        defaults = getattr(self.engine, "defaults", {}) or {}
+        if temperature is None:
+            temperature = defaults.get("temperature")
+            temperature = 0.7 if temperature is None else temperature
+        if top_p is None:
+            top_p = defaults.get("top_p") or 1.0
+        limit = int(getattr(self.engine, "max_tokens_limit", 4096))
+        if max_tokens is None:
+            max_tokens = int(getattr(self.engine, "default_max_tokens", 512))
+
+        self.upload = W.FileUpload(accept="image/*", multiple=True, description="Images",
+                                   tooltip="add images to the next question")
+        self.upload.add_class("qv-upload")
+        self.upload.observe(self._on_upload, names="value")
+        self.thumbnails = W.HBox(layout=W.Layout(flex_flow="row wrap"))
+        self.thumbnails.add_class("qv-pending")
+        self.question = W.Text(placeholder="Ask about the images, then press Enter",
+                               layout=W.Layout(flex="1 1 auto", width="auto"))
+        self.question.add_class("qv-question")
+        self.question.on_msg(self._on_question_msg)  # Enter sends {"event": "submit"}
+        self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane",
+                                    layout=W.Layout(width="90px"))
+        self.send_button.add_class("qv-send")
+        self.send_button.on_click(lambda _b: self.send())
+        self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop",
+                                    disabled=True, layout=W.Layout(width="80px"))
+        self.stop_button.add_class("qv-stop")
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.clear_button = W.Button(description="Clear", icon="trash", layout=W.Layout(width="80px"))
+        self.clear_button.add_class("qv-clear")
+        self.clear_button.on_click(lambda _b: self.clear())
+
+        slider_layout = W.Layout(width="300px")
+        self.temperature = W.FloatSlider(value=min(max(float(temperature), 0.0), 2.0), min=0.0, max=2.0,
+                                         step=0.05, description="temperature", readout_format=".2f",
+                                         tooltip="0 = greedy", layout=slider_layout)
+        self.top_p = W.FloatSlider(value=min(max(float(top_p), 0.01), 1.0), min=0.01, max=1.0, step=0.01,
+                                   description="top_p", readout_format=".2f", layout=slider_layout)
+        self.max_tokens = W.IntSlider(value=min(max(int(max_tokens), 1), limit), min=1, max=limit,
+                                      description="max tokens", layout=slider_layout)
+        for slider in (self.temperature, self.top_p, self.max_tokens):
+            slider.style.description_width = "initial"
+
+        self.transcript = W.VBox(layout=W.Layout(max_height="480px", overflow="auto",
+                                                 border="1px solid #ddd", padding="6px"))
+        self.transcript.add_class("qv-transcript")
+        self._empty_note = W.HTML("<span style='color:#888'>No messages yet.</span>")
+        self._answer_html = W.HTML()
+        self.status_label = W.HTML()
+        self.status_label.add_class("qv-status")
+        self.error_label = W.HTML()
+        self.error_label.add_class("qv-error")
+
+        header = []
+        if getattr(getattr(self.engine, "loaded", None), "is_demo", False):
+            header.append(W.HTML("<i>Demo model: random weights, its answers are meaningless text.</i>"))
+        self.ui = W.VBox(header + [
+            self.transcript,
+            self.thumbnails,
+            W.HBox([self.upload, self.question, self.send_button, self.stop_button, self.clear_button]),
+            W.HBox([self.temperature, self.top_p, self.max_tokens], layout=W.Layout(flex_flow="row wrap")),
+            self.status_label,
+            self.error_label,
+        ], layout=W.Layout(width="100%"))
+        self.ui.add_class("qv-chat")
+
+    def display(self) -> None:
+        from IPython.display import display
+
+        display(self.ui)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.ui._repr_mimebundle_(**kwargs)
+
+    # ------------------------------------------------------------------ state, read-only
+
+    @property
+    def history(self) -> list:
+        """The conversation so far: ChatTurns whose parts are PIL images and text."""
+        with self._lock:
+            return list(self._history)
+
+    @property
+    def pending(self) -> list:
+        """Images uploaded for the next question."""
+        with self._lock:
+            return list(self._pending)
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def error(self) -> str:
+        return self._error
+
+    @property
+    def busy(self) -> bool:
+        """An answer is being written (one that Clear abandoned does not count)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and self._thread_generation == self._generation
+
+    # ------------------------------------------------------------------ actions
+
+    def add_upload(self, name: str, data: bytes) -> bool:
+        """Decode and resize an uploaded file; False (and an error shown) when it is not an image."""
+        self._set_error("")
+        limit = self.settings.max_images
+        if len(self._pending) >= limit:
+            self._set_error(f"{name}: at most {limit} images per question")
+            return False
+        try:
+            image = decode_image_bytes(bytes(data), param=name)
+            image = fit_pixels(image, self.settings.min_pixels, self.settings.max_pixels, param=name)
+        except ImageError as exc:
+            self._set_error(f"{name}: {exc.message}")
+            return False
+        with self._lock:
+            self._pending.append(Pending(name, image, _thumbnail_png(image)))
+        self._render_pending()
+        return True
+
+    def send(self) -> bool:
+        """Start answering the typed question with the pending images; False when it cannot start."""
+        self._set_error("")
+        if self.busy:
+            self._set_error("an answer is still being written: wait for it or press Stop")
+            return False
+        text = self.question.value.strip()
+        if not text:
+            self._set_error("type a question first")
+            return False
+        with self._lock:
+            turn = ChatTurn("user", [p.image for p in self._pending] + [text])
+            pending = self._pending
+            self._pending = []
+            self._history.append(turn)
+            turns = list(self._history)
+            self._generation += 1
+            generation = self._generation
+            self.deltas, self.answer, self.last_result = [], "", None
+            self._stop = stop = threading.Event()
+        self.question.value = ""
+        self._render_pending()
+        self._render_transcript(answering=True)
+        self._set_busy(True)
+        self._set_status("reading the question...")
+        params = dict(max_tokens=int(self.max_tokens.value), temperature=float(self.temperature.value),
+                      top_p=float(self.top_p.value))
+        if params["temperature"] > 0:
+            params["top_k"] = 0  # the sliders decide: a model default of top_k=1 would make sampling greedy
+        self._thread = threading.Thread(target=self._answer, args=(generation, stop, turns, pending, text, params),
+                                        name="chat-widget-answer", daemon=True)
+        self._thread_generation = generation
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Cancel the answer being written; what was written so far stays in the conversation."""
+        if self.busy:
+            self._stop.set()
+            job = self._job
+            if job is not None:
+                job.cancel()  # at once, even while the model is still reading a long prompt
+            self._set_status("stopping...")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the latest answer is done; True when it is."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    def clear(self) -> None:
+        """Start over: stop any answer, forget the conversation and the pending images."""
+        self._stop.set()
+        if self._job is not None:
+            self._job.cancel()
+        with self._lock:
+            self._generation += 1
+            self._history = []
+            self._pending = []
+            self.deltas, self.answer, self.last_result = [], "", None
+        self.question.value = ""
+        self._set_busy(False)
+        self._set_error("")
+        self._render_pending()
+        self._render_transcript()
+        self._answer_html.close()  # an abandoned answer's row
+        self._set_status("cleared: a new conversation")
+
+    # ------------------------------------------------------------------ the answer, in a thread
+
+    def _answer(self, generation: int, stop: threading.Event, turns: list, pending: list, text: str,
+                params: dict) -> None:
+        started = time.perf_counter()
+        result, failure = None, None
+        stream = None
+        try:
+            system = [ChatTurn("system", [self.system])] if self.system else []
+            prompt = self.engine.build_prompt(system + turns)
+            stream = self.engine.submit(prompt, self.engine.sampling_params(**params))
+            self._job = stream
+            if stop.is_set():
+                stream.cancel()
+            self._set_status("writing...", generation)
+            for event in stream:
+                if isinstance(event, Finished):
+                    result = Result(event.finish_reason, event.prompt_tokens, event.completion_tokens,
+                                    event.seconds)
+                    break
+                if stop.is_set():
+                    break
+                with self._lock:
+                    if generation != self._generation:
+                        break
+                    self.deltas.append(event)
+                    self.answer += event
+                self._show_answer(generation)
+            if result is None:  # stopped before the engine's Finished: count the text written
+                result = Result("stopped", prompt.prompt_tokens, self.engine.count_tokens(self.answer),
+                                time.perf_counter() - started)
+        except APIError as exc:
+            failure = exc.message
+        except Exception as exc:  # keep the UI alive whatever happens
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            if stream is not None:
+                stream.cancel()  # frees the model worker if the job is still running
+        with self._lock:
+            if generation != self._generation:
+                return  # cleared meanwhile
+            if failure is not None:
+                # the question did not get an answer: take it back so it can be asked again
+                if self._history and self._history[-1] is turns[-1]:
+                    self._history.pop()
+                self._pending = pending + self._pending
+            else:
+                answer = ChatTurn("assistant", [self.answer])
+                self._history.append(answer)
+                self.last_result = result
+                self._answer_html.value = _bubble(self.answer, "assistant")  # without the cursor
+                self._rows.append((answer, [self._answer_html]))
+            if failure is not None:
+                if not self.question.value:
+                    self.question.value = text
+                self._set_error(failure)
+                self._set_status("no answer")
+                self._render_pending()
+                self._render_transcript()
+                self._answer_html.close()
+            else:
+                self._set_status(_describe(result))
+            self._set_busy(False)
+
+    # ------------------------------------------------------------------ widget updates
+
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return  # our own reset below
+        errors = []
+        for item in files:
+            if not self.add_upload(item["name"], item["content"]):
+                errors.append(self._error)
+        self.upload.value = ()  # so the same file can be chosen again
+        self._set_error("; ".join(errors))
+
+    def _on_question_msg(self, _widget, content, _buffers) -> None:
+        if isinstance(content, dict) and content.get("event") == "submit":
+            self.send()
+
+    def _set_status(self, text: str, generation: Optional[int] = None) -> None:
+        if generation is not None and generation != self._generation:
+            return
+        self._status = text
+        self.status_label.value = f"<span style='color:#555'>{html.escape(text)}</span>"
+
+    def _set_error(self, text: str) -> None:
+        self._error = text
+        self.error_label.value = f"<span style='color:#c62828'><b>Error:</b> {html.escape(text)}</span>" if text else ""
+
+    def _set_busy(self, busy: bool, generation: Optional[int] = None) -> None:
+        if generation is not None and generation != self._generation:
+            return
+        self.send_button.disabled = busy
+        self.stop_button.disabled = not busy
+
+    def _show_answer(self, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._answer_html.value = _bubble(self.answer + " \u258c", "assistant")
+            count = len(self.deltas)
+        self._set_status(f"writing... {count} pieces", generation)
+
+    def _render_pending(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        old = self.thumbnails.children
+        self.thumbnails.children = [_thumbnail_box(p.thumbnail, p.name) for p in pending]
+        _close(old)
+
+    def _render_transcript(self, answering: bool = False) -> None:
+        """Show the history; rows of turns already shown are reused, rows of dropped turns closed."""
+        with self._lock:
+            history = list(self._history)
+            shown = {id(turn): widgets for turn, widgets in self._rows}
+            rows = []
+            for turn in history:
+                widgets = shown.pop(id(turn), None) or _turn_widgets(turn)
+                rows.append((turn, widgets))
+            for widgets in shown.values():
+                _close(widgets)
+            self._rows = rows
+            children = [w for _turn, widgets in rows for w in widgets]
+            if answering:
+                self._answer_html = W.HTML(_bubble("\u258c", "assistant"))
+                self._answer_html.add_class("qv-answer")
+                children.append(self._answer_html)
+            if not children:
+                children = [self._empty_note]
+            self.transcript.children = children
+
+
+def _turn_widgets(turn: ChatTurn) -> list:
+    images = [p for p in turn.parts if not isinstance(p, str)]
+    text = "".join(p for p in turn.parts if isinstance(p, str))
+    widgets = []
+    if images:
+        widgets.append(W.HBox([_thumbnail_box(_thumbnail_png(img), f"{img.width}x{img.height}") for img in images],
+                              layout=W.Layout(flex_flow="row wrap")))
+    row = W.HTML(_bubble(text, turn.role))
+    row.add_class(f"qv-{turn.role}")
+    widgets.append(row)
+    return widgets
+
+
+def _close(widgets) -> None:
+    """Close widgets and everything inside them, so the kernel forgets them."""
+    for widget in widgets:
+        _close(getattr(widget, "children", ()))
+        widget.close()
+
+
+def _describe(result: Result) -> str:
+    reason = {"stop": "finished", "length": "hit max tokens", "stopped": "stopped"}[result.finish_reason]
+    return (f"{reason}: {result.completion_tokens} tokens in {result.seconds:.2f} s, "
+            f"{result.tokens_per_second:.1f} tokens/s (prompt {result.prompt_tokens} tokens)")
+
+
+def _bubble(text: str, role: str) -> str:
+    who = {"user": "You", "assistant": "Model", "system": "System"}.get(role, role)
+    colour = {"user": "#e3f2fd", "assistant": "#f5f5f5"}.get(role, "#fff8e1")
+    return (f"<div style='background:{colour};border-radius:6px;padding:4px 8px;margin:2px 0;"
+            f"white-space:pre-wrap;word-break:break-word'><b>{who}:</b> {html.escape(text)}</div>")
+
+
+def _thumbnail_png(image) -> bytes:
+    small = image.copy()
+    small.thumbnail(THUMBNAIL)
+    buf = io.BytesIO()
+    small.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _thumbnail_box(png: bytes, caption: str) -> W.Widget:
+    return W.VBox([W.Image(value=png, format="png", layout=W.Layout(max_width=f"{THUMBNAIL[0]}px")),
+                   W.Label(caption, layout=W.Layout(max_width=f"{THUMBNAIL[0]}px"))],
+                  layout=W.Layout(margin="2px 6px 2px 0"))

@@ -1,0 +1,80 @@
+"""The benchmark command works: `python -m bench --quick` runs both servers and writes its outputs.
+
+No timing is asserted (CI machines vary); only that every workload ran and produced figures.
+Outputs go to a temporary folder, never to docs/bench.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from bench import baseline_server  # noqa: E402
+from bench.workloads import ImageFactory, tutorial_payload  # noqa: E402
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_run_writes_all_outputs(quick_run):
+    out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] is True and results["plan"]["model"] == "demo"
+    w = results["workloads"]
+    for name in ("sequential", "concurrent", "large_jpeg"):
+        for kind in ("baseline", "ours"):
+            assert positive(w[name][kind]["median_latency_s"]), (name, kind)
+            assert positive(w[name][kind]["requests_per_s"]), (name, kind)
+            assert all(n > 0 for n in w[name][kind]["completion_tokens"]), (name, kind)
+    for kind in ("baseline", "ours"):
+        assert positive(w["concurrent"][kind]["completion_tokens_per_s"])
+    assert w["concurrent"]["ours"]["clients"] == 8
+    for kind in ("baseline", "ours", "ours_stream"):
+        r = w["repeated_image"][kind]
+        assert r["n"] == 5 and positive(r["first_s"]) and positive(r["median_repeated_s"]), kind
+    intake = w["large_jpeg"]["intake"]
+    assert positive(intake["median_baseline_s"]) and positive(intake["median_ours_s"])
+    for key in ("ours", "ours_text_only"):
+        st = w["streaming"][key]
+        assert positive(st["median_ttft_s"]) and st["median_ttft_s"] <= st["median_total_s"], key
+        assert all(n > 0 for n in st["completion_tokens"]), key
+    o = w["overhead"]
+    assert positive(o["median_direct_s"]) and positive(o["median_http_s"])
+    m = results["machine"]
+    assert m["cpu_model"] and positive(m["logical_cores"]) and m["paddlepaddle"] and m["date"]
+    assert len(results["summary"]) >= 8
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| workload |" in table and "concurrent clients" in table
+    assert "concurrent clients" in stdout  # the console table
+
+
+def test_baseline_keeps_the_tutorial_image_path(tmp_path):
+    """The baseline writes each image as PNG under its folder and hands on the file's path."""
+    image = ImageFactory(64, 48, seed=3).next()
+    body = tutorial_payload(image, "What is this?", max_tokens=4)
+    messages = baseline_server.process_request_data(body, save_dir=str(tmp_path), verbose=False)
+    parts = messages[0]["content"]
+    assert parts[1] == {"type": "text", "text": "What is this?"}
+    path = Path(parts[0]["image"])
+    assert path.parent == tmp_path and path.suffix == ".png" and path.exists()
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (64, 48)
