@@ -105,7 +105,8 @@ def run(plan, out: Path, quick: bool) -> dict:
     same = {k: small.next() for k in ("baseline", "ours", "ours_stream")}
     big = {k: [large.next() for _ in range(plan.large_n)] for k in ("baseline", "ours", "intake")}
     streamed = [small.next() for _ in range(plan.stream_n)]
-    over = [small.next() for _ in range(plan.overhead_n)]
+    over = [small.next() for _ in range(2 * plan.overhead_n + 2)]  # one process, two sides: own images
+    over_proc = [small.next() for _ in range(plan.overhead_n + 1)]
 
     with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
         tmp = Path(tmp)
@@ -120,6 +121,7 @@ def run(plan, out: Path, quick: bool) -> dict:
                 server.wait_ready(900)
             urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
             say(f"ready: baseline {servers['baseline'].url}, ours {servers['ours'].url}")
+            baseline_repaired = "KV cache repair applied" in servers["baseline"].log_tail(400)
             for kind, url in urls.items():  # first requests pay one-off costs (kernels, allocator)
                 for img in warm:
                     workloads.post(url, workloads.tutorial_payload(img, "Warm up.", max_tokens=4), kind=kind)
@@ -154,12 +156,14 @@ def run(plan, out: Path, quick: bool) -> dict:
             from bench import baseline_server, inprocess
 
             engine, settings = inprocess.load_engine(plan.model)
-            w["overhead"] = inprocess.overhead(engine, settings, urls["ours"], over, max_tokens=plan.max_tokens)
+            w["overhead"] = inprocess.overhead(engine, settings, None, over, max_tokens=plan.max_tokens)
+            say("the same against our server process (adds process-to-process variation)")
+            w["overhead_server_process"] = inprocess.overhead(engine, settings, urls["ours"], over_proc,
+                                                              max_tokens=plan.max_tokens)
             say("(d) intake stage, in this process")
             w["large_jpeg"]["intake"] = inprocess.intake(engine, settings, big["intake"])
             kv_cache = baseline_server.carries_kv_cache(engine.model)
             parameters = engine.loaded.parameter_count
-            baseline_log = servers["baseline"].log_tail(200)
         finally:
             for server in servers.values():
                 server.stop()
@@ -179,10 +183,13 @@ def run(plan, out: Path, quick: bool) -> dict:
         "bytes to model input tensors, each server's own code path, in this process.",
         "(e) Time to first token includes the prompt's prefill: with an image, the vision tower and "
         "~300 prompt tokens; text only, ~30 prompt tokens.",
-        "Overhead: the same request through HTTP and as a direct call (serving.images + Engine.build_prompt + "
-        "Engine.generate) in the benchmark's process, alternating; overhead = (HTTP - direct) / HTTP.",
+        "Overhead: requests through our HTTP API (serving.app + waitress, serving the benchmark process's own "
+        "engine on a loopback port) against direct calls to that engine (serving.images + Engine.build_prompt "
+        "+ Engine.generate), alternating; overhead = (HTTP - direct) / HTTP. results.json also has the same "
+        "against the separate server process (overhead_server_process), which adds the variation between two "
+        "processes on a shared 2-core machine.",
     ]
-    if "KV cache repair applied" in baseline_log:
+    if baseline_repaired:
         notes.append("The loaded model did not carry its KV cache between decoding steps (PaddleFormers 1.2.0), "
                      "so the baseline repairs it (bench/baseline_server.py, ensure_kv_cache); the tutorial's PaddleMIX "
                      "model decodes with its cache.")
@@ -199,6 +206,7 @@ def run(plan, out: Path, quick: bool) -> dict:
         "load_before": load_before,
         "load_after": report.load_average(),
         "our_engine_kv_cache": kv_cache,
+        "baseline_kv_cache_repaired": baseline_repaired,
         "seconds": round(time.perf_counter() - started, 1),
         "workloads": w,
         "notes": notes,

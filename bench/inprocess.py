@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -48,35 +50,85 @@ def direct_call(engine, settings, data_url: str, question: str, max_tokens: int)
 
 
 def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> dict:
-    """The same requests through HTTP and directly; alternating order so drift hits both alike.
+    """The same requests through our server's HTTP API and as direct engine calls, alternating
+    so that drift on the machine hits both alike.
 
-    Each image goes once to each process (their caches are separate), so neither sees a repeat.
+    url None: serve the in-process engine with our app and waitress (serving.app.create_app,
+    serving.server.make_server) on a free loopback port, so both sides share one process and
+    one engine; each side then gets its own images (the engine's caches would otherwise serve
+    the second side). With a url (a separate server process), each image goes to both.
     """
+    local = None
+    if url is None:  # images: 2n + 2
+        local = _LocalServer(engine, settings)
+        url = local.start()
+        warm_direct, warm_http, body = images[-2], images[-1], images[:-2]
+        direct_images, http_images = body[0::2], body[1::2]
+    else:  # images: n + 1
+        warm_direct = warm_http = images[-1]
+        direct_images = http_images = images[:-1]
     direct, http, tokens = [], [], []
-    direct_call(engine, settings, images[0], "Warm up.", 4)  # the server was warmed up too
-    with requests.Session() as session:
-        for i, img in enumerate(images):
-            question = QUESTIONS[i % len(QUESTIONS)]
-            order = ("direct", "http") if i % 2 == 0 else ("http", "direct")
-            for which in order:
-                if which == "direct":
-                    seconds, n = direct_call(engine, settings, img, question, max_tokens)
-                    direct.append(seconds)
-                else:
-                    t = post(url, tutorial_payload(img, question, max_tokens=max_tokens), kind="ours",
-                             session=session)
-                    http.append(t.latency)
-                    n = t.completion_tokens
-                tokens.append(n)
+    try:
+        direct_call(engine, settings, warm_direct, "Warm up.", 4)
+        with requests.Session() as session:
+            post(url, tutorial_payload(warm_http, "Warm up.", max_tokens=4), kind="ours", session=session)
+            for i, (d_img, h_img) in enumerate(zip(direct_images, http_images)):
+                question = QUESTIONS[i % len(QUESTIONS)]
+                for which in (("direct", "http") if i % 2 == 0 else ("http", "direct")):
+                    if which == "direct":
+                        seconds, n = direct_call(engine, settings, d_img, question, max_tokens)
+                        direct.append(seconds)
+                    else:
+                        t = post(url, tutorial_payload(h_img, question, max_tokens=max_tokens), kind="ours",
+                                 session=session)
+                        http.append(t.latency)
+                        n = t.completion_tokens
+                    tokens.append(n)
+    finally:
+        if local is not None:
+            local.stop()
     d, h = median(direct), median(http)
     return {
-        "n": len(images), "max_tokens": max_tokens,
+        "n": len(direct), "max_tokens": max_tokens, "same_process": local is not None,
         "direct_s": [round(x, 4) for x in direct], "http_s": [round(x, 4) for x in http],
         "median_direct_s": round(d, 4), "median_http_s": round(h, 4),
         "overhead_s": round(h - d, 4),
         "overhead_pct": round(100.0 * (h - d) / h, 2) if h > 0 else 0.0,
         "completion_tokens": tokens,
     }
+
+
+class _LocalServer:
+    """Our app and waitress around an engine of this process, on a free loopback port."""
+
+    def __init__(self, engine, settings):
+        from dataclasses import replace
+
+        from serving.app import create_app
+        from serving.server import make_server
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.settings = replace(settings, host="127.0.0.1", port=port)
+        self.server = make_server(create_app(self.settings, engine), self.settings)
+        self.thread = threading.Thread(target=self.server.run, name="bench-local-server", daemon=True)
+
+    def start(self) -> str:
+        self.thread.start()
+        base = f"http://127.0.0.1:{self.settings.port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    return base + "/v1/chat/completions"
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError("the in-process server did not come up")
+
+    def stop(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=10)
 
 
 def intake(engine, settings, images: list) -> dict:

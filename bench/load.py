@@ -42,14 +42,21 @@ WEIGHTS = {"text": 3, "text_stream": 3, "image": 2, "image_stream": 2, "bad": 3,
 def main(argv=None) -> int:
     args = parse_args(argv)
     server = Server.spawn(args) if args.url is None else Server.existing(args)
+    status = 1
     try:
-        return run(args, server)
+        status = run(args, server)
+        return status
     finally:
         server.stop()
+        if server.log_path and status == 0:
+            server.log_path.unlink(missing_ok=True)  # kept only when the run failed
+        elif server.log_path:
+            print(f"server log: {server.log_path}")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a server already running on this machine (default: start api.py --model demo)")
     p.add_argument("--api-key", default=os.environ.get("API_KEY", ""), help="bearer key for --url")
     p.add_argument("--pid", type=int, help="the --url server's process id, for its RSS (else read from /metrics)")
@@ -58,7 +65,8 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=300, help="stop sending after this many seconds (default 300)")
     p.add_argument("--request-timeout", type=float, default=120, help="seconds one request may take (default 120)")
     p.add_argument("--max-tokens", type=int, default=8, help="max_tokens of each request (default 8)")
-    p.add_argument("--warmup", type=int, default=8, help="requests before the first memory reading (default 8)")
+    p.add_argument("--warmup", type=int, default=40,
+                   help="good requests sent (concurrently) before the first memory reading (default 40)")
     p.add_argument("--max-rss-growth-mb", type=float, default=256, help="allowed RSS growth (default 256 MB)")
     p.add_argument("--max-queue", type=int, default=6,
                    help="MAX_QUEUE of the started server (default 6: fewer than the clients, so some get 429)")
@@ -186,7 +194,7 @@ class Mix:
     def __init__(self, max_tokens):
         self.max_tokens = max_tokens
         self.images = [_png((64, 48), (200, 30, 30)), _png((320, 240), (20, 160, 90), "JPEG"),
-                       _png((1024, 768), (40, 40, 220), "JPEG")]
+                       _png((800, 600), (40, 40, 220), "JPEG")]
         tiny = self.images[0]
         image = lambda source: {"type": "image", "image": source}  # noqa: E731
         self.bad = [
@@ -233,7 +241,9 @@ def one(server, mix, kind, rng, timeout):
         with requests.post(server.url + CHAT, data=body, headers=headers, stream=stream,
                            timeout=(10, timeout)) as r:
             if r.status_code == 429:
-                return ("expected", "busy 429") if r.headers.get("Retry-After") else ("unexpected", "429 no Retry-After")
+                if not r.headers.get("Retry-After"):
+                    return "unexpected", "429 without Retry-After"
+                return "expected", "busy 429"
             if expected_bad:
                 code = _error_code(r)
                 if r.status_code == status and code in codes:
@@ -276,28 +286,18 @@ def _check_answer(r, stream):
 # ---------------------------------------------------------------- the run
 
 
-def run(args, server) -> int:
-    mix = Mix(args.max_tokens)
-    rng = random.Random(args.seed)
-    for kind in list(GOOD) * max(1, args.warmup // len(GOOD)):  # warm caches before measuring memory
-        one(server, mix, kind, rng, args.request_timeout)
-    rss_before = server.rss_mb()
-    counted_before = server.metric("qwenvl_requests_total", endpoint=CHAT) or 0
-    kinds = [k for k, w in WEIGHTS.items() for _ in range(w)]
-    plan = [rng.choice(kinds) for _ in range(args.requests)]
-    results, lock, cursor = collections.Counter(), threading.Lock(), iter(enumerate(plan))
-    problems = []
+def drive(server, mix, plan, args):
+    """Send the planned kinds from `args.concurrency` clients until done or `args.duration` is up."""
+    results, problems, lock, cursor = collections.Counter(), [], threading.Lock(), iter(plan)
     deadline = time.time() + args.duration
-    started = time.time()
 
     def client(worker):
         local = random.Random(args.seed * 1000 + worker)
         while time.time() < deadline:
             with lock:
-                item = next(cursor, None)
-            if item is None:
+                kind = next(cursor, None)
+            if kind is None:
                 return
-            kind = item[1]
             outcome, detail = one(server, mix, kind, local, args.request_timeout)
             with lock:
                 results[(outcome, kind if outcome == "ok" else detail)] += 1
@@ -311,6 +311,19 @@ def run(args, server) -> int:
         t.start()
     for t in threads:
         t.join(args.duration + args.request_timeout + 30)
+    return results, problems
+
+
+def run(args, server) -> int:
+    mix = Mix(args.max_tokens)
+    rng = random.Random(args.seed)
+    # warm up with the same concurrency: the model's allocator settles before memory is measured
+    drive(server, mix, [rng.choice(GOOD) for _ in range(args.warmup)], args)
+    rss_before = server.rss_mb()
+    counted_before = server.metric("qwenvl_requests_total", endpoint=CHAT) or 0
+    kinds = [k for k, w in WEIGHTS.items() for _ in range(w)]
+    started = time.time()
+    results, problems = drive(server, mix, [rng.choice(kinds) for _ in range(args.requests)], args)
     elapsed = time.time() - started
     sent = sum(results.values())
     healthy = _healthy(server)

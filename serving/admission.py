@@ -1,9 +1,10 @@
 """Flow control for chat requests: a bounded number in the server at once, each with a time limit.
 
 `Admission.enter()` takes a place or raises 429 (ServerBusy) with Retry-After; `Slot.release()`
-gives it back, once, however often it is called (a stream releases at its end or on close). `TimedEvents` reads an engine job's events
-(text deltas, then Finished) with a deadline: past it the job is cancelled and RequestTimeout
-raised. A reader thread drains the job, so a stuck or slow engine never stalls the HTTP thread.
+gives it back once, however often it is called (a stream releases at its end and on close).
+`TimedEvents` reads an engine job's events (text deltas, then Finished) with a deadline: past it
+the job is cancelled and RequestTimeout raised. A reader thread drains the job, so a stuck or
+slow engine never stalls the HTTP thread past the deadline.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class TimedEvents:
             yield event
 
     def close(self) -> None:
-        self.job.cancel()
+        self.job.cancel()  # the engine then ends the job's iteration, and so our reader
 
 
 class _Raised:

@@ -36,7 +36,8 @@ def create_app(settings, engine=None) -> Flask:
     metrics, admission = Metrics(), Admission(settings.max_queue)
     app.extensions["qwenvl"] = state = {"settings": settings, "engine": engine, "started": protocol.now(),
                                         "metrics": metrics, "admission": admission}
-    metrics.watch(queue_depth=lambda: _queue_depth(state["engine"]), in_flight=admission.in_flight)
+    metrics.watch(queue_depth=lambda: _queue_depth(state["engine"]), in_flight=admission.in_flight,
+                  engine=lambda: state["engine"])
     images.limit_pillow(settings.max_image_pixels)
     spec = openapi.build_spec(settings)
     if settings.max_queue >= settings.threads:
@@ -114,7 +115,7 @@ def create_app(settings, engine=None) -> Flask:
         engine = ready_engine()
         slot = admission.enter()  # 429 when MAX_QUEUE requests are in already
         try:
-            response = chat(engine)
+            response = chat(engine, slot)
         except BaseException:
             slot.release()
             raise
@@ -124,16 +125,16 @@ def create_app(settings, engine=None) -> Flask:
             slot.release()
         return response
 
-    def chat(engine):
+    def chat(engine, slot):
         req = protocol.parse_request(_json_body())
         if req.model_extra:
             log.info("request %s: ignoring unknown fields %s", g.request_id, sorted(req.model_extra)[:10])
-        turns = _load_images(protocol.normalise_messages(req))
-        prompt = engine.build_prompt(turns)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens > settings.max_tokens_limit:
             raise InvalidRequest(f"max_tokens is {max_tokens}, more than this server's limit of "
                                  f"{settings.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+        turns = _load_images(protocol.normalise_messages(req))
+        prompt = engine.build_prompt(turns)
         params = engine.sampling_params(
             max_tokens=max_tokens or settings.default_max_tokens, temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
@@ -146,7 +147,7 @@ def create_app(settings, engine=None) -> Flask:
         completion_id, created = protocol.new_completion_id(), protocol.now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return stream(engine, events, tracker, completion_id, created, include_usage)
+            return stream(engine, events, tracker, slot, completion_id, created, include_usage)
         pieces = []
         try:
             for event in events:
@@ -166,7 +167,7 @@ def create_app(settings, engine=None) -> Flask:
             usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens))
         return jsonify(completion.model_dump())
 
-    def stream(engine, events, tracker, completion_id, created, include_usage):
+    def stream(engine, events, tracker, slot, completion_id, created, include_usage):
         iterator = iter(events)
         try:  # errors before the first event become a plain JSON error, not a broken stream
             first = next(iterator)
@@ -181,7 +182,8 @@ def create_app(settings, engine=None) -> Flask:
         def chunk(delta=None, finish=None, usage=None, choices=True) -> str:
             body = protocol.ChatCompletionChunk(
                 id=completion_id, created=created, model=name,
-                choices=[protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish)] if choices else [],
+                choices=[protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish)]
+                if choices else [],
                 usage=usage)
             return "data: " + json.dumps(body.model_dump(exclude_none=False), ensure_ascii=False) + "\n\n"
 
@@ -213,6 +215,7 @@ def create_app(settings, engine=None) -> Flask:
                 yield "data: " + json.dumps(error.body(), ensure_ascii=False) + "\n\n"
             finally:
                 events.close()
+                slot.release()
                 done = tracker.finished
                 record(status, completion_tokens=done.completion_tokens if done else None, error=error, **context)
 
@@ -227,14 +230,16 @@ def create_app(settings, engine=None) -> Flask:
         for turn in turns:
             for k, part in enumerate(turn.parts):
                 if isinstance(part, protocol.ImageRef):
+                    low = _within(part.min_pixels, settings.min_pixels, settings.max_pixels, settings.min_pixels)
+                    high = max(low, _within(part.max_pixels, settings.min_pixels, settings.max_pixels,
+                                            settings.max_pixels))
                     img = images.load_image(
                         part.source, param=part.param, allow_urls=settings.allow_image_urls,
                         timeout=settings.image_fetch_timeout, max_bytes=settings.max_image_bytes,
-                        pixel_limit=settings.max_image_pixels, allow_hosts=settings.image_url_allow_hosts)
+                        pixel_limit=settings.max_image_pixels, allow_hosts=settings.image_url_allow_hosts,
+                        target_pixels=high)
                     metrics.images.labels(image_source(part.source)).inc()
-                    low = _within(part.min_pixels, settings.min_pixels, settings.max_pixels, settings.min_pixels)
-                    high = _within(part.max_pixels, settings.min_pixels, settings.max_pixels, settings.max_pixels)
-                    turn.parts[k] = images.fit_pixels(img, low, max(low, high), param=part.param)
+                    turn.parts[k] = images.fit_pixels(img, low, high, param=part.param)
         return turns
 
     @app.errorhandler(APIError)

@@ -31,6 +31,7 @@ from .errors import InternalError, InvalidRequest
 log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
+MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 
 
 @dataclass
@@ -150,6 +151,10 @@ class Engine:
             if all(c["type"] == "text" for c in content):
                 content = "".join(c["text"] for c in content)  # plain string, as the template expects
             messages.append({"role": turn.role, "content": content})
+        chars = sum(len(p) for turn in turns for p in turn.parts if isinstance(p, str))
+        if chars > self.context_length * MAX_CHARS_PER_TOKEN:  # surely too long: refuse before tokenizing
+            raise InvalidRequest(f"the prompt is {chars} characters, far more than the model's context of "
+                                 f"{self.context_length} tokens", param="messages", code="context_length_exceeded")
         if messages and messages[-1]["role"] == "assistant":
             raise InvalidRequest("the last message must not be an assistant message", param="messages")
         _ensure_dynamic_mode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import warnings
 
@@ -26,11 +27,14 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse by 
 
 
 def load_image(source: str, *, param: str, allow_urls: bool = True, timeout: float = 10.0,
-               max_bytes: int = 20 * 1024 * 1024, pixel_limit: int = 50_000_000, allow_hosts=()) -> Image.Image:
+               max_bytes: int = 20 * 1024 * 1024, pixel_limit: int = 50_000_000, allow_hosts=(),
+               target_pixels: int | None = None) -> Image.Image:
     """Decode one image reference into an RGB PIL image; ImageError names `param` on failure.
 
     `max_bytes` caps the encoded image, `pixel_limit` its width x height (read from the header,
-    before decoding); `allow_hosts` are URL hosts exempt from the public-address rule.
+    before decoding); `allow_hosts` are URL hosts exempt from the public-address rule;
+    `target_pixels`, the pixel budget the image will be scaled to, lets a large JPEG be decoded
+    at reduced size to begin with.
     """
     if not isinstance(source, str) or not source.strip():
         raise ImageError("image is empty", param=param)
@@ -51,14 +55,15 @@ def load_image(source: str, *, param: str, allow_urls: bool = True, timeout: flo
         raise _unsupported(param, f"{scheme}: URLs are not accepted")
     else:
         try:
-            return decode_image_bytes(_from_base64(source, param, max_bytes), param=param, pixel_limit=pixel_limit)
+            return decode_image_bytes(_from_base64(source, param, max_bytes), param=param, pixel_limit=pixel_limit,
+                                      target_pixels=target_pixels)
         except ImageError as exc:
             # JPEG base64 starts with "/9j/" and "/etc/passwd" is valid base64: only when the
             # text is not an image is a path-like string called a path.
             if exc.code == "invalid_image" and source.startswith(("/", "./", "../", "~")):
                 raise _unsupported(param, "local file paths are not accepted") from None
             raise
-    return decode_image_bytes(data, param=param, pixel_limit=pixel_limit)
+    return decode_image_bytes(data, param=param, pixel_limit=pixel_limit, target_pixels=target_pixels)
 
 
 def _unsupported(param: str, what: str) -> ImageError:
@@ -72,13 +77,19 @@ def _check_bytes(size: int, max_bytes: int, param: str) -> None:
                          param=param, code="image_too_large")
 
 
-def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = 50_000_000) -> Image.Image:
+def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = 50_000_000,
+                       target_pixels: int | None = None) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size  # from the header: nothing is decoded yet
             if width * height > pixel_limit:
                 raise ImageError(f"image is {width}x{height} = {width * height} pixels, more than the limit of "
                                  f"{pixel_limit}", param=param, code="image_too_many_pixels")
+            if target_pixels and img.format == "JPEG" and width * height > 2 * target_pixels:
+                # The model will see at most target_pixels: let libjpeg decode at 1/2, 1/4 or 1/8
+                # scale, never below the size the image is resized to afterwards.
+                scale = math.sqrt(target_pixels / (width * height))
+                img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             img.load()
             img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
             return _to_rgb(img)

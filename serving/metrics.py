@@ -33,10 +33,12 @@ class Metrics:
         self.rejected = Counter("qwenvl_rejected_requests", "requests answered with an error, by reason",
                                 ["reason"], registry=r)
 
-    def watch(self, queue_depth, in_flight) -> None:
-        """Gauges read at scrape time from callables."""
+    def watch(self, queue_depth, in_flight, engine=None) -> None:
+        """Gauges read at scrape time from callables; `engine()` gives the engine (or None)."""
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
+        if engine is not None:
+            self.registry.register(EngineCollector(engine))
 
     def render(self) -> tuple:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -45,6 +47,33 @@ class Metrics:
         self.generated_tokens.inc(completion_tokens)
         if completion_tokens > 0 and seconds > 0:
             self.tokens_per_second.observe(completion_tokens / seconds)
+
+
+class EngineCollector:
+    """The engine's own counters, read at scrape time: image caches and batching."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine = self.engine()
+        stats = getattr(engine, "cache_stats", None)
+        if stats is None:
+            return
+        lookups = CounterMetricFamily("qwenvl_image_cache_lookups", "image cache lookups by cache and result",
+                                      labels=["cache", "result"])
+        size = GaugeMetricFamily("qwenvl_image_cache_bytes", "bytes held by each image cache", labels=["cache"])
+        for name, s in stats().items():
+            lookups.add_metric([name, "hit"], s["hits"])
+            lookups.add_metric([name, "miss"], s["misses"])
+            size.add_metric([name], s["bytes"])
+        yield lookups
+        yield size
+        yield CounterMetricFamily("qwenvl_batches", "batched generations run", value=engine.batches_run)
+        yield CounterMetricFamily("qwenvl_batched_requests", "requests run in those batches",
+                                  value=engine.batched_jobs)
 
 
 def image_source(source: str) -> str:

@@ -64,7 +64,9 @@ def make_server(app, settings):
 
     server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
                            send_bytes=1, channel_timeout=600, ident="qwenvl-serving",
-                           max_request_body_size=settings.max_request_bytes + 1)
+                           max_request_body_size=settings.max_request_bytes + 1,
+                           # keep request bodies (base64 images) in memory: never spooled to a temp file
+                           inbuf_overflow=settings.max_request_bytes + 1)
     use_json_errors(server)  # waitress's own early answers (413, bad request lines) in OpenAI's shape too
     return server
 

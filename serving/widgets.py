@@ -193,7 +193,7 @@ class ChatWidget:
             self._set_error(f"{name}: at most {limit} images per question")
             return False
         try:
-            image = decode_image_bytes(bytes(data), param=name)
+            image = decode_image_bytes(bytes(data), param=name, target_pixels=self.settings.max_pixels)
             image = fit_pixels(image, self.settings.min_pixels, self.settings.max_pixels, param=name)
         except ImageError as exc:
             self._set_error(f"{name}: {exc.message}")

@@ -54,11 +54,12 @@ def test_quick_run_writes_all_outputs(quick_run):
         st = w["streaming"][key]
         assert positive(st["median_ttft_s"]) and st["median_ttft_s"] <= st["median_total_s"], key
         assert all(n > 0 for n in st["completion_tokens"]), key
-    o = w["overhead"]
-    assert positive(o["median_direct_s"]) and positive(o["median_http_s"])
+    for key in ("overhead", "overhead_server_process"):
+        o = w[key]
+        assert o["n"] == 2 and positive(o["median_direct_s"]) and positive(o["median_http_s"]), key
     m = results["machine"]
     assert m["cpu_model"] and positive(m["logical_cores"]) and m["paddlepaddle"] and m["date"]
-    assert len(results["summary"]) >= 8
+    assert len(results["summary"]) >= 10
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| workload |" in table and "concurrent clients" in table

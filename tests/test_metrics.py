@@ -58,6 +58,11 @@ def test_metrics_count_what_happened(serve_app):
     assert value(found, "qwenvl_rejected_requests_total", reason="invalid_image") == 1
     assert ("qwenvl_queue_depth", ()) in found and value(found, "qwenvl_requests_in_flight") == 0
     assert value(found, "process_resident_memory_bytes") > 0
+    # the image caches and the batcher report too (the same image was sent twice above)
+    assert value(found, "qwenvl_image_cache_lookups_total", cache="pixels", result="hit") >= 1
+    assert value(found, "qwenvl_image_cache_lookups_total", cache="pixels", result="miss") >= 1
+    assert ("qwenvl_image_cache_bytes", (("cache", "vision"),)) in found
+    assert value(found, "qwenvl_batched_requests_total") >= value(found, "qwenvl_batches_total") > 0
 
 
 def test_metrics_is_open_when_keys_are_set(serve_app):
