@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,9 @@ if str(ROOT) not in sys.path:
 
 from bench import report, workloads  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
+from serving.server import free_port  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -121,7 +117,6 @@ def run(plan, out: Path, quick: bool) -> dict:
                 server.wait_ready(900)
             urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
             say(f"ready: baseline {servers['baseline'].url}, ours {servers['ours'].url}")
-            baseline_repaired = "KV cache repair applied" in servers["baseline"].log_tail(400)
             for kind, url in urls.items():  # first requests pay one-off costs (kernels, allocator)
                 for img in warm:
                     workloads.post(url, workloads.tutorial_payload(img, "Warm up.", max_tokens=4), kind=kind)
@@ -153,7 +148,7 @@ def run(plan, out: Path, quick: bool) -> dict:
             }
 
             say("our server's overhead over a direct engine call (loading the engine in this process)")
-            from bench import baseline_server, inprocess
+            from bench import inprocess
 
             engine, settings = inprocess.load_engine(plan.model)
             w["overhead"] = inprocess.overhead(engine, settings, None, over, max_tokens=plan.max_tokens)
@@ -162,7 +157,6 @@ def run(plan, out: Path, quick: bool) -> dict:
                                                               max_tokens=plan.max_tokens)
             say("(d) intake stage, in this process")
             w["large_jpeg"]["intake"] = inprocess.intake(engine, settings, big["intake"])
-            kv_cache = baseline_server.carries_kv_cache(engine.model)
             parameters = engine.loaded.parameter_count
         finally:
             for server in servers.values():
@@ -189,13 +183,8 @@ def run(plan, out: Path, quick: bool) -> dict:
         "against the separate server process (overhead_server_process), which adds the variation between two "
         "processes on a shared 2-core machine.",
     ]
-    if baseline_repaired:
-        notes.append("The loaded model did not carry its KV cache between decoding steps (PaddleFormers 1.2.0), "
-                     "so the baseline repairs it (bench/baseline_server.py, ensure_kv_cache); the tutorial's PaddleMIX "
-                     "model decodes with its cache.")
-    if not kv_cache:
-        notes.append("WARNING: our engine's model does not carry its KV cache between decoding steps; every "
-                     "decoded token recomputes the whole prompt.")
+    notes.append("Both servers load the model through serving.model.load_model, which applies "
+                 "serving/paddle_fixes.py: both decode with the KV cache.")
     machine = report.machine_info()
     results = {
         "schema": 1,
@@ -205,8 +194,6 @@ def run(plan, out: Path, quick: bool) -> dict:
         "machine": machine,
         "load_before": load_before,
         "load_after": report.load_average(),
-        "our_engine_kv_cache": kv_cache,
-        "baseline_kv_cache_repaired": baseline_repaired,
         "seconds": round(time.perf_counter() - started, 1),
         "workloads": w,
         "notes": notes,

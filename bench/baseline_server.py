@@ -53,59 +53,6 @@ MAX_NEW_TOKENS = 256
 HOME_TEXT = "Qwen2.5-VL API服务正在运行"
 
 
-def carries_kv_cache(model) -> bool:
-    """Does generate() hand the model's past_key_values to the next decoding step?"""
-    from paddleformers.transformers.qwen2_5_vl.modeling import Qwen2_5_VLCausalLMOutputWithPast
-
-    sentinel = object()
-    outputs = Qwen2_5_VLCausalLMOutputWithPast(logits=None, past_key_values=sentinel)
-    kwargs = model.update_model_kwargs_for_generation(outputs, {}, is_encoder_decoder=False)
-    return kwargs.get("past_key_values") is sentinel
-
-
-def ensure_kv_cache(model) -> bool:
-    """Make generate() keep the KV cache between steps; True when a repair was needed.
-
-    Two repairs to PaddleFormers 1.2.0's Qwen2.5-VL, which only matter once the cache is kept:
-    1. `update_model_kwargs_for_generation` recognises only `CausalLMOutputWithPast`, not
-       `Qwen2_5_VLCausalLMOutputWithPast`, so past_key_values is dropped after every step;
-    2. `get_rope_index` for prompts without images ends in torch-style `.max(0)[0]`, which in
-       Paddle indexes row 0 instead of taking values: the rope deltas come out 0-d (decoding
-       then fails with "list index out of range") and row 0's for a whole batch.
-    """
-    if carries_kv_cache(model):
-        return False
-    import paddle
-
-    original = model.update_model_kwargs_for_generation
-
-    def update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False):
-        model_kwargs = original(outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder)
-        past = outputs.get("past_key_values") if hasattr(outputs, "get") else None
-        if past is not None:
-            model_kwargs["past_key_values"] = past
-        return model_kwargs
-
-    model.update_model_kwargs_for_generation = update_model_kwargs_for_generation
-
-    inner = model.model
-    rope_index = inner.get_rope_index
-
-    def get_rope_index(input_ids=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
-                       attention_mask=None):
-        if image_grid_thw is None and video_grid_thw is None and attention_mask is not None:
-            mask = attention_mask.astype("int64")
-            positions = mask.cumsum(-1) - 1
-            positions = paddle.where(mask == 0, paddle.ones_like(positions), positions)
-            deltas = positions.max(axis=-1, keepdim=True) + 1 - mask.shape[-1]  # [batch, 1]
-            return positions.unsqueeze(0).expand([3, -1, -1]), deltas
-        return rope_index(input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                          second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask)
-
-    inner.get_rope_index = get_rope_index
-    return True
-
-
 def process_image(image_source, save_dir="./images"):
     """Base64 -> PNG file under ./images -> its path (the tutorial's process_image)."""
     os.makedirs(save_dir, exist_ok=True)
@@ -201,8 +148,7 @@ def load(model_name: str):
 
     loaded = load_model(Settings(model=model_name))
     tutorial_pixels(loaded.processor)
-    repaired = ensure_kv_cache(loaded.model)
-    return loaded, repaired
+    return loaded  # with serving.paddle_fixes applied by the loader, as in our server
 
 
 def tutorial_pixels(processor):
@@ -225,9 +171,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     import paddle  # noqa: F401  (on the main thread, which serves every request: threaded=False)
 
-    loaded, repaired = load(args.model)
-    print(f"baseline: model {args.model} loaded; KV cache repair {'applied' if repaired else 'not needed'}",
-          flush=True)
+    loaded = load(args.model)
+    print(f"baseline: model {args.model} loaded", flush=True)
     app = create_app(loaded.model, loaded.processor)
     app.run(host=args.host, port=args.port, threaded=False)
 

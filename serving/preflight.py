@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -833,10 +832,6 @@ class Rehearsal:
         return bool(self.steps) and all(s.ok for s in self.steps)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -898,6 +893,8 @@ def rehearse(root: Path, model: str = "demo", hub: str | None = None, reuse_site
              request_timeout: float = 300, python: str = sys.executable) -> Rehearsal:
     """The deployment, locally: copy, fresh venv, build_env.sh, api.py, /health, two requests, stop."""
     import requests
+
+    from .server import free_port
 
     root = Path(root).resolve()
     work = Path(tempfile.mkdtemp(prefix="qwenvl-rehearsal-"))

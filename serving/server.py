@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 
@@ -55,6 +56,13 @@ def load_in_background(app, settings, on_failure=None) -> threading.Thread:
 def _exit(code: int) -> None:
     logging.shutdown()
     os._exit(code)  # the HTTP server holds the main thread: end the whole process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for tests, notebooks and rehearsals on loopback)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def make_server(app, settings):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import sys
 import threading
 import time
@@ -19,13 +18,9 @@ if str(ROOT) not in sys.path:
 
 from serving.app import create_app  # noqa: E402
 from serving.config import Settings  # noqa: E402
-from serving.server import build_engine, make_server, shutdown  # noqa: E402
+from serving.server import build_engine, free_port, make_server, shutdown  # noqa: E402,F401
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(size=(96, 64), color=(200, 30, 30), fmt="PNG") -> bytes:

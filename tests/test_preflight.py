@@ -332,7 +332,7 @@ def test_rehearsal_end_to_end(folder):
     for step in ("copy the folder", "create the virtual environment", "run build_env.sh",
                  "start api.py and wait for /health", "request in the tutorial's format",
                  "request in OpenAI's format, streamed", "stop the service"):
-        assert f"ok  " in out and step in out
+        assert "ok  " in out and step in out
     assert "[build_env] step 5/5: verify imports" in out  # build_env.sh really ran, in the venv
     assert "/venv/bin/python" in out and "requirements.txt: already satisfied" in out
     assert "--format tutorial: time:" in out and "--format openai --stream: time:" in out

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,10 @@ NOTEBOOK = "03_chat_widget.ipynb"
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR") or ROOT / "artifacts")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serving.server import free_port  # noqa: E402
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -44,10 +47,6 @@ else:
     ).sync_playwright
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Lab:
@@ -57,7 +56,7 @@ class Lab:
         self.tmp = Path(tempfile.mkdtemp(prefix="qv-lab-"))
         self.root = self.tmp / "root"
         shutil.copytree(ROOT / "notebooks", self.root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-        self.port = _free_port()
+        self.port = free_port()
         self.token = secrets.token_hex(16)
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = self.tmp / "jupyterlab.log"
