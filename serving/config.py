@@ -70,6 +70,8 @@ class Settings:
     request_timeout: float = field(default=300.0, metadata={
         "help": "seconds a chat completion may take; then it is cancelled and answered 504 "
                 "(a stream ends with an error event)"})
+    cpu_threads: int = field(default=0, metadata={
+        "help": "math threads for the model on a CPU (0: one per core available; Paddle's own default is 1)"})
     max_batch_size: int = field(default=8, metadata={
         "help": "most requests that share one batched generation"})
     max_batch_tokens: int = field(default=16384, metadata={

@@ -16,6 +16,7 @@ import atexit
 import collections
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -100,7 +101,7 @@ class Job:
 class Engine:
     def __init__(self, loaded, *, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
                  max_batch_size: int = 8, max_batch_tokens: int = 16384, batch_wait: float = 0.01,
-                 image_cache_bytes: int = 256 * 2**20):
+                 image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -120,6 +121,7 @@ class Engine:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_ids[-1]
         self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self.cpu_threads = cpu_threads or available_cores()
         self.max_batch_size = max(1, max_batch_size)
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait
@@ -257,6 +259,12 @@ class Engine:
 
     def _work(self) -> None:
         _ensure_dynamic_mode()
+        if self.loaded.device == "cpu":
+            # Paddle sets OMP_NUM_THREADS=1 when imported: the model would use one core of many
+            from paddle.base import core
+
+            core.set_num_threads(self.cpu_threads)
+            log.info("model worker: %d CPU math threads", self.cpu_threads)
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -426,6 +434,13 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         with self._template_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _ensure_dynamic_mode() -> None:

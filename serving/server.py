@@ -30,7 +30,7 @@ def build_engine(settings):
     return Engine(load_model(settings), default_max_tokens=settings.default_max_tokens,
                   max_tokens_limit=settings.max_tokens_limit, max_batch_size=settings.max_batch_size,
                   max_batch_tokens=settings.max_batch_tokens, batch_wait=settings.batch_wait_ms / 1000,
-                  image_cache_bytes=settings.image_cache_mb * 2**20)
+                  image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads)
 
 
 def load_in_background(app, settings, on_failure=None) -> threading.Thread:

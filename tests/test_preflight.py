@@ -265,7 +265,7 @@ def test_model_checks(folder, tmp_path):
 
 
 def test_folder_size_warns(folder, monkeypatch):
-    monkeypatch.setattr(pf, "FOLDER_WARN_BYTES", 1024)
+    monkeypatch.setattr("serving.preflight_files.FOLDER_WARN_BYTES", 1024)  # where the check reads it
     result = pf.check_folder_size(ctx(folder))
     assert result.status == WARN and "serving" in result.detail
 
