@@ -20,82 +20,21 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
+from . import vision_cache
+from .batch import BatchStreamer, Row, StopWhen, collate
 from .cache import ByteLRU
 from .detokenize import IncrementalText
 from .errors import InternalError, InvalidRequest
+from .jobs import Completion, Finished, Job, Prompt, SamplingParams  # noqa: F401  (the engine's API)
 
 log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: Optional[float] = None  # None: the model's generation_config; 0: greedy
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-    stop: list = field(default_factory=list)
-
-
-@dataclass
-class Prompt:
-    arrays: dict  # numpy arrays for model.generate: input_ids, attention_mask, pixel_values, image_grid_thw
-    prompt_tokens: int
-    text: str  # the templated prompt, for logs and debugging
-    image_count: int
-    image_keys: tuple = ()  # content digests of the images, in prompt order (for the vision cache)
-
-
-@dataclass
-class Finished:
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-
-
-@dataclass
-class Completion:
-    text: str
-    finish: Finished
-
-
-class Job:
-    """One generation request, as the worker sees it."""
-
-    def __init__(self, prompt: Prompt, params: SamplingParams):
-        self.prompt = prompt
-        self.params = params
-        self.events: queue.Queue = queue.Queue()  # str deltas, then a Finished or an Exception
-        self.cancelled = threading.Event()
-        self.created = time.perf_counter()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator:
-        """Text deltas, then Finished. Ends early, without Finished, once the job is cancelled."""
-        while True:
-            try:
-                event = self.events.get(timeout=0.05)
-            except queue.Empty:
-                if self.cancelled.is_set():
-                    return
-                continue
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, Finished):
-                return
 
 
 class Engine:
@@ -130,7 +69,7 @@ class Engine:
         self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
         self._batch_image_keys: list = []
-        self._wrap_image_features()
+        vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys)
         self._jobs: queue.Queue = queue.Queue()
         self._held: collections.deque = collections.deque()  # taken from the queue, not yet scheduled
         self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
@@ -324,9 +263,9 @@ class Engine:
         started = time.perf_counter()
         kwargs = self._generate_kwargs(batch[0].params)
         kwargs["max_new_tokens"] = max(job.params.max_tokens for job in batch)
-        rows = [_Row(job, IncrementalText(self.tokenizer, job.params.stop), started) for job in batch]
-        streamer = _BatchStreamer(rows, set(self.eos_token_ids))
-        inputs = {k: paddle.to_tensor(v) for k, v in self._collate(batch).items()}
+        rows = [Row(job, IncrementalText(self.tokenizer, job.params.stop), started) for job in batch]
+        streamer = BatchStreamer(rows, set(self.eos_token_ids))
+        inputs = {k: paddle.to_tensor(v) for k, v in collate(batch, self.pad_token_id).items()}
         self._batch_image_keys = [key for job in batch for key in job.prompt.image_keys]
         self.batches_run += 1
         self.batched_jobs += len(batch)
@@ -336,64 +275,12 @@ class Engine:
                     paddle.seed(batch[0].params.seed)
                 self.model.generate(
                     **inputs, **kwargs, streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopWhen(streamer.all_done)]),
+                    stopping_criteria=StoppingCriteriaList([StopWhen(streamer.all_done)]),
                 )
         finally:
             self._batch_image_keys = []
         for row in rows:
             row.finish("length")  # rows that were still going ran out of tokens
-
-    def _collate(self, batch: list) -> dict:
-        """One left-padded batch from the jobs' prompts; image patches concatenated in job order."""
-        if len(batch) == 1:
-            return dict(batch[0].prompt.arrays)
-        width = max(job.prompt.prompt_tokens for job in batch)
-        ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for i, job in enumerate(batch):
-            n = job.prompt.prompt_tokens
-            ids[i, width - n:] = job.prompt.arrays["input_ids"][0]
-            mask[i, width - n:] = 1
-        arrays = {"input_ids": ids, "attention_mask": mask}
-        with_images = [job.prompt.arrays for job in batch if "pixel_values" in job.prompt.arrays]
-        if with_images:
-            arrays["pixel_values"] = np.concatenate([a["pixel_values"] for a in with_images], axis=0)
-            arrays["image_grid_thw"] = np.concatenate([a["image_grid_thw"] for a in with_images], axis=0)
-        return arrays
-
-    def _wrap_image_features(self) -> None:
-        """Serve the vision tower's output from the cache for images seen before.
-
-        Qwen2_5_VLModel.forward asks `self.get_image_features(pixel_values, grid)` for the
-        embeddings of all images in the batch; the wrapper computes only the missing ones.
-        """
-        inner = getattr(self.model, "model", None)
-        original = getattr(inner, "get_image_features", None)
-        if original is None:
-            return
-        engine = self
-
-        def get_image_features(pixel_values, image_grid_thw=None):
-            import paddle
-
-            keys = engine._batch_image_keys
-            grid = image_grid_thw.numpy() if hasattr(image_grid_thw, "numpy") else np.asarray(image_grid_thw)
-            if len(keys) != len(grid):
-                return original(pixel_values, image_grid_thw)
-            found = [engine.vision_cache.get(k) for k in keys]
-            missing = [i for i, f in enumerate(found) if f is None]
-            if missing:
-                sizes = [int(np.prod(g)) for g in grid]
-                parts = paddle.split(pixel_values, sizes, axis=0)
-                sub_pixels = paddle.concat([parts[i] for i in missing], axis=0)
-                sub_grid = paddle.to_tensor(grid[missing])
-                computed = original(sub_pixels, sub_grid)
-                for i, emb in zip(missing, computed):
-                    found[i] = emb
-                    engine.vision_cache.put(keys[i], emb, int(np.prod(emb.shape)) * (4 if str(emb.dtype).endswith("float32") else 2))
-            return tuple(found)
-
-        inner.get_image_features = get_image_features
 
     def _generate_kwargs(self, params: SamplingParams) -> dict:
         def pick(name):
@@ -452,75 +339,3 @@ def _ensure_dynamic_mode() -> None:
         paddle.disable_static()
 
 
-class _Row:
-    """One job's place in a running batch: its text, token count and whether it has finished."""
-
-    def __init__(self, job: Job, text: IncrementalText, started: float):
-        self.job, self.text, self.started = job, text, started
-        self.count = 0
-        self.done = False
-
-    def add(self, token: int, eos_ids: set) -> None:
-        if self.done:
-            return
-        if self.job.cancelled.is_set():
-            self.done = True
-            return
-        self.count += 1
-        if token in eos_ids:
-            return self.finish("stop")
-        delta = self.text.add(token)
-        if delta:
-            self.job.events.put(delta)
-        if self.text.stopped:
-            self.finish("stop")
-        elif self.count >= self.job.params.max_tokens:
-            self.finish("length")
-
-    def finish(self, reason: str) -> None:
-        """Release the held-back text and tell the client now, without waiting for the batch."""
-        if self.done:
-            return
-        self.done = True
-        tail = self.text.finish()
-        if tail:
-            self.job.events.put(tail)
-        if self.text.stopped:
-            reason = "stop"
-        self.job.events.put(Finished(reason, self.job.prompt.prompt_tokens, self.count,
-                                     time.perf_counter() - self.started))
-
-
-class _BatchStreamer:
-    """Receives each step's token ids from model.generate (in the worker) and routes them per row."""
-
-    def __init__(self, rows: list, eos_ids: set):
-        self.rows, self.eos_ids = rows, eos_ids
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt itself
-            self.prompt_seen = True
-            return
-        tokens = np.asarray(value).reshape(len(self.rows), -1)[:, -1]
-        for row, token in zip(self.rows, tokens.tolist()):
-            row.add(int(token), self.eos_ids)
-
-    def end(self) -> None:
-        pass
-
-    def all_done(self) -> bool:
-        return all(row.done or row.job.cancelled.is_set() for row in self.rows)
-
-
-class _StopWhen:
-    """A stopping criterion from a callable. generate() deep-copies its criteria: share, don't copy."""
-
-    def __init__(self, predicate):
-        self.predicate = predicate
-
-    def __call__(self, input_ids, scores, **kwargs) -> bool:
-        return bool(self.predicate())
-
-    def __deepcopy__(self, memo):
-        return self

@@ -1,0 +1,76 @@
+"""What a request hands the model worker, and what it gets back.
+
+A Job carries a Prompt and its SamplingParams; the worker puts text deltas and then one
+Finished (or an exception) on the job's queue, which the request iterates.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: Optional[float] = None  # None: the model's generation_config; 0: greedy
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    arrays: dict  # numpy arrays for model.generate: input_ids, attention_mask, pixel_values, image_grid_thw
+    prompt_tokens: int
+    text: str  # the templated prompt, for logs and debugging
+    image_count: int
+    image_keys: tuple = ()  # content digests of the images, in prompt order (for the vision cache)
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass
+class Completion:
+    text: str
+    finish: Finished
+
+
+class Job:
+    """One generation request, as the worker sees it."""
+
+    def __init__(self, prompt: Prompt, params: SamplingParams):
+        self.prompt = prompt
+        self.params = params
+        self.events: queue.Queue = queue.Queue()  # str deltas, then a Finished or an Exception
+        self.cancelled = threading.Event()
+        self.created = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator:
+        """Text deltas, then Finished. Ends early, without Finished, once the job is cancelled."""
+        while True:
+            try:
+                event = self.events.get(timeout=0.05)
+            except queue.Empty:
+                if self.cancelled.is_set():
+                    return
+                continue
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Finished):
+                return
