@@ -22,7 +22,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -87,9 +86,9 @@ class Server:
 
     @classmethod
     def spawn(cls, args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from serving.server import free_port
+
+        port = free_port()
         log_path = Path(tempfile.gettempdir()) / f"bench-load-server-{port}.log"
         cmd = [sys.executable, str(ROOT / "api.py"), "--model", "demo", "--host", "127.0.0.1", "--port", str(port),
                "--max-queue", str(args.max_queue), "--threads", str(max(args.max_queue + 8, args.concurrency + 4)),
@@ -314,12 +313,18 @@ def drive(server, mix, plan, args):
     return results, problems
 
 
+def _cache_mb(server) -> float:
+    """Bytes held by the engine's image caches (bounded by IMAGE_CACHE_MB), from /metrics."""
+    return sum(server.metric("qwenvl_image_cache_bytes", cache=c) or 0 for c in ("pixels", "vision")) / 2**20
+
+
 def run(args, server) -> int:
     mix = Mix(args.max_tokens)
     rng = random.Random(args.seed)
     # warm up with the same concurrency: the model's allocator settles before memory is measured
     drive(server, mix, [rng.choice(GOOD) for _ in range(args.warmup)], args)
     rss_before = server.rss_mb()
+    caches_before = _cache_mb(server)
     counted_before = server.metric("qwenvl_requests_total", endpoint=CHAT) or 0
     kinds = [k for k, w in WEIGHTS.items() for _ in range(w)]
     started = time.time()
@@ -330,7 +335,9 @@ def run(args, server) -> int:
     in_flight = int(_settle(lambda: server.metric("qwenvl_requests_in_flight"), 0) or 0)
     counted = _settle(lambda: (server.metric("qwenvl_requests_total", endpoint=CHAT) or 0) - counted_before, sent)
     rss_after = server.rss_mb()
-    growth = rss_after - rss_before if rss_before is not None and rss_after is not None else 0.0
+    caches_growth = _cache_mb(server) - caches_before
+    # the image caches are bounded by IMAGE_CACHE_MB and fill by design: what else grew is the question
+    growth = rss_after - rss_before - caches_growth if rss_before is not None and rss_after is not None else 0.0
 
     def total(outcome):
         return sum(n for (o, _), n in results.items() if o == outcome)
@@ -345,8 +352,8 @@ def run(args, server) -> int:
     print(f"  failed as expected   {total('expected'):5d}{detail('expected')}")
     print(f"  failed unexpectedly  {total('unexpected'):5d}{detail('unexpected')}")
     print(f"  lost responses       {total('lost'):5d}{detail('lost')}")
-    print(f"  server RSS: {_mb(rss_before)} before, {_mb(rss_after)} after ({growth:+.1f} MB; bound "
-          f"{args.max_rss_growth_mb:g} MB)")
+    print(f"  server RSS: {_mb(rss_before)} before, {_mb(rss_after)} after; image caches grew "
+          f"{caches_growth:+.1f} MB; the rest {growth:+.1f} MB (bound {args.max_rss_growth_mb:g} MB)")
     print(f"  server counted {counted:g} of {sent} requests; in flight afterwards: {in_flight}; "
           f"healthy: {healthy}")
     failures = []
