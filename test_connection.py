@@ -13,9 +13,9 @@ Examples:
     python test_connection.py --question "Hello, who are you?"
     python test_connection.py --format openai --image https://example.com/cat.png
 
-    # a deployed AI Studio service (the key is sent as "Authorization: Bearer ...")
-    API_KEY=... python test_connection.py --api-url https://<service>/v1/chat/completions \
-        --image demo.jpg
+    # a deployed AI Studio service: its gateway takes the access token as "Authorization: token ..."
+    API_KEY=<access token> python test_connection.py --auth-scheme token \
+        --api-url https://<service>/api_serving/8080/v1/chat/completions --image demo.jpg
 
 Payload formats (--format):
     tutorial  {"type": "image", "image": "<raw base64 of the file, or the http(s) URL>"}
@@ -195,6 +195,7 @@ def send(
     api_key: Optional[str] = None,
     timeout: float = 300,
     out: Optional[TextIO] = None,
+    auth_scheme: str = "Bearer",
 ) -> dict:
     """POST the payload; print the answer to `out`; return {"content", "usage", "seconds", ...}.
 
@@ -206,7 +207,7 @@ def send(
     if stream:
         headers["Accept"] = "text/event-stream"
     if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+        headers["Authorization"] = f"{auth_scheme} {api_key}"
     started = time.monotonic()
     try:
         resp = requests.post(api_url, json=payload, headers=headers, timeout=timeout, stream=stream)
@@ -278,7 +279,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--api-url", default=DEFAULT_API_URL, help="chat completions endpoint")
     p.add_argument("--api-key", default=os.environ.get("API_KEY"),
-                   help="sent as 'Authorization: Bearer <key>' (default: env API_KEY)")
+                   help="sent as 'Authorization: <scheme> <key>' (default: env API_KEY)")
+    p.add_argument("--auth-scheme", choices=("Bearer", "token"), default="Bearer",
+                   help="Bearer (this server, OpenAI) or token (AI Studio's gateway and access tokens)")
     p.add_argument("--image", help="local image path or http(s) URL; omit for a text-only question")
     p.add_argument("--question", help=f"default: {DEFAULT_IMAGE_QUESTION!r} with an image, "
                                       f"{DEFAULT_TEXT_QUESTION!r} without")
@@ -303,7 +306,8 @@ def main(argv=None) -> int:
             question, image=args.image, fmt=args.format, model=args.model,
             temperature=args.temperature, max_tokens=args.max_tokens, stream=args.stream,
         )
-        result = send(args.api_url, payload, api_key=args.api_key, timeout=args.timeout)
+        result = send(args.api_url, payload, api_key=args.api_key, timeout=args.timeout,
+                      auth_scheme=args.auth_scheme)
     except ClientError as exc:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr)

@@ -317,7 +317,8 @@ def _queue_depth(engine) -> int:
 def _check_key(keys) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    # "token" is how AI Studio's gateway and its clients send access tokens
+    if scheme.lower() not in ("bearer", "token") or not token:
         raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
     token_bytes = token.strip().encode()
     # compare against every key, in constant time, so timing tells nothing about which was close

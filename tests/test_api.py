@@ -158,6 +158,8 @@ def test_api_key(settings, engine):
     r = chat(client, body, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json["error"]["type"] == "authentication_error"
     assert chat(client, body, headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert chat(client, body, headers={"Authorization": "token k1"}).status_code == 200  # AI Studio's scheme
+    assert chat(client, body, headers={"Authorization": "Basic k1"}).status_code == 401
     assert client.get("/v1/models").status_code == 401
     assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
 

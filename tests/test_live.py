@@ -68,6 +68,27 @@ def test_test_connection_script(live_server, tmp_path, fmt, stream):
     assert "time:" in done.stdout
 
 
+def test_test_connection_sends_the_key_in_either_scheme(app, settings, tmp_path):
+    from dataclasses import replace
+
+    from conftest import LiveServer
+    from serving.app import create_app
+
+    keyed = LiveServer(create_app(replace(settings, api_key=("s3cret",)), app.extensions["qwenvl"]["engine"]),
+                       settings).start()
+    try:
+        base = [sys.executable, str(ROOT / "test_connection.py"), "--api-url", keyed.base_url + "/v1/chat/completions",
+                "--question", "hi", "--max-tokens", "2"]
+        for scheme in ("Bearer", "token"):
+            done = subprocess.run(base + ["--api-key", "s3cret", "--auth-scheme", scheme], capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+        wrong = subprocess.run(base + ["--api-key", "nope"], capture_output=True, text=True, timeout=120)
+        assert wrong.returncode != 0 and "401" in wrong.stderr
+    finally:
+        keyed.stop()
+
+
 def test_test_connection_fails_loudly_when_unreachable(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "test_connection.py"), "--api-url",
                            "http://127.0.0.1:9/v1/chat/completions", "--timeout", "5"],
