@@ -3,15 +3,13 @@
 `Admission.enter()` takes a place or raises 429 (ServerBusy) with Retry-After; `Slot.release()`
 gives it back once, however often it is called (a stream releases at its end and on close).
 `TimedEvents` reads an engine job's events (text deltas, then Finished) with a deadline: past it
-the job is cancelled and RequestTimeout raised. A reader thread drains the job, so a stuck or
-slow engine never stalls the HTTP thread past the deadline.
+the job is cancelled and RequestTimeout raised. The job's own reads never block longer than a
+short poll, so a stuck or slow engine cannot stall the HTTP thread past the deadline.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
 
 from .errors import RequestTimeout, ServerBusy
 
@@ -53,9 +51,6 @@ class Slot:
         self._admission._leave()
 
 
-_END = object()
-
-
 class TimedEvents:
     """Iterate an engine job's events until `deadline` (time.perf_counter()); `close()` cancels the job."""
 
@@ -63,36 +58,15 @@ class TimedEvents:
         self.job = job
         self.deadline = deadline
         self.limit_seconds = limit_seconds
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._drain, name="job-reader", daemon=True).start()
-
-    def _drain(self) -> None:
-        try:
-            for event in self.job:
-                self._events.put(event)
-        except BaseException as exc:  # the engine's error travels to the request thread
-            self._events.put(_Raised(exc))
-        self._events.put(_END)
 
     def __iter__(self):
-        while True:
-            try:
-                event = self._events.get(timeout=max(0.0, self.deadline - time.perf_counter()))
-            except queue.Empty:
-                self.close()
-                raise RequestTimeout(f"the request took longer than this server's limit of "
-                                     f"{self.limit_seconds:g} seconds and was cancelled",
-                                     code="request_timeout") from None
-            if event is _END:
-                return
-            if isinstance(event, _Raised):
-                raise event.exc
-            yield event
+        try:
+            yield from self.job.until(self.deadline)
+        except TimeoutError:
+            self.close()
+            raise RequestTimeout(f"the request took longer than this server's limit of "
+                                 f"{self.limit_seconds:g} seconds and was cancelled",
+                                 code="request_timeout") from None
 
     def close(self) -> None:
-        self.job.cancel()  # the engine then ends the job's iteration, and so our reader
-
-
-class _Raised:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
+        self.job.cancel()  # the engine drops it at its next step

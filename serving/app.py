@@ -129,21 +129,17 @@ def create_app(settings, engine=None) -> Flask:
         req = protocol.parse_request(_json_body())
         if req.model_extra:
             log.info("request %s: ignoring unknown fields %s", g.request_id, sorted(req.model_extra)[:10])
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens is {max_tokens}, more than this server's limit of "
-                                 f"{settings.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+        # checked before any image is fetched or decoded
+        params = engine.sampling_params(
+            max_tokens=req.max_completion_tokens or req.max_tokens or settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop)
         turns = _load_images(protocol.normalise_messages(req))
         prompt = engine.build_prompt(turns)
-        params = engine.sampling_params(
-            max_tokens=max_tokens or settings.default_max_tokens, temperature=req.temperature,
-            top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
-            seed=req.seed, stop=req.stop)
         g.prompt_tokens = prompt.prompt_tokens
-        submitted = time.perf_counter()
         job = engine.submit(prompt, params)  # checks the prompt against the context
         events = TimedEvents(job, g.started + settings.request_timeout, settings.request_timeout)
-        tracker = _Tracker(metrics, g.started, submitted)
+        tracker = _Tracker(metrics, g.started)
         completion_id, created = protocol.new_completion_id(), protocol.now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -273,8 +269,8 @@ def attach_engine(app: Flask, engine) -> None:
 class _Tracker:
     """Time to first text, and token counts, of one generation, into the metrics."""
 
-    def __init__(self, metrics: Metrics, started: float, submitted: float):
-        self.metrics, self.started, self.submitted = metrics, started, submitted
+    def __init__(self, metrics: Metrics, started: float):
+        self.metrics, self.started = metrics, started
         self.first_text = False
         self.finished = None
 
@@ -286,8 +282,7 @@ class _Tracker:
             return
         self.finished = event
         self.metrics.prompt_tokens.inc(event.prompt_tokens)
-        seconds = getattr(event, "seconds", None) or time.perf_counter() - self.submitted
-        self.metrics.finished_generation(event.completion_tokens, seconds)
+        self.metrics.finished_generation(event.completion_tokens, event.seconds)
 
 
 def _internal(exc: Exception, request_id) -> APIError:

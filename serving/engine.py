@@ -140,10 +140,12 @@ class Engine:
         return key, entry
 
     def sampling_params(self, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
-                        repetition_penalty=None, seed=None, stop=None) -> SamplingParams:
-        if max_tokens is not None and max_tokens > self.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens is {max_tokens}, more than this server's limit of "
-                                 f"{self.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+                        repetition_penalty=None, seed=None, stop=None, max_tokens_limit=None) -> SamplingParams:
+        """`max_tokens_limit` overrides the engine's own, for an app whose settings differ."""
+        limit = max_tokens_limit or self.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise InvalidRequest(f"max_tokens is {max_tokens}, more than this server's limit of {limit}",
+                                 param="max_tokens", code="max_tokens_too_large")
         return SamplingParams(max_tokens=max_tokens or self.default_max_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                               seed=seed, stop=list(stop or []))

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 
+POLL_SECONDS = 0.05  # how often a reader looks for cancellation while no event arrives
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -61,10 +64,19 @@ class Job:
         self.cancelled.set()
 
     def __iter__(self) -> Iterator:
-        """Text deltas, then Finished. Ends early, without Finished, once the job is cancelled."""
+        return self.until(None)
+
+    def until(self, deadline: Optional[float]) -> Iterator:
+        """Text deltas, then Finished. Ends early, without Finished, once the job is cancelled;
+        raises TimeoutError when `deadline` (time.perf_counter()) passes first."""
         while True:
+            wait = POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.perf_counter())
+                if wait <= 0:
+                    raise TimeoutError("the job's deadline passed")
             try:
-                event = self.events.get(timeout=0.05)
+                event = self.events.get(timeout=wait)
             except queue.Empty:
                 if self.cancelled.is_set():
                     return

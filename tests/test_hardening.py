@@ -13,6 +13,7 @@ import requests
 
 from serving import urlguard
 from serving.app import attach_engine, create_app
+from serving.jobs import Job
 from serving.errors import ImageError
 from serving.images import decode_image_bytes, load_image
 
@@ -211,24 +212,11 @@ def test_time_limit_mid_stream_ends_with_an_error_event(serve_app):
     assert any(b'"content"' in e for e in events[:-1])
 
 
-class _StuckJob:
-    """A job whose engine never answers: only the HTTP layer's time limit can end the request."""
-
-    def __init__(self):
-        self.cancelled = threading.Event()
-
-    def cancel(self):
-        self.cancelled.set()
-
-    def __iter__(self):
-        self.cancelled.wait(30)
-        return iter(())
-
-
 def test_a_stuck_engine_gives_504_not_a_hang(settings, engine, monkeypatch):
     client = create_app(replace(settings, request_timeout=0.3), engine).test_client()
     jobs = []
-    monkeypatch.setattr(engine, "submit", lambda prompt, params: jobs.append(_StuckJob()) or jobs[-1])
+    # a job the model worker never sees: only the HTTP layer's time limit can end the request
+    monkeypatch.setattr(engine, "submit", lambda prompt, params: jobs.append(Job(prompt, params)) or jobs[-1])
     for stream in (False, True):
         started = time.time()
         r = client.post(CHAT, json=say(stream=stream))
