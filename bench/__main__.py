@@ -16,68 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import report, workloads  # noqa: E402
+from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
-from serving.server import free_port  # noqa: E402
-
-
-
-
-class Server:
-    """A server subprocess with its log in a file; stopped by its own pid."""
-
-    def __init__(self, name: str, argv: list, cwd: Path, ready_path: str, log_dir: Path):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ready_path = ready_path
-        self.log_path = log_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep), PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, *argv, "--port", str(self.port)], cwd=cwd, env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the {self.name} server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + self.ready_path, timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the {self.name} server was not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=20)
-        self._log.close()
 
 
 def say(message: str) -> None:
@@ -109,9 +59,9 @@ def run(plan, out: Path, quick: bool) -> dict:
         servers = {}
         try:
             say("starting both servers")
-            servers["baseline"] = Server("baseline", ["-m", "bench.baseline_server", "--model", plan.model,
+            servers["baseline"] = ServerProcess("baseline", ["-m", "bench.baseline_server", "--model", plan.model,
                                                       "--host", "127.0.0.1"], tmp, "/", tmp)
-            servers["ours"] = Server("ours", [str(ROOT / "api.py"), "--model", plan.model, "--host", "127.0.0.1"],
+            servers["ours"] = ServerProcess("ours", [str(ROOT / "api.py"), "--model", plan.model, "--host", "127.0.0.1"],
                                      ROOT, "/health", tmp)
             for server in servers.values():
                 server.wait_ready(900)

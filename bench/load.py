@@ -22,7 +22,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +32,11 @@ from urllib.parse import urlsplit
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.process import ServerProcess, wait_ready  # noqa: E402
+
 CHAT = "/v1/chat/completions"
 GOOD = ("text", "text_stream", "image", "image_stream")
 WEIGHTS = {"text": 3, "text_stream": 3, "image": 2, "image_stream": 2, "bad": 3, "disconnect": 1}
@@ -80,43 +84,42 @@ def parse_args(argv):
 
 
 class Server:
-    def __init__(self, url, process=None, pid=None, log_path=None, api_key=""):
-        self.url, self.process, self.pid, self.log_path = url.rstrip("/"), process, pid, log_path
+    """The server under test: one this script started (`proc`, a ServerProcess) or one at --url."""
+
+    def __init__(self, url, proc=None, pid=None, api_key=""):
+        self.url, self.proc = url.rstrip("/"), proc
+        self.pid = pid or (proc.process.pid if proc else None)
+        self.log_path = proc.log_path if proc else None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     @classmethod
     def spawn(cls, args):
-        from serving.server import free_port
-
-        port = free_port()
-        log_path = Path(tempfile.gettempdir()) / f"bench-load-server-{port}.log"
-        cmd = [sys.executable, str(ROOT / "api.py"), "--model", "demo", "--host", "127.0.0.1", "--port", str(port),
-               "--max-queue", str(args.max_queue), "--threads", str(max(args.max_queue + 8, args.concurrency + 4)),
-               "--max-tokens-limit", str(max(64, args.max_tokens)), "--max-images", "4", "--log-level", "WARNING"]
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        server = cls(f"http://127.0.0.1:{port}", process, process.pid, log_path)
-        server.wait_ready(timeout=300)
+        argv = [str(ROOT / "api.py"), "--model", "demo", "--host", "127.0.0.1",
+                "--max-queue", str(args.max_queue), "--threads", str(max(args.max_queue + 8, args.concurrency + 4)),
+                "--max-tokens-limit", str(max(64, args.max_tokens)), "--max-images", "4", "--log-level", "WARNING"]
+        proc = ServerProcess("bench-load-server", argv, ROOT, "/health", Path(tempfile.mkdtemp(prefix="bench-load-")))
+        server = cls(proc.url, proc)
+        try:
+            proc.wait_ready(300)
+        except RuntimeError as exc:
+            proc.stop()
+            raise SystemExit(str(exc)) from None
         return server
 
     @classmethod
     def existing(cls, args):
-        server = cls(args.url, pid=args.pid, api_key=args.api_key)
-        server.wait_ready(timeout=60)
-        return server
+        try:
+            wait_ready(args.url.rstrip("/") + "/health", 60)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
+        return cls(args.url, pid=args.pid, api_key=args.api_key)
 
-    def wait_ready(self, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise SystemExit(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"the server at {self.url} was not ready within {timeout} s\n{self.log_tail()}")
+    def log_tail(self, lines=30):
+        return self.proc.log_tail(lines) if self.proc else ""
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.stop()
 
     def rss_mb(self):
         if self.pid:
@@ -137,21 +140,6 @@ class Server:
             if all(found.get(k) == v for k, v in labels.items()):
                 total = (total or 0) + float(match.group(3))
         return total
-
-    def log_tail(self, lines=30):
-        if self.log_path and self.log_path.exists():
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self):
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=20)
 
 
 def _is_loopback(url) -> bool:
