@@ -31,10 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .demo import default_cache_dir, is_demo_name
-from .model import ModelLoadError
+from .demo import default_cache_dir
+from .model import HUBS, ModelLoadError, is_hub_id
 
-HUBS = ("aistudio", "huggingface", "modelscope")
 SDK_PACKAGES = {"aistudio": "aistudio-sdk", "huggingface": "huggingface_hub", "modelscope": "modelscope"}
 REACH_TIMEOUT = 6.0  # seconds for the whole reachability probe (DNS + TCP + TLS + first byte)
 
@@ -47,15 +46,6 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 class DownloadError(ModelLoadError):
     """A download that cannot start or did not finish; the message says what to do."""
-
-
-def is_hub_id(model: str) -> bool:
-    """'org/name' (a hub id) rather than a folder, a path or the demo model."""
-    model = str(model)
-    if is_demo_name(model) or os.path.isdir(model) or model.startswith((".", "/", "~")) or "\\" in model:
-        return False
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not any(c.isspace() for c in model)
 
 
 # --------------------------------------------------------------------------- verification

@@ -94,7 +94,7 @@ def load_model(settings) -> LoadedModel:
     quiet_library_logs()
     source, is_demo = resolve_source(settings.model)
     is_local = os.path.isdir(source)
-    if not is_local and _looks_like_path(source):
+    if not is_local and not is_hub_id(source):
         raise ModelLoadError(
             f"model folder {source!r} does not exist. Pass the folder that holds config.json and the "
             "*.safetensors files, a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or --model demo.")
@@ -135,9 +135,13 @@ def _use_generation_config(model, source: str, hub_args: dict) -> None:
         log.info("no generation_config.json for %s (%s); using library defaults", source, type(exc).__name__)
 
 
-def _looks_like_path(text: str) -> bool:
-    """Hub ids are 'org/name'; anything else with path syntax is meant as a folder."""
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+def is_hub_id(model: str) -> bool:
+    """'org/name' (a hub id) rather than a folder, a path or the demo model."""
+    model = str(model)
+    if demo.is_demo_name(model) or os.path.isdir(model) or model.startswith((".", "/", "~")) or "\\" in model:
+        return False
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not any(c.isspace() for c in model)
 
 
 def _load_failure_message(settings, source: str, is_local: bool, exc: Exception) -> str:

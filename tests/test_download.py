@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT
 from serving import download as dl
 from serving.demo import demo_path
-from serving.download import DownloadError, download, is_hub_id, probe, verify_checkpoint
+from serving.download import DownloadError, download, probe, verify_checkpoint
+from serving.model import is_hub_id
 from serving.model import ModelLoadError
 
 HUB_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
