@@ -283,7 +283,7 @@ def _write_weights(folder: Path, weights: dict) -> None:
 
 def _build_tokenizer(folder: Path, size: DemoSize) -> dict:
     """A byte-level BPE like Qwen2's, trained deterministically on a small built-in text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = None
@@ -300,8 +300,6 @@ def _build_tokenizer(folder: Path, size: DemoSize) -> dict:
     )
     tok.train_from_iterator(_training_text(), trainer=trainer)
     base = tok.get_vocab_size()
-    from tokenizers import AddedToken
-
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL_ADDED])
     tok.save(str(folder / "tokenizer.json"))

@@ -39,7 +39,7 @@ class IncrementalText:
 
     def finish(self) -> str:
         """The end of generation: release what was held back."""
-        if not self.stopped and self.text and self.ids:
+        if not self.stopped and self.ids:  # also when every token so far was part of an unfinished character
             full = self._prefix_text + self.tokenizer.decode(self.ids[len(self._prefix_ids):], skip_special_tokens=True)
             self.text = full
         return self._release(final=True)
