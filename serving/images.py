@@ -107,7 +107,7 @@ def limit_pillow(pixel_limit: int) -> None:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
-        return img.copy()
+        return img  # exif_transpose already returned a copy detached from the file
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))  # transparent -> white, like qwen-vl-utils
