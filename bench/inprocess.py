@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -54,14 +52,19 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
     so that drift on the machine hits both alike.
 
     url None: serve the in-process engine with our app and waitress (serving.app.create_app,
-    serving.server.make_server) on a free loopback port, so both sides share one process and
+    serving.server.BackgroundServer) on a free loopback port, so both sides share one process and
     one engine; each side then gets its own images (the engine's caches would otherwise serve
     the second side). With a url (a separate server process), each image goes to both.
     """
     local = None
     if url is None:  # images: 2n + 2
-        local = _LocalServer(engine, settings)
-        url = local.start()
+        from dataclasses import replace
+
+        from serving.app import create_app
+        from serving.server import BackgroundServer
+
+        local = BackgroundServer(create_app(settings, engine), replace(settings, port=0))
+        url = local.start().base_url + "/v1/chat/completions"
         warm_direct, warm_http, body = images[-2], images[-1], images[:-2]
         direct_images, http_images = body[0::2], body[1::2]
     else:  # images: n + 1
@@ -96,39 +99,6 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
         "overhead_pct": round(100.0 * (h - d) / h, 2) if h > 0 else 0.0,
         "completion_tokens": tokens,
     }
-
-
-class _LocalServer:
-    """Our app and waitress around an engine of this process, on a free loopback port."""
-
-    def __init__(self, engine, settings):
-        from dataclasses import replace
-
-        from serving.app import create_app
-        from serving.server import make_server
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.settings = replace(settings, host="127.0.0.1", port=port)
-        self.server = make_server(create_app(self.settings, engine), self.settings)
-        self.thread = threading.Thread(target=self.server.run, name="bench-local-server", daemon=True)
-
-    def start(self) -> str:
-        self.thread.start()
-        base = f"http://127.0.0.1:{self.settings.port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    return base + "/v1/chat/completions"
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise RuntimeError("the in-process server did not come up")
-
-    def stop(self) -> None:
-        self.server.close()
-        self.thread.join(timeout=10)
 
 
 def intake(engine, settings, images: list) -> dict:

@@ -91,6 +91,29 @@ def shutdown(server, timeout: float = 30.0) -> None:
     server.task_dispatcher.shutdown(timeout=timeout)
 
 
+class BackgroundServer:
+    """The app served by waitress from a thread of this process, on loopback: for tests,
+    notebooks and benchmarks. The port is bound on creation, so requests sent right after
+    start() wait in the listen queue instead of being refused."""
+
+    def __init__(self, app, settings):
+        from dataclasses import replace
+
+        self.app = app
+        self.settings = replace(settings, host="127.0.0.1", port=settings.port or free_port())
+        self.server = make_server(app, self.settings)
+        self.thread = threading.Thread(target=self.server.run, name="api-server", daemon=True)
+        self.base_url = f"http://127.0.0.1:{self.settings.port}"
+
+    def start(self) -> "BackgroundServer":
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        shutdown(self.server, timeout)
+        self.thread.join(timeout)
+
+
 def serve(app, settings) -> None:
     """Bind the port, load the model in the background, serve until stopped."""
     import paddle  # noqa: F401  (imported on the main thread: Paddle's per-thread mode starts right)

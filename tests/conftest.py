@@ -7,10 +7,10 @@ import io
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 from serving.app import create_app  # noqa: E402
 from serving.config import Settings  # noqa: E402
-from serving.server import build_engine, free_port, make_server, shutdown  # noqa: E402,F401
+from serving.server import BackgroundServer, build_engine, free_port  # noqa: E402,F401
 
 
 
@@ -55,28 +55,9 @@ def client(app):
     return app.test_client()
 
 
-class LiveServer:
-    def __init__(self, app, settings):
-        from dataclasses import replace
-
-        self.settings = replace(settings, port=free_port())
-        self.server = make_server(app, self.settings)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base_url = f"http://127.0.0.1:{self.settings.port}"
-
-    def start(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("live server did not come up")
-
-    def stop(self):
-        shutdown(self.server)
+def LiveServer(app, settings):
+    """The app on a free loopback port (the same BackgroundServer the notebook and benchmark use)."""
+    return BackgroundServer(app, replace(settings, port=0))
 
 
 @pytest.fixture(scope="session")
@@ -89,23 +70,13 @@ def live_server(app, settings):
 @pytest.fixture(scope="session")
 def serve_app(settings, engine):
     """serve_app(**setting_changes) -> a started LiveServer sharing the demo engine (engine=None: loading)."""
-    from dataclasses import replace
-
-    from serving.waitress_errors import use_json_errors
-
     servers = []
 
     def start(engine=engine, **changes):
         custom = replace(settings, **changes)
-        app = create_app(custom, engine)
-        server = LiveServer(app, custom)
-        server.app = app
-        use_json_errors(server.server)
+        server = LiveServer(create_app(custom, engine), custom).start()
         servers.append(server)
-        if engine is None:
-            server.thread.start()
-            return server
-        return server.start()
+        return server
 
     yield start
     for server in servers:
