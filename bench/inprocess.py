@@ -1,5 +1,6 @@
-"""Measurements inside the benchmark's own process: our server's overhead over a direct engine
-call, and the image intake stage of both servers (request bytes -> the tensors generate() takes).
+"""Measurements inside the benchmark's own process: our server's overhead over a direct call of
+the chat service (serving.chat, the pipeline the server runs), and the image intake stage of both
+servers (request bytes -> the model's inputs).
 """
 
 from __future__ import annotations
@@ -8,18 +9,13 @@ import base64
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 
 import requests
 
 from . import baseline_server
 from .workloads import QUESTIONS, median, post, tutorial_payload
 
-
-@dataclass
-class Turn:
-    role: str
-    parts: list
+PATCH = 14  # Qwen2.5-VL's vision patch side: an image's grid is (1, height / 14, width / 14)
 
 
 def load_engine(model: str):
@@ -31,20 +27,19 @@ def load_engine(model: str):
     return build_engine(settings), settings
 
 
-def _our_image(data_url: str, settings):
-    from serving import images
+def _turns(data_url: str, question: str) -> list:
+    """The tutorial's request as the chat service takes it: one user turn, an image and a question."""
+    from serving.protocol import ChatTurn, ImageRef
 
-    img = images.load_image(data_url, param="messages[0].content[0]")
-    return images.fit_pixels(img, settings.min_pixels, settings.max_pixels)
+    return [ChatTurn("user", [ImageRef(data_url, "messages[0].content[0]"), question])]
 
 
-def direct_call(engine, settings, data_url: str, question: str, max_tokens: int) -> tuple:
+def direct_call(service, data_url: str, question: str, max_tokens: int) -> tuple:
     """(seconds, completion tokens): what our server does for the request, minus HTTP, JSON and the protocol layer."""
     started = time.perf_counter()
-    img = _our_image(data_url, settings)
-    prompt = engine.build_prompt([Turn("user", [img, question])])
-    result = engine.generate(prompt, engine.sampling_params(max_tokens=max_tokens, temperature=0))
-    return time.perf_counter() - started, result.finish.completion_tokens
+    reply = service.start(_turns(data_url, question), service.sampling_params(max_tokens=max_tokens, temperature=0))
+    answer = reply.collect()
+    return time.perf_counter() - started, answer.finished.completion_tokens
 
 
 def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> dict:
@@ -56,6 +51,9 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
     one engine; each side then gets its own images (the engine's caches would otherwise serve
     the second side). With a url (a separate server process), each image goes to both.
     """
+    from serving.chat import ChatService
+
+    service = ChatService(engine, settings)
     local = None
     if url is None:  # images: 2n + 2
         from dataclasses import replace
@@ -72,14 +70,14 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
         direct_images = http_images = images[:-1]
     direct, http, tokens = [], [], []
     try:
-        direct_call(engine, settings, warm_direct, "Warm up.", 4)
+        direct_call(service, warm_direct, "Warm up.", 4)
         with requests.Session() as session:
             post(url, tutorial_payload(warm_http, "Warm up.", max_tokens=4), kind="ours", session=session)
             for i, (d_img, h_img) in enumerate(zip(direct_images, http_images)):
                 question = QUESTIONS[i % len(QUESTIONS)]
                 for which in (("direct", "http") if i % 2 == 0 else ("http", "direct")):
                     if which == "direct":
-                        seconds, n = direct_call(engine, settings, d_img, question, max_tokens)
+                        seconds, n = direct_call(service, d_img, question, max_tokens)
                         direct.append(seconds)
                     else:
                         t = post(url, tutorial_payload(h_img, question, max_tokens=max_tokens), kind="ours",
@@ -102,15 +100,20 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
 
 
 def intake(engine, settings, images: list) -> dict:
-    """Request image (data URL) -> model input tensors, on each server's code path, no generation.
+    """Request image (data URL) -> model inputs, on each server's code path, no generation.
 
     Baseline: base64 -> PIL -> PNG file -> read back and resized by process_vision_info ->
-    processor (tutorial pixel budget). Ours: serving.images (decode, resize to MAX_PIXELS) ->
-    engine.build_prompt (chat template, image processor).
+    processor (tutorial pixel budget). Ours: the chat service's image intake (decode, resize to
+    MAX_PIXELS) -> engine.start (chat template, image processor, queued), cancelled before
+    generation; the next image waits until the engine has let go of it.
     """
     from paddleformers.transformers import AutoProcessor
 
-    processor = baseline_server.tutorial_pixels(AutoProcessor.from_pretrained(engine.loaded.source))
+    from serving.chat import ChatService
+
+    service = ChatService(engine, settings)
+    params = service.sampling_params(max_tokens=1, temperature=0)
+    processor = baseline_server.tutorial_pixels(AutoProcessor.from_pretrained(engine.info.source))
     folder = tempfile.mkdtemp(prefix="bench-intake-")
     baseline, ours, shapes = [], [], {}
     try:
@@ -123,10 +126,15 @@ def intake(engine, settings, images: list) -> dict:
             baseline.append(time.perf_counter() - started)
             shapes["baseline_grid_thw"] = inputs["image_grid_thw"].numpy().tolist()
 
+            turns = _turns(img, QUESTIONS[0])
             started = time.perf_counter()
-            prompt = engine.build_prompt([Turn("user", [_our_image(img, settings), QUESTIONS[0]])])
+            reply = service.start(turns, params)
             ours.append(time.perf_counter() - started)
-            shapes["ours_grid_thw"] = prompt.arrays["image_grid_thw"].tolist()
+            reply.cancel()
+            for _ in reply:  # ends once the engine has dropped it
+                pass
+            width, height = turns[0].parts[0].size
+            shapes["ours_grid_thw"] = [[1, height // PATCH, width // PATCH]]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     b, o = median(baseline), median(ours)

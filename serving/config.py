@@ -72,12 +72,14 @@ class Settings:
                 "(a stream ends with an error event)"})
     cpu_threads: int = field(default=0, metadata={
         "help": "math threads for the model on a CPU (0: one per core available; Paddle's own default is 1)"})
-    max_batch_size: int = field(default=8, metadata={
-        "help": "most requests that share one batched generation"})
-    max_batch_tokens: int = field(default=16384, metadata={
-        "help": "padded prompt tokens one batch may hold (batch size x longest prompt)"})
-    batch_wait_ms: float = field(default=10.0, metadata={
-        "help": "longest a request waits for companions to batch with"})
+    max_batch_size: int = field(default=0, metadata={
+        "help": "most requests decoding together in the running batch (0: 8 on a CPU, 32 on a GPU)"})
+    max_batch_tokens: int = field(default=0, metadata={
+        "help": "most KV-cache tokens the running batch may come to hold, padding included: rows x the longest "
+                "prompt + max_tokens (0: 16384 on a CPU, 65536 on a GPU)"})
+    prefill_chunk_tokens: int = field(default=0, metadata={
+        "help": "most prompt tokens prefilled per decoding step while other requests are decoding; a longer "
+                "prompt is prefilled over several steps (0: 256 on a CPU, 2048 on a GPU)"})
     image_cache_mb: int = field(default=256, metadata={
         "help": "memory for cached image work (pixel patches and vision-tower outputs), LRU"})
     threads: int = field(default=24, metadata={

@@ -1,10 +1,8 @@
-"""The engine: chat turns + images -> prompt tensors -> generated text, whole or streamed.
+"""The built-in engine: chat turns + images -> prompt tensors -> generated text, with PaddlePaddle.
 
-One model worker thread owns the model. Requests hand it jobs through a queue and read their
-events (text deltas, then Finished) from a per-job queue. The worker is a small scheduler: it
-takes the waiting jobs that can share a forward pass (same sampling settings, within the batch
-and token budgets, waiting at most `batch_wait` for companions) and runs them as one batched,
-left-padded generation; each job still ends on its own eos, stop string or max_tokens.
+It implements serving.engine_api.Engine. One model worker thread owns the model and runs the
+continuous-batching loop of serving.scheduler: requests join the running batch at any decoding
+step and leave it as soon as they end, each with its own sampling settings.
 
 Image work is cached by image content and size: the preprocessed pixel patches, and the
 vision tower's output (PaddleFormers' `get_image_features` is wrapped to consult the cache).
@@ -13,68 +11,72 @@ vision tower's output (PaddleFormers' `get_image_features` is wrapped to consult
 from __future__ import annotations
 
 import atexit
-import collections
 import hashlib
 import logging
 import os
-import queue
 import threading
-import time
 from typing import Iterator
 
 import numpy as np
 
-from . import vision_cache
-from .batch import BatchStreamer, Row, StopWhen, collate
+from . import sampling, vision_cache
 from .cache import ByteLRU
-from .detokenize import IncrementalText
-from .errors import InternalError, InvalidRequest
-from .jobs import Completion, Finished, Job, Prompt, SamplingParams  # noqa: F401  (the engine's API)
+from .engine_api import ModelInfo
+from .errors import InvalidRequest
+from .jobs import Completion, Finished, Job, Prompt, SamplingParams, TextDelta  # noqa: F401  (the engine's API)
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 
+# Budgets when the settings say 0 (auto), by device. A CPU step costs about the same per row as
+# on its own (2 cores are compute-bound), so few rows keep each stream quick; a GPU step costs
+# nearly the same for 1 or 32 rows (measured: an eager loop is launch-bound), so it takes many.
+# KV tokens: Qwen2.5-VL-3B holds 36 KiB per token in bf16 (36 layers x 2 x 2 heads x 128 x 2 B),
+# so 65,536 slots are 2.3 GiB of a GPU; on a CPU the slots are RAM and cost step time too.
+AUTO_BUDGETS = {
+    "cpu": {"max_batch_size": 8, "max_batch_tokens": 16384, "prefill_chunk_tokens": 256},
+    "gpu": {"max_batch_size": 32, "max_batch_tokens": 65536, "prefill_chunk_tokens": 2048},
+}
 
-class Engine:
-    def __init__(self, loaded, *, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-                 max_batch_size: int = 8, max_batch_tokens: int = 16384, batch_wait: float = 0.01,
+
+class PaddleEngine:
+    """serving.engine_api.Engine on PaddleFormers' Qwen2.5-VL, in this process."""
+
+    def __init__(self, loaded, *, max_batch_size: int = 0, max_batch_tokens: int = 0, prefill_chunk_tokens: int = 0,
                  image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
-        self.default_max_tokens = default_max_tokens
-        self.max_tokens_limit = max_tokens_limit
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.context_length = int(getattr(text_config, "max_position_embeddings", 32768))
-        gen = getattr(self.model, "generation_config", None)
-        self.defaults = {
-            "temperature": getattr(gen, "temperature", None),
-            "top_p": getattr(gen, "top_p", None),
-            "top_k": getattr(gen, "top_k", None),
-            "repetition_penalty": getattr(gen, "repetition_penalty", None),
-        }
+        self.defaults = sampling.generation_defaults(getattr(self.model, "generation_config", None))
+        auto = AUTO_BUDGETS["cpu" if loaded.device == "cpu" else "gpu"]
+        self.max_batch_size = max_batch_size or auto["max_batch_size"]
+        self.max_batch_tokens = max_batch_tokens or auto["max_batch_tokens"]
+        self.prefill_chunk_tokens = prefill_chunk_tokens or auto["prefill_chunk_tokens"]
+        self.info = ModelInfo(name=loaded.name, source=loaded.source, is_demo=loaded.is_demo,
+                              context_length=self.context_length, max_batch_size=self.max_batch_size)
         self.eos_token_ids = self._eos_ids()
+        self.eos_set = set(self.eos_token_ids)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_ids[-1]
         self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self.cpu_threads = cpu_threads or available_cores()
-        self.max_batch_size = max(1, max_batch_size)
-        self.max_batch_tokens = max_batch_tokens
-        self.batch_wait = batch_wait
-        self.batches_run = 0
-        self.batched_jobs = 0
         self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
         self._batch_image_keys: list = []
         vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys)
-        self._jobs: queue.Queue = queue.Queue()
-        self._held: collections.deque = collections.deque()  # taken from the queue, not yet scheduled
+        self.scheduler = Scheduler(self, max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,
+                                   prefill_tokens=self.prefill_chunk_tokens)
         self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
         self._worker.start()
         atexit.register(self.close, 5.0)  # Paddle can abort the process if it exits mid-step
+        log.info("continuous batching: up to %d rows, %d KV tokens, %d prompt tokens prefilled per step",
+                 self.max_batch_size, self.max_batch_tokens, self.prefill_chunk_tokens)
 
     # ------------------------------------------------------------------ prompts
 
@@ -139,17 +141,6 @@ class Engine:
             self.pixel_cache.put(key, entry, entry[0].nbytes)
         return key, entry
 
-    def sampling_params(self, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
-                        repetition_penalty=None, seed=None, stop=None, max_tokens_limit=None) -> SamplingParams:
-        """`max_tokens_limit` overrides the engine's own, for an app whose settings differ."""
-        limit = max_tokens_limit or self.max_tokens_limit
-        if max_tokens is not None and max_tokens > limit:
-            raise InvalidRequest(f"max_tokens is {max_tokens}, more than this server's limit of {limit}",
-                                 param="max_tokens", code="max_tokens_too_large")
-        return SamplingParams(max_tokens=max_tokens or self.default_max_tokens, temperature=temperature,
-                              top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                              seed=seed, stop=list(stop or []))
-
     def check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         room = self.context_length - prompt.prompt_tokens
         if room < 1:
@@ -159,10 +150,25 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    def start(self, turns, params: SamplingParams) -> Job:
+        """The engine protocol's entry (serving.engine_api.Engine): prompt, then a queued job."""
+        return self.submit(self.build_prompt(turns), params)
+
+    def health(self) -> tuple:
+        if not self._worker.is_alive():
+            return False, "the model worker has stopped"
+        return True, "ok"
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"queue_depth": s.queue_depth(), "rows_running": s.rows_running(), "steps": s.steps,
+                "step_seconds": s.step_seconds, "prefill_tokens": s.prefill_tokens_done, "joined": s.joined,
+                "batches": s.batches, "batched_requests": s.requests_run, "caches": self.cache_stats()}
+
     def submit(self, prompt: Prompt, params: SamplingParams) -> Job:
         self.check_fits(prompt, params)
         job = Job(prompt, params)
-        self._jobs.put(job)
+        self.scheduler.submit(job)
         return job
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
@@ -188,15 +194,19 @@ class Engine:
         """Stop the model worker after the jobs already queued (an interpreter exiting with the
         worker still inside Paddle can abort)."""
         if self._worker.is_alive():
-            self._jobs.put(None)
+            self.scheduler.stop()
             self._worker.join(timeout)
 
     def queue_depth(self) -> int:
-        """Jobs waiting for the model (not counting the batch running now)."""
-        return self._jobs.qsize() + len(self._held)
+        """Jobs waiting for the model (not counting the rows running now)."""
+        return self.scheduler.queue_depth()
 
     def cache_stats(self) -> dict:
         return {"pixels": self.pixel_cache.stats(), "vision": self.vision_cache.stats()}
+
+    def set_image_keys(self, keys) -> None:
+        """The content keys of the images the vision tower is about to see (for its cache)."""
+        self._batch_image_keys = list(keys)
 
     def _work(self) -> None:
         _ensure_dynamic_mode()
@@ -206,108 +216,11 @@ class Engine:
 
             core.set_num_threads(self.cpu_threads)
             log.info("model worker: %d CPU math threads", self.cpu_threads)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except Exception as exc:  # keep the worker alive for everyone else
-                log.exception("generation failed")
-                for job in batch:
-                    job.events.put(InternalError(f"generation failed: {type(exc).__name__}: {exc}"))
-
-    def _next_batch(self):
-        """The oldest live job, plus the waiting jobs that can share its forward pass."""
-        head = self._held.popleft() if self._held else self._jobs.get()
-        if head is None:
-            return None
-        if head.cancelled.is_set():
-            return []
-        batch = [head]
-        if head.params.seed is not None:
-            return batch  # a seeded sample must not depend on its companions
-        key = self._batch_key(head)
-        deadline = head.created + self.batch_wait
-        skipped = collections.deque()
-        while len(batch) < self.max_batch_size:
-            if self._held:
-                job = self._held.popleft()
-            else:
-                try:
-                    job = self._jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-            if job is None:
-                skipped.append(job)
-                break
-            if job.cancelled.is_set():
-                continue
-            longest = max(j.prompt.prompt_tokens for j in batch + [job])
-            if (job.params.seed is None and self._batch_key(job) == key
-                    and longest * (len(batch) + 1) <= self.max_batch_tokens):
-                batch.append(job)
-            else:
-                skipped.append(job)
-        self._held.extendleft(reversed(skipped))  # they go first next time, in arrival order
-        return batch
-
-    def _batch_key(self, job: Job):
-        kwargs = self._generate_kwargs(job.params)
-        return tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("max_new_tokens", "eos_token_id")))
-
-    def _run(self, batch: list) -> None:
-        if not batch:
-            return
-        import paddle
-        from paddleformers.generation.stopping_criteria import StoppingCriteriaList
-
-        started = time.perf_counter()
-        kwargs = self._generate_kwargs(batch[0].params)
-        kwargs["max_new_tokens"] = max(job.params.max_tokens for job in batch)
-        rows = [Row(job, IncrementalText(self.tokenizer, job.params.stop), started) for job in batch]
-        streamer = BatchStreamer(rows, set(self.eos_token_ids))
-        inputs = {k: paddle.to_tensor(v) for k, v in collate(batch, self.pad_token_id).items()}
-        self._batch_image_keys = [key for job in batch for key in job.prompt.image_keys]
-        self.batches_run += 1
-        self.batched_jobs += len(batch)
         try:
-            with paddle.no_grad():
-                if batch[0].params.seed is not None:
-                    paddle.seed(batch[0].params.seed)
-                self.model.generate(
-                    **inputs, **kwargs, streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([StopWhen(streamer.all_done)]),
-                )
-        finally:
-            self._batch_image_keys = []
-        for row in rows:
-            row.finish("length")  # rows that were still going ran out of tokens
-
-    def _generate_kwargs(self, params: SamplingParams) -> dict:
-        def pick(name):
-            value = getattr(params, name)
-            return value if value is not None else self.defaults[name]
-
-        temperature = pick("temperature")
-        kwargs = {
-            "max_new_tokens": params.max_tokens,
-            "eos_token_id": self.eos_token_ids,
-            "pad_token_id": self.pad_token_id,
-            "use_cache": True,
-        }
-        penalty = pick("repetition_penalty")
-        if penalty is not None:
-            kwargs["repetition_penalty"] = float(penalty)
-        if temperature is None or temperature > 0:
-            top_k = pick("top_k")
-            kwargs.update(decode_strategy="sampling",
-                          temperature=float(temperature if temperature is not None else 1.0),
-                          top_p=float(pick("top_p") or 1.0),
-                          top_k=int(top_k) if top_k and top_k > 0 else 0)
-        else:
-            kwargs["decode_strategy"] = "greedy_search"
-        return kwargs
+            self.scheduler.run()
+        except BaseException:  # the loop itself failed: tell everyone waiting instead of leaving them hanging
+            log.exception("the model worker stopped")
+            raise
 
     def _eos_ids(self) -> list:
         ids = []

@@ -1,64 +1,54 @@
-"""Errors a client can cause, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""The errors the core raises, named by what went wrong and never by HTTP.
+
+Each carries a human message, the request field it is about (`param`) and a machine-readable
+`code`. Which HTTP status and OpenAI error type each becomes is decided in one place, the
+table of serving.http_errors; the engines, the chat service and the notebook widget only raise.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
 
-class APIError(Exception):
-    status = 400
-    type = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, type: str | None = None, headers: dict | None = None):
+class ServiceError(Exception):
+    default_code: Optional[str] = None
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 retry_after: Optional[int] = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
-        self.headers = headers or {}
-        if status is not None:
-            self.status = status
-        if type is not None:
-            self.type = type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after  # seconds after which trying again may work
 
 
-class InvalidRequest(APIError):
-    """400: the request is malformed or asks for something impossible."""
+class InvalidRequest(ServiceError):
+    """The request is malformed or asks for something impossible."""
 
-    def __init__(self, message: str, *, code: str | None = "invalid_value", **kwargs):
-        super().__init__(message, code=code, **kwargs)
-
-
-class ImageError(APIError):
-    """400: an image could not be read; `param` names where it was in the request."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_image"):
-        super().__init__(message, param=param, code=code)
+    default_code = "invalid_value"
 
 
-class AuthenticationError(APIError):
-    status = 401
-    type = "authentication_error"
+class ImageError(InvalidRequest):
+    """An image could not be read or used; `param` names where it was in the request."""
+
+    default_code = "invalid_image"
 
 
-class ServiceUnavailable(APIError):
-    status = 503
-    type = "service_unavailable"
+class AuthenticationError(ServiceError):
+    """The API key is missing or wrong."""
 
 
-class InternalError(APIError):
-    status = 500
-    type = "server_error"
+class NotReady(ServiceError):
+    """The service cannot answer yet (the model is loading) or any more (the engine stopped)."""
 
 
-class ServerBusy(APIError):
-    """429: the wait queue is full; the client should retry after `Retry-After` seconds."""
-    status = 429
-    type = "rate_limit_error"
+class ServerBusy(ServiceError):
+    """As many requests as the server takes are in already; retry after `retry_after` seconds."""
 
 
-class RequestTimeout(APIError):
-    """504: the request ran past the server's time limit and was cancelled."""
-    status = 504
-    type = "timeout_error"
+class RequestTimeout(ServiceError):
+    """The request ran past the server's time limit and was cancelled."""
+
+
+class InternalError(ServiceError):
+    """A failure of the server itself; the next request is served normally."""

@@ -19,10 +19,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Settings
+
 GiB = 1024 ** 3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 WORKSPACE_BYTES = 768 * 1024 ** 2  # Paddle's allocator, cuBLAS/cuDNN workspaces, fragmentation
 TIGHT_FRACTION = 0.9  # needing more than this share of the free memory is reported as tight
+PROMPT_TOKENS = 4096  # the prompt the estimate makes room for (beside the answer's MAX_TOKENS_LIMIT)
+_DEFAULTS = Settings()  # the limits' defaults have one owner: the settings
 
 # Structural fields of the published checkpoints, for hub ids whose config.json is not on disk
 # yet (the vision tower is the same 32-block, 1280-wide ViT in all of them).
@@ -120,7 +124,7 @@ def parameter_count(config: dict) -> int:
 
 
 def estimate_model_memory(config, dtype: str = "bfloat16", context_tokens: int = 8192, batch_size: int = 1,
-                          max_pixels: int = 1003520) -> MemoryEstimate:
+                          max_pixels: int = _DEFAULTS.max_pixels) -> MemoryEstimate:
     """GPU bytes Qwen2.5-VL needs: `config` is a config dict, or a parameter count (weights only
     then, plus the fixed workspace)."""
     if dtype not in DTYPE_BYTES:
@@ -140,7 +144,7 @@ def estimate_model_memory(config, dtype: str = "bfloat16", context_tokens: int =
     patches = max_pixels // (v.get("patch_size", 14) ** 2)
     vision = v["num_heads"] * patches * patches * size
     # The prefill computes float32 logits over the vocabulary for the prompt's tokens.
-    prompt = min(context_tokens, 4096)
+    prompt = min(context_tokens, PROMPT_TOKENS)
     logits = batch_size * prompt * t["vocab_size"] * 4
     activations = vision + logits + WORKSPACE_BYTES
     return MemoryEstimate(params, dtype, params * size, kv_cache, activations, context_tokens)
@@ -245,12 +249,9 @@ def check_before_load(source, device: str, dtype: str, requested_dtype: str = "a
     if config is None:
         log.info("GPU memory: no config.json for %s yet, no estimate before loading", source)
         return None
-    context = 8192
-    max_pixels = 1003520
-    if settings is not None:
-        context = max(2048, getattr(settings, "max_tokens_limit", 4096) + 4096)
-        max_pixels = getattr(settings, "max_pixels", max_pixels)
-    estimate = estimate_model_memory(config, dtype, context_tokens=context, max_pixels=max_pixels)
+    settings = settings or _DEFAULTS
+    context = max(2048, settings.max_tokens_limit + PROMPT_TOKENS)
+    estimate = estimate_model_memory(config, dtype, context_tokens=context, max_pixels=settings.max_pixels)
     fits, message = check_fits(free, estimate, device)
     if not fits:
         from .model import ModelLoadError

@@ -16,6 +16,7 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import urlguard
+from .config import Settings
 from .errors import ImageError
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$",
@@ -23,11 +24,13 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[
 _B64_WHITESPACE = re.compile(r"\s+")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never holds a colon
 PATCH_FACTOR = 28  # patch_size 14 x spatial_merge_size 2: image sides are multiples of this
+MAX_ASPECT_RATIO = 200  # the vision tower's limit (qwen-vl-utils' MAX_RATIO)
+_LIMITS = Settings()  # the defaults of the limits below have one owner: the settings
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse by our own limit, quietly
 
 
-def load_image(source: str, *, param: str, allow_urls: bool = True, timeout: float = 10.0,
-               max_bytes: int = 20 * 1024 * 1024, pixel_limit: int = 50_000_000, allow_hosts=(),
+def load_image(source: str, *, param: str, allow_urls: bool = True, timeout: float = _LIMITS.image_fetch_timeout,
+               max_bytes: int = _LIMITS.max_image_bytes, pixel_limit: int = _LIMITS.max_image_pixels, allow_hosts=(),
                target_pixels: int | None = None) -> Image.Image:
     """Decode one image reference into an RGB PIL image; ImageError names `param` on failure.
 
@@ -77,7 +80,7 @@ def _check_bytes(size: int, max_bytes: int, param: str) -> None:
                          param=param, code="image_too_large")
 
 
-def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = 50_000_000,
+def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = _LIMITS.max_image_pixels,
                        target_pixels: int | None = None) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -143,8 +146,6 @@ def fit_pixels(img: Image.Image, min_pixels: int, max_pixels: int, *, param: str
 
     Done here, once, with a good filter, so the processor has nothing left to resize.
     """
-    from paddleformers.transformers.qwen2_vl.vision_process import smart_resize
-
     width, height = img.size
     try:
         new_h, new_w = smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -154,3 +155,23 @@ def fit_pixels(img: Image.Image, min_pixels: int, max_pixels: int, *, param: str
     if (new_w, new_h) == (width, height):
         return img
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple:
+    """(height, width) nearest to the image's, both multiples of `factor`, with a pixel count within
+    [min_pixels, max_pixels]: qwen-vl-utils' rule (PaddleFormers has the same), here so that sizing
+    images needs no Paddle. ValueError for an aspect ratio over MAX_ASPECT_RATIO."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
+                         f"got {max(height, width) / min(height, width)}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar

@@ -1,7 +1,8 @@
 """What a request hands the model worker, and what it gets back.
 
-A Job carries a Prompt and its SamplingParams; the worker puts text deltas and then one
-Finished (or an exception) on the job's queue, which the request iterates.
+A Job carries a Prompt and its SamplingParams; the worker puts text deltas (TextDelta, a str
+that may carry the logprobs of the tokens it covers) and then one Finished (or an exception)
+on the job's queue, which the request iterates.
 """
 
 from __future__ import annotations
@@ -23,8 +24,37 @@ class SamplingParams:
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    presence_penalty: float = 0.0  # OpenAI's, -2..2: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's, -2..2: subtracted per occurrence in the answer so far
+    seed: Optional[int] = None  # a generator of the request's own: its sample does not depend on companions
     stop: list = field(default_factory=list)
+    logprobs: bool = False  # report each generated token's log probability
+    top_logprobs: int = 0  # 0..20 most likely alternatives per token (needs logprobs)
+
+
+@dataclass
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: Optional[list]  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+@dataclass
+class TokenLogprob(TopLogprob):
+    top_logprobs: list = field(default_factory=list)  # TopLogprob, most likely first
+
+
+class TextDelta(str):
+    """A piece of the answer's text; `logprobs` holds a TokenLogprob for each token generated since the
+    previous delta when the request asked for logprobs (a token's text may be held back, e.g. a
+    half character or a possible stop string, so tokens and text pieces need not line up one to one)."""
+
+    logprobs: tuple = ()
+
+    def __new__(cls, text: str, logprobs=()):
+        obj = super().__new__(cls, text)
+        obj.logprobs = tuple(logprobs)
+        return obj
 
 
 @dataclass
@@ -55,6 +85,7 @@ class Job:
 
     def __init__(self, prompt: Prompt, params: SamplingParams):
         self.prompt = prompt
+        self.prompt_tokens = prompt.prompt_tokens
         self.params = params
         self.events: queue.Queue = queue.Queue()  # str deltas, then a Finished or an Exception
         self.cancelled = threading.Event()

@@ -25,7 +25,6 @@ class Metrics:
         self.tokens_per_second = Histogram("qwenvl_tokens_per_second",
                                            "completion tokens per second of generation, per request",
                                            buckets=RATE_BUCKETS, registry=r)
-        self.queue_depth = Gauge("qwenvl_queue_depth", "chat requests waiting for the model", registry=r)
         self.in_flight = Gauge("qwenvl_requests_in_flight",
                                "chat requests admitted (generating or waiting); MAX_QUEUE bounds it", registry=r)
         self.images = Counter("qwenvl_images_processed", "images decoded for requests, by source",
@@ -33,24 +32,44 @@ class Metrics:
         self.rejected = Counter("qwenvl_rejected_requests", "requests answered with an error, by reason",
                                 ["reason"], registry=r)
 
-    def watch(self, queue_depth, in_flight, engine=None) -> None:
-        """Gauges read at scrape time from callables; `engine()` gives the engine (or None)."""
-        self.queue_depth.set_function(queue_depth)
+    def watch(self, in_flight, engine) -> None:
+        """Read at scrape time: `in_flight()` admitted requests, and `engine()` (or None while loading)'s stats."""
         self.in_flight.set_function(in_flight)
-        if engine is not None:
-            self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(engine))
 
     def render(self) -> tuple:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def finished_generation(self, completion_tokens: int, seconds: float) -> None:
+    def image_loaded(self, source: str) -> None:
+        self.images.labels(image_source(source)).inc()
+
+    def first_text(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def finished_generation(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(completion_tokens)
         if completion_tokens > 0 and seconds > 0:
             self.tokens_per_second.observe(completion_tokens / seconds)
 
 
+# engine.stats() key -> (metric, help); keys an engine does not give are skipped
+ENGINE_GAUGES = {
+    "queue_depth": ("qwenvl_queue_depth", "chat requests waiting for the model"),
+    "rows_running": ("qwenvl_rows_running", "sequences being decoded now"),
+}
+ENGINE_COUNTERS = {
+    "batches": ("qwenvl_batches", "batched generations run"),
+    "batched_requests": ("qwenvl_batched_requests", "requests run in those batches"),
+    "steps": ("qwenvl_decode_steps", "decoding steps run (each gives every running sequence one token)"),
+    "step_seconds": ("qwenvl_decode_step_seconds", "time spent in decoding steps"),
+    "prefill_tokens": ("qwenvl_prefill_tokens", "prompt tokens prefilled"),
+    "joined": ("qwenvl_joined_requests", "requests admitted into a batch that was already decoding"),
+}
+
+
 class EngineCollector:
-    """The engine's own counters, read at scrape time: image caches and batching."""
+    """The engine's own numbers (engine.stats()), read at scrape time: queue, batching, image caches."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -59,21 +78,24 @@ class EngineCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         engine = self.engine()
-        stats = getattr(engine, "cache_stats", None)
-        if stats is None:
-            return
-        lookups = CounterMetricFamily("qwenvl_image_cache_lookups", "image cache lookups by cache and result",
-                                      labels=["cache", "result"])
-        size = GaugeMetricFamily("qwenvl_image_cache_bytes", "bytes held by each image cache", labels=["cache"])
-        for name, s in stats().items():
-            lookups.add_metric([name, "hit"], s["hits"])
-            lookups.add_metric([name, "miss"], s["misses"])
-            size.add_metric([name], s["bytes"])
-        yield lookups
-        yield size
-        yield CounterMetricFamily("qwenvl_batches", "batched generations run", value=engine.batches_run)
-        yield CounterMetricFamily("qwenvl_batched_requests", "requests run in those batches",
-                                  value=engine.batched_jobs)
+        stats = engine.stats() if engine is not None else {"queue_depth": 0}  # loading: chat answers 503
+        for key, (name, text) in ENGINE_GAUGES.items():
+            if key in stats:
+                yield GaugeMetricFamily(name, text, value=stats[key])
+        for key, (name, text) in ENGINE_COUNTERS.items():
+            if key in stats:
+                yield CounterMetricFamily(name, text, value=stats[key])
+        caches = stats.get("caches")
+        if caches:
+            lookups = CounterMetricFamily("qwenvl_image_cache_lookups", "image cache lookups by cache and result",
+                                          labels=["cache", "result"])
+            size = GaugeMetricFamily("qwenvl_image_cache_bytes", "bytes held by each image cache", labels=["cache"])
+            for cache, s in caches.items():
+                lookups.add_metric([cache, "hit"], s["hits"])
+                lookups.add_metric([cache, "miss"], s["misses"])
+                size.add_metric([cache], s["bytes"])
+            yield lookups
+            yield size
 
 
 def image_source(source: str) -> str:

@@ -20,7 +20,8 @@ def _json(name: str, description: str) -> dict:
 def _errors(*statuses: int) -> dict:
     meaning = {400: "invalid request", 401: "missing or invalid API key", 404: "not found",
                405: "method not allowed", 413: "request body too large", 429: "server busy (see Retry-After)",
-               500: "internal error", 503: "model still loading (see Retry-After)", 504: "request timed out"}
+               500: "internal error", 503: "model still loading, or the engine cannot serve (see Retry-After)",
+               504: "request timed out"}
     return {str(s): _json("ErrorResponse", meaning[s]) for s in statuses}
 
 
@@ -52,7 +53,7 @@ def build_spec(settings, version: str = "1.0") -> dict:
                                                  **_errors(503, *v1_errors)}}},
             "/health": {"get": {"operationId": "health", "summary": "ready or still loading",
                                 "responses": {"200": _json("Health", "ready"),
-                                              "503": _json("Health", "the model is still loading")}}},
+                                              "503": _json("Health", "the model is still loading, or the engine cannot serve")}}},
             "/": {"get": {"operationId": "root", "summary": "a plain-text banner",
                           "responses": {"200": {"description": "the banner", **text}}}},
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",

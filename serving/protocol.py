@@ -83,6 +83,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # needs logprobs: true (checked in serving.chat)
     user: Optional[str] = None
 
     @field_validator("stop")
@@ -204,11 +208,25 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None  # the token's UTF-8 bytes: a token may hold part of a character
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at that step, most likely first
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None  # when the request asked for logprobs
 
 
 class ChatCompletion(BaseModel):
@@ -230,7 +248,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Optional[Literal["stop", "length"]] = None
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None  # of the tokens this chunk's delta covers
 
 
 class ChatCompletionChunk(BaseModel):
@@ -249,6 +267,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "qwenvl-serving"
     root: str
+    max_model_len: Optional[int] = None  # prompt + answer tokens the model takes
     demo: bool = False
     description: str = ""
 
@@ -272,7 +291,7 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading"]
+    status: Literal["ok", "loading", "unavailable"]
     model: str
     demo: Optional[bool] = None
     reason: Optional[str] = None

@@ -24,13 +24,12 @@ def configure_logging(level: str = "INFO") -> None:
 
 def build_engine(settings):
     """Load the model named by the settings and wrap it in an engine."""
-    from .engine import Engine
+    from .engine import PaddleEngine
     from .model import load_model
 
-    return Engine(load_model(settings), default_max_tokens=settings.default_max_tokens,
-                  max_tokens_limit=settings.max_tokens_limit, max_batch_size=settings.max_batch_size,
-                  max_batch_tokens=settings.max_batch_tokens, batch_wait=settings.batch_wait_ms / 1000,
-                  image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads)
+    return PaddleEngine(load_model(settings), max_batch_size=settings.max_batch_size,
+                        max_batch_tokens=settings.max_batch_tokens, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                        image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads)
 
 
 def load_in_background(app, settings, on_failure=None) -> threading.Thread:

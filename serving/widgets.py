@@ -1,12 +1,13 @@
-"""The notebook chat UI: ipywidgets over an Engine. Images stay in memory.
+"""The notebook chat UI: ipywidgets over an engine, through the chat service. Images stay in memory.
 
     chat = ChatWidget(engine, settings)
     chat            # the last line of a cell shows it
 
 Everything a person does in the browser has a method here too (add_upload, send, stop, clear,
 wait), so the UI is tested without a browser. The answer is generated in a background thread
-and streamed into the page delta by delta; Stop cancels the engine job at once (the model worker
-drops it at its next step) and the streaming loop ends.
+and streamed into the page delta by delta; Stop cancels the generation at once (the engine drops
+it at its next step) and the streaming loop ends. Uploads are sized and questions answered by
+serving.chat.ChatService, the same pipeline as the API's, with the same settings.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from typing import Optional
 
 import ipywidgets as W
 
-from .engine import Finished
-from .errors import APIError, ImageError
-from .images import decode_image_bytes, fit_pixels
+from .chat import ChatService
+from .errors import ImageError, ServiceError
+from .jobs import Finished
 from .protocol import ChatTurn
 
 THUMBNAIL = (96, 96)
+# The sliders' starting values: Qwen2.5's recommended sampling for chat
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.8
 
 
 @dataclass
@@ -53,19 +57,20 @@ class Result:
 
 class ChatWidget:
     def __init__(self, engine, settings=None, *, system: Optional[str] = None,
-                 temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
                  max_tokens: Optional[int] = None):
         from .config import Settings
 
         self.engine = engine
         self.settings = settings or Settings()
+        self.service = ChatService(engine, self.settings)
         self.system = system
         self._history: list[ChatTurn] = []
         self._pending: list[Pending] = []
         self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()  # the running answer's own flag; each answer gets a new one
-        self._job = None  # the running answer's engine job, cancelled by Stop and Clear
+        self._reply = None  # the running answer (serving.chat.Reply), cancelled by Stop and Clear
         self._generation = 0  # bumped by send and clear: a stale thread leaves the UI and history alone
         self._thread_generation = -1
         self._rows: list = []  # (turn, [widgets]) shown in the transcript, in order
@@ -81,15 +86,9 @@ class ChatWidget:
     # ------------------------------------------------------------------ layout
 
     def _build_controls(self, temperature, top_p, max_tokens) -> None:
-        defaults = getattr(self.engine, "defaults", {}) or {}
-        if temperature is None:
-            temperature = defaults.get("temperature")
-            temperature = 0.7 if temperature is None else temperature
-        if top_p is None:
-            top_p = defaults.get("top_p") or 1.0
-        limit = int(getattr(self.engine, "max_tokens_limit", 4096))
+        limit = self.settings.max_tokens_limit
         if max_tokens is None:
-            max_tokens = int(getattr(self.engine, "default_max_tokens", 512))
+            max_tokens = self.settings.default_max_tokens
 
         self.upload = W.FileUpload(accept="image/*", multiple=True, description="Images",
                                    tooltip="add images to the next question")
@@ -135,7 +134,7 @@ class ChatWidget:
         self.error_label.add_class("qv-error")
 
         header = []
-        if getattr(getattr(self.engine, "loaded", None), "is_demo", False):
+        if self.engine.info.is_demo:
             header.append(W.HTML("<i>Demo model: random weights, its answers are meaningless text.</i>"))
         self.ui = W.VBox(header + [
             self.transcript,
@@ -193,8 +192,7 @@ class ChatWidget:
             self._set_error(f"{name}: at most {limit} images per question")
             return False
         try:
-            image = decode_image_bytes(bytes(data), param=name, target_pixels=self.settings.max_pixels)
-            image = fit_pixels(image, self.settings.min_pixels, self.settings.max_pixels, param=name)
+            image = self.service.image_from_bytes(bytes(data), param=name)
         except ImageError as exc:
             self._set_error(f"{name}: {exc.message}")
             return False
@@ -242,9 +240,9 @@ class ChatWidget:
         """Cancel the answer being written; what was written so far stays in the conversation."""
         if self.busy:
             self._stop.set()
-            job = self._job
-            if job is not None:
-                job.cancel()  # at once, even while the model is still reading a long prompt
+            reply = self._reply
+            if reply is not None:
+                reply.cancel()  # at once, even while the model is still reading a long prompt
             self._set_status("stopping...")
 
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -257,8 +255,8 @@ class ChatWidget:
     def clear(self) -> None:
         """Start over: stop any answer, forget the conversation and the pending images."""
         self._stop.set()
-        if self._job is not None:
-            self._job.cancel()
+        if self._reply is not None:
+            self._reply.cancel()
         with self._lock:
             self._generation += 1
             self._history = []
@@ -278,16 +276,15 @@ class ChatWidget:
                 params: dict) -> None:
         started = time.perf_counter()
         result, failure = None, None
-        stream = None
+        reply = None
         try:
             system = [ChatTurn("system", [self.system])] if self.system else []
-            prompt = self.engine.build_prompt(system + turns)
-            stream = self.engine.submit(prompt, self.engine.sampling_params(**params))
-            self._job = stream
+            reply = self.service.start(system + turns, self.service.sampling_params(**params))
+            self._reply = reply
             if stop.is_set():
-                stream.cancel()
+                reply.cancel()
             self._set_status("writing...", generation)
-            for event in stream:
+            for event in reply:
                 if isinstance(event, Finished):
                     result = Result(event.finish_reason, event.prompt_tokens, event.completion_tokens,
                                     event.seconds)
@@ -301,15 +298,15 @@ class ChatWidget:
                     self.answer += event
                 self._show_answer(generation)
             if result is None:  # stopped before the engine's Finished: count the text written
-                result = Result("stopped", prompt.prompt_tokens, self.engine.count_tokens(self.answer),
+                result = Result("stopped", reply.prompt_tokens, self.engine.count_tokens(self.answer),
                                 time.perf_counter() - started)
-        except APIError as exc:
+        except ServiceError as exc:
             failure = exc.message
         except Exception as exc:  # keep the UI alive whatever happens
             failure = f"{type(exc).__name__}: {exc}"
         finally:
-            if stream is not None:
-                stream.cancel()  # frees the model worker if the job is still running
+            if reply is not None:
+                reply.cancel()  # frees the engine if the generation is still running
         with self._lock:
             if generation != self._generation:
                 return  # cleared meanwhile

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 from serving.app import ROOT_TEXT, create_app
+from serving.chat import ChatService
 from serving.protocol import ChatTurn
 
 from conftest import b64, png_bytes
@@ -32,6 +33,7 @@ def test_root_health_models(client):
     assert models["object"] == "list"
     card = models["data"][0]
     assert card["id"] == "demo" and card["demo"] is True and "random weights" in card["description"]
+    assert card["max_model_len"] > 0
 
 
 def test_tutorial_payload(client):
@@ -64,7 +66,7 @@ def test_openai_payload_with_params(client):
     assert r.json["usage"]["completion_tokens"] <= 5
 
 
-def test_length_and_usage_are_right(client, engine):
+def test_length_and_usage_are_right(client, engine, settings):
     body = {"messages": [{"role": "user", "content": "Say something long."}], "max_tokens": 4, "temperature": 0,
             "repetition_penalty": 1.0}
     data = chat(client, body).json
@@ -72,8 +74,9 @@ def test_length_and_usage_are_right(client, engine):
     tokens = data["usage"]["completion_tokens"]
     if choice["finish_reason"] == "length":
         assert tokens == 4
-    prompt = engine.build_prompt([ChatTurn("user", ["Say something long."])])
-    assert data["usage"]["prompt_tokens"] == prompt.prompt_tokens
+    service = ChatService(engine, settings)
+    direct = service.start([ChatTurn("user", ["Say something long."])], service.sampling_params(max_tokens=1))
+    assert data["usage"]["prompt_tokens"] == direct.prompt_tokens == direct.collect().finished.prompt_tokens
 
 
 def test_seed_reproduces(client):
@@ -81,6 +84,29 @@ def test_seed_reproduces(client):
             "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 42}
     first = chat(client, body).json["choices"][0]["message"]["content"]
     assert chat(client, body).json["choices"][0]["message"]["content"] == first
+
+
+def test_logprobs_of_the_real_model(client):
+    """Greedy, no penalty: each chosen token is the most likely one, and its bytes spell the answer."""
+    body = {"messages": [{"role": "user", "content": "Say something long."}], "max_tokens": 6, "temperature": 0,
+            "repetition_penalty": 1.0, "logprobs": True, "top_logprobs": 3}
+    data = chat(client, body).json
+    choice = data["choices"][0]
+    tokens = choice["logprobs"]["content"]
+    assert 1 <= len(tokens) <= data["usage"]["completion_tokens"]
+    for t in tokens:
+        assert set(t) == {"token", "logprob", "bytes", "top_logprobs"} and t["logprob"] <= 0
+        top = t["top_logprobs"]
+        assert len(top) == 3 and [a["logprob"] for a in top] == sorted((a["logprob"] for a in top), reverse=True)
+        assert (top[0]["token"], top[0]["bytes"]) == (t["token"], t["bytes"])
+        assert top[0]["logprob"] == pytest.approx(t["logprob"], abs=1e-5)
+    if choice["finish_reason"] == "length":  # no end-of-text token among them
+        assert len(tokens) == data["usage"]["completion_tokens"] == 6
+        assert bytes(b for t in tokens for b in t["bytes"]).decode("utf-8", "replace") == choice["message"]["content"]
+    streamed = sse_events(chat(client, {**body, "stream": True}))
+    again = [t for e in streamed if e["choices"] and e["choices"][0]["logprobs"]
+             for t in e["choices"][0]["logprobs"]["content"]]
+    assert [t["token"] for t in again] == [t["token"] for t in tokens]
 
 
 def test_stream_format(client):
@@ -165,30 +191,25 @@ def test_api_key(settings, engine):
 
 
 def test_internal_error_is_500_and_server_recovers(client, engine, monkeypatch):
-    original = engine.build_prompt
-
-    def broken(turns):
+    def broken(turns, params):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(engine, "build_prompt", broken)
+    monkeypatch.setattr(engine, "start", broken)
     r = chat(client, {"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 500 and r.json["error"]["type"] == "server_error"
-    monkeypatch.setattr(engine, "build_prompt", original)
+    assert "RuntimeError" in r.json["error"]["message"] and "simulated" not in r.json["error"]["message"]
+    monkeypatch.undo()
     assert chat(client, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code == 200
 
 
 def test_generation_failure_in_worker_is_500_and_worker_survives(client, engine, monkeypatch):
-    calls = {"n": 0}
-    original = engine.model.generate
-
-    def fail_once(*a, **kw):
-        calls["n"] += 1
+    def explode(*a, **kw):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(engine.model, "generate", fail_once)
+    monkeypatch.setattr(engine.model.lm_head, "forward", explode)  # every forward pass ends there, in the worker
     r = chat(client, {"messages": [{"role": "user", "content": "x"}]})
-    assert r.status_code == 500 and "kernel exploded" in r.json["error"]["message"]
-    monkeypatch.setattr(engine.model, "generate", original)
+    assert r.status_code == 500 and r.json["error"]["type"] == "server_error"
+    monkeypatch.undo()
     assert chat(client, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code == 200
 
 

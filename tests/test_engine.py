@@ -3,6 +3,7 @@
 from PIL import Image
 
 from serving.engine import Finished
+from serving.jobs import SamplingParams
 from serving.protocol import ChatTurn
 
 
@@ -16,7 +17,7 @@ def blue(size=(64, 96)):
 
 def greedy(engine, turns, max_tokens=12, **kw):
     prompt = engine.build_prompt(turns)
-    return prompt, engine.generate(prompt, engine.sampling_params(max_tokens=max_tokens, temperature=0, **kw))
+    return prompt, engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **kw))
 
 
 def test_text_only(engine):
@@ -71,7 +72,7 @@ def test_same_seed_same_sample(engine):
     prompt = engine.build_prompt([ChatTurn("user", ["Tell me a story."])])
 
     def sample(seed):
-        params = engine.sampling_params(max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
         return engine.generate(prompt, params).text
 
     assert sample(7) == sample(7)
@@ -80,7 +81,7 @@ def test_same_seed_same_sample(engine):
 
 def test_max_tokens_gives_length(engine):
     prompt = engine.build_prompt([ChatTurn("user", ["Talk."])])
-    result = engine.generate(prompt, engine.sampling_params(max_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
+    result = engine.generate(prompt, SamplingParams(max_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
                                                             seed=3, repetition_penalty=1.0))
     if result.finish.finish_reason == "length":
         assert result.finish.completion_tokens == 3
@@ -90,30 +91,30 @@ def test_max_tokens_gives_length(engine):
 
 def test_stop_sequence_cuts_the_answer(engine):
     prompt = engine.build_prompt([ChatTurn("user", [red(), "Describe this image."])])
-    full = engine.generate(prompt, engine.sampling_params(max_tokens=24, temperature=0)).text
+    full = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0)).text
     assert len(full) > 6
     stop = full[3:6]
-    cut = engine.generate(prompt, engine.sampling_params(max_tokens=24, temperature=0, stop=[stop]))
+    cut = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop=[stop]))
     assert cut.text == full[:full.index(stop)]
     assert cut.finish.finish_reason == "stop"
 
 
 def test_stream_yields_deltas_then_finished(engine):
     prompt = engine.build_prompt([ChatTurn("user", ["Count to ten."])])
-    params = engine.sampling_params(max_tokens=20, temperature=0)
+    params = SamplingParams(max_tokens=20, temperature=0)
     events = list(engine.stream(prompt, params))
     assert isinstance(events[-1], Finished)
     deltas = [e for e in events if isinstance(e, str)]
     assert len(deltas) > 1
-    whole = engine.generate(prompt, engine.sampling_params(max_tokens=20, temperature=0))
+    whole = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0))
     assert "".join(deltas) == whole.text
 
 
 def test_closing_a_stream_cancels_generation(engine):
     prompt = engine.build_prompt([ChatTurn("user", ["Go on forever."])])
-    stream = engine.stream(prompt, engine.sampling_params(max_tokens=2000, temperature=1.0, top_k=0, seed=1))
+    stream = engine.stream(prompt, SamplingParams(max_tokens=2000, temperature=1.0, top_k=0, seed=1))
     next(stream)
     stream.close()
     # the worker is free again: a new request completes quickly instead of queueing behind 2000 tokens
-    result = engine.generate(prompt, engine.sampling_params(max_tokens=2, temperature=0))
+    result = engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0))
     assert result.finish.completion_tokens <= 2

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from serving.errors import ImageError
+from serving.http_errors import problem
 from serving.images import fit_pixels, load_image
 
 from conftest import b64, png_bytes
@@ -42,7 +43,7 @@ def test_jpeg_and_transparent_png():
 def test_bad_sources_are_client_errors(source, code):
     with pytest.raises(ImageError) as info:
         load_image(source, param="messages[0].content[1]")
-    assert info.value.code == code and info.value.status == 400
+    assert info.value.code == code and problem(info.value).status == 400
     assert info.value.param == "messages[0].content[1]"
 
 
@@ -98,3 +99,21 @@ def test_nothing_written_to_disk(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     load_image(b64(png_bytes()), param="p")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_smart_resize_is_paddleformers_rule():
+    """Our copy (images need no Paddle to be sized) gives the sides PaddleFormers' gives, limits included."""
+    from paddleformers.transformers.qwen2_vl.vision_process import smart_resize as theirs
+
+    from serving.images import smart_resize
+
+    sizes = [(1, 1), (10, 10), (27, 29), (28, 28), (64, 96), (333, 500), (480, 640), (1080, 1920), (3000, 4000),
+             (4032, 3024), (7, 1400), (12000, 60)]
+    budgets = [(3136, 1003520), (3136, 200_000), (200_704, 1003520), (50_000, 50_000)]
+    for height, width in sizes:
+        for low, high in budgets:
+            assert smart_resize(height, width, 28, low, high) == theirs(height, width, factor=28, min_pixels=low,
+                                                                         max_pixels=high), (height, width, low, high)
+    for call in (smart_resize, lambda *a: theirs(*a[:2], factor=a[2], min_pixels=a[3], max_pixels=a[4])):
+        with pytest.raises(ValueError):
+            call(2, 600, 28, 3136, 1003520)

@@ -46,6 +46,19 @@ def test_openai_client_streaming(client):
     assert text == whole.choices[0].message.content
 
 
+def test_openai_client_reads_logprobs(client):
+    """The official client parses our logprobs, streamed and not, into its own types."""
+    asked = dict(model="x", messages=image_message(), max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                 extra_body={"repetition_penalty": 1.0})
+    completion = client.chat.completions.create(**asked)
+    tokens = completion.choices[0].logprobs.content
+    assert tokens and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)
+    stream = client.chat.completions.create(**asked, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in tokens]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in tokens], abs=1e-4)
+
+
 def test_openai_client_sees_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
@@ -68,13 +81,13 @@ def test_test_connection_script(live_server, tmp_path, fmt, stream):
     assert "time:" in done.stdout
 
 
-def test_test_connection_sends_the_key_in_either_scheme(app, settings, tmp_path):
+def test_test_connection_sends_the_key_in_either_scheme(engine, settings, tmp_path):
     from dataclasses import replace
 
     from conftest import LiveServer
     from serving.app import create_app
 
-    keyed = LiveServer(create_app(replace(settings, api_key=("s3cret",)), app.extensions["qwenvl"]["engine"]),
+    keyed = LiveServer(create_app(replace(settings, api_key=("s3cret",)), engine),
                        settings).start()
     try:
         base = [sys.executable, str(ROOT / "test_connection.py"), "--api-url", keyed.base_url + "/v1/chat/completions",

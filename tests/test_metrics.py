@@ -6,6 +6,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import b64, png_bytes
+from serving.metrics import ENGINE_COUNTERS, ENGINE_GAUGES
 
 CHAT = "/v1/chat/completions"
 
@@ -22,7 +23,7 @@ def value(found, name, **labels):
     return found.get((name, tuple(sorted(labels.items()))), 0)
 
 
-def test_metrics_count_what_happened(serve_app):
+def test_metrics_count_what_happened(serve_app, engine):
     server = serve_app()
     url = server.base_url
     image = b64(png_bytes())
@@ -62,7 +63,16 @@ def test_metrics_count_what_happened(serve_app):
     assert value(found, "qwenvl_image_cache_lookups_total", cache="pixels", result="hit") >= 1
     assert value(found, "qwenvl_image_cache_lookups_total", cache="pixels", result="miss") >= 1
     assert ("qwenvl_image_cache_bytes", (("cache", "vision"),)) in found
-    assert value(found, "qwenvl_batched_requests_total") >= value(found, "qwenvl_batches_total") > 0
+    # and every number the engine gives (engine.stats()) is there under its metric's name
+    stats = engine.stats()
+    for key, (name, _) in ENGINE_GAUGES.items():
+        assert ((name, ()) in found) == (key in stats), name
+    for key, (name, _) in ENGINE_COUNTERS.items():
+        assert ((name + "_total", ()) in found) == (key in stats), name
+    if "batches" in stats:
+        assert value(found, "qwenvl_batched_requests_total") >= value(found, "qwenvl_batches_total") > 0
+    if "steps" in stats:
+        assert value(found, "qwenvl_decode_steps_total") > 0 and value(found, "qwenvl_prefill_tokens_total") > 0
 
 
 def test_metrics_is_open_when_keys_are_set(serve_app):

@@ -1,9 +1,11 @@
-"""The KV cache really carries across decoding steps, and gives the answers of full recomputation."""
+"""The KV cache really carries across decoding steps (the engine's loop, and PaddleFormers' generate with
+serving.paddle_fixes), and gives the answers of full recomputation."""
 
 import numpy as np
 import paddle
 from PIL import Image
 
+from serving.jobs import SamplingParams
 from serving.protocol import ChatTurn
 
 
@@ -22,7 +24,7 @@ def reference_greedy(engine, prompt, max_tokens):
 
 
 def engine_greedy_tokens(engine, prompt, max_tokens):
-    text = engine.generate(prompt, engine.sampling_params(max_tokens=max_tokens, temperature=0,
+    text = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0,
                                                           repetition_penalty=1.0)).text
     return text
 
@@ -44,18 +46,17 @@ def test_vision_tower_runs_once_and_steps_feed_one_token(engine, monkeypatch):
         calls["vision"] += 1
         return original_forward(*args, **kwargs)
 
-    original_prepare = engine.model.prepare_inputs_for_generation
-
-    def recording_prepare(input_ids, **kwargs):
-        out = original_prepare(input_ids, **kwargs)
-        calls["step_lengths"].append(int(out["input_ids"].shape[1]))
-        return out
+    def record_tokens_embedded(layer, inputs, output):  # every forward pass embeds its new tokens first
+        calls["step_lengths"].append(int(output.shape[1]))
 
     monkeypatch.setattr(visual, "forward", counting_forward)
-    monkeypatch.setattr(engine.model, "prepare_inputs_for_generation", recording_prepare)
+    hook = engine.model.model.get_input_embeddings().register_forward_post_hook(record_tokens_embedded)
     img = Image.effect_noise((84, 84), 30).convert("RGB")  # an image no other test uses: not cached
     prompt = engine.build_prompt([ChatTurn("user", [img, "Describe this."])])
-    result = engine.generate(prompt, engine.sampling_params(max_tokens=10, temperature=0, repetition_penalty=1.0))
+    try:
+        result = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.0))
+    finally:
+        hook.remove()
     assert calls["vision"] == 1
     assert calls["step_lengths"][0] == prompt.prompt_tokens
     assert set(calls["step_lengths"][1:]) <= {1}

@@ -3,6 +3,7 @@
 import pytest
 
 from serving.errors import InvalidRequest
+from serving.http_errors import problem
 from serving.protocol import ImageRef, normalise_messages, parse_request
 
 
@@ -59,7 +60,7 @@ def test_parameters():
 def test_bad_requests_name_the_field(body, param):
     with pytest.raises(InvalidRequest) as info:
         turns_of(body)
-    assert info.value.status == 400
+    assert problem(info.value).status == 400
     assert info.value.param == param
     assert info.value.message.startswith(param)
 

@@ -8,23 +8,35 @@ from conftest import ROOT
 
 
 def test_serving_path_never_imports_torch():
-    code = (
-        "import sys\n"
-        "from serving.config import Settings\n"
-        "from serving.app import create_app\n"
-        "from serving.server import build_engine\n"
-        "from serving.protocol import ChatTurn\n"
-        "from PIL import Image\n"
-        "engine = build_engine(Settings(model='demo'))\n"
-        "create_app(Settings(model='demo'), engine)\n"
-        "p = engine.build_prompt([ChatTurn('user', [Image.new('RGB', (64, 64)), 'hi'])])\n"
-        "engine.generate(p, engine.sampling_params(max_tokens=2))\n"
-        "engine.close()\n"
-        "import api\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
-        "assert not bad, bad\n"
-        "print('ok')\n"
-    )
+    """The app, the chat widget and the built-in engine, each answering once on the demo model."""
+    code = """
+import io
+import sys
+
+from PIL import Image
+
+from serving.app import create_app
+from serving.config import Settings
+from serving.server import build_engine
+from serving.widgets import ChatWidget
+
+settings = Settings(model="demo")
+engine = build_engine(settings)
+client = create_app(settings, engine).test_client()
+body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+assert client.post("/v1/chat/completions", json=body).status_code == 200
+png = io.BytesIO()
+Image.new("RGB", (64, 64)).save(png, "PNG")
+chat = ChatWidget(engine, settings, max_tokens=2)
+assert chat.add_upload("x.png", png.getvalue())
+chat.question.value = "hi"
+assert chat.send() and chat.wait(120) and chat.error == ""
+engine.close()
+import api
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+assert not bad, bad
+print("ok")
+"""
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 

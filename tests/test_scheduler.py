@@ -1,8 +1,9 @@
-"""The batching scheduler and the image caches, on the real model."""
+"""The continuous-batching scheduler and the image caches, on the real model."""
 
 from PIL import Image
 
 from serving.engine import Finished
+from serving.jobs import SamplingParams
 from serving.protocol import ChatTurn
 
 
@@ -29,12 +30,14 @@ def prompts(engine):
 
 def test_greedy_answers_identical_batched_and_alone(engine):
     ps = prompts(engine)
-    alone = [collect(engine.submit(p, engine.sampling_params(max_tokens=12, temperature=0))) for p in ps]
-    before = (engine.batches_run, engine.batched_jobs)
-    jobs = [engine.submit(p, engine.sampling_params(max_tokens=12, temperature=0)) for p in ps]
+    alone = [collect(engine.submit(p, SamplingParams(max_tokens=12, temperature=0))) for p in ps]
+    before = engine.stats()
+    jobs = [engine.submit(p, SamplingParams(max_tokens=12, temperature=0)) for p in ps]
     together = [collect(job) for job in jobs]
-    batches, jobs_run = engine.batches_run - before[0], engine.batched_jobs - before[1]
-    assert jobs_run == 4 and batches < 4, "the four compatible requests should share forward passes"
+    after = engine.stats()
+    steps = after["steps"] - before["steps"]
+    assert after["batched_requests"] - before["batched_requests"] == 4
+    assert steps < sum(f.completion_tokens for _, f in together) - 4, "the four requests should share steps"
     assert [t for t, _ in together] == [t for t, _ in alone]
     for (_, f_alone), (_, f_batch) in zip(alone, together):
         assert (f_alone.finish_reason, f_alone.completion_tokens) == (f_batch.finish_reason, f_batch.completion_tokens)
@@ -43,12 +46,12 @@ def test_greedy_answers_identical_batched_and_alone(engine):
 
 def test_each_request_keeps_its_own_limits(engine):
     ps = prompts(engine)
-    full, _ = collect(engine.submit(ps[1], engine.sampling_params(max_tokens=20, temperature=0)))
+    full, _ = collect(engine.submit(ps[1], SamplingParams(max_tokens=20, temperature=0)))
     stop = full[4:7]
     jobs = [
-        engine.submit(ps[0], engine.sampling_params(max_tokens=2, temperature=0, repetition_penalty=1.05)),
-        engine.submit(ps[1], engine.sampling_params(max_tokens=20, temperature=0, stop=[stop])),
-        engine.submit(ps[2], engine.sampling_params(max_tokens=9, temperature=0)),
+        engine.submit(ps[0], SamplingParams(max_tokens=2, temperature=0, repetition_penalty=1.05)),
+        engine.submit(ps[1], SamplingParams(max_tokens=20, temperature=0, stop=[stop])),
+        engine.submit(ps[2], SamplingParams(max_tokens=9, temperature=0)),
     ]
     results = [collect(job) for job in jobs]
     assert results[0][1].completion_tokens <= 2
@@ -59,22 +62,15 @@ def test_each_request_keeps_its_own_limits(engine):
             assert finish.completion_tokens in (2, 9)
 
 
-def test_different_sampling_settings_do_not_share_a_batch(engine):
-    ps = prompts(engine)
-    key_greedy = engine._batch_key(engine.submit(ps[0], engine.sampling_params(max_tokens=1, temperature=0)))
-    key_sampled = engine._batch_key(engine.submit(ps[0], engine.sampling_params(max_tokens=1, temperature=0.8)))
-    assert key_greedy != key_sampled
-
-
 def test_cancelled_job_frees_its_row(engine):
     ps = prompts(engine)
-    long_job = engine.submit(ps[0], engine.sampling_params(max_tokens=400, temperature=1.0, top_k=0, top_p=1.0))
-    short_job = engine.submit(ps[2], engine.sampling_params(max_tokens=400, temperature=1.0, top_k=0, top_p=1.0))
+    long_job = engine.submit(ps[0], SamplingParams(max_tokens=400, temperature=1.0, top_k=0, top_p=1.0))
+    short_job = engine.submit(ps[2], SamplingParams(max_tokens=400, temperature=1.0, top_k=0, top_p=1.0))
     next(iter(long_job))
     long_job.cancel()
     short_job.cancel()
     # the worker is free again soon: a new request completes
-    text, finish = collect(engine.submit(ps[0], engine.sampling_params(max_tokens=3, temperature=0)))
+    text, finish = collect(engine.submit(ps[0], SamplingParams(max_tokens=3, temperature=0)))
     assert finish.completion_tokens <= 3
 
 
@@ -83,9 +79,9 @@ def test_repeated_image_hits_both_caches(engine):
     pixels_before = engine.pixel_cache.stats()
     vision_before = engine.vision_cache.stats()
     first = engine.build_prompt([ChatTurn("user", [img, "Describe."])])
-    a = engine.generate(first, engine.sampling_params(max_tokens=6, temperature=0))
+    a = engine.generate(first, SamplingParams(max_tokens=6, temperature=0))
     second = engine.build_prompt([ChatTurn("user", [img.copy(), "Describe."])])
-    b = engine.generate(second, engine.sampling_params(max_tokens=6, temperature=0))
+    b = engine.generate(second, SamplingParams(max_tokens=6, temperature=0))
     assert engine.pixel_cache.stats()["hits"] > pixels_before["hits"]
     assert engine.vision_cache.stats()["hits"] > vision_before["hits"]
     assert first.image_keys == second.image_keys

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import png_bytes
+from serving.chat import ChatService
 from serving.images import PATCH_FACTOR
 from serving.widgets import ChatWidget
 
@@ -39,12 +40,13 @@ def chat(engine, settings):
     widget.wait(60)
 
 
-def greedy(engine, turns, max_tokens):
-    return engine.generate(engine.build_prompt(turns), engine.sampling_params(max_tokens=max_tokens,
-                                                                               temperature=0)).text
+def greedy(engine, settings, turns, max_tokens):
+    """The answer the chat service gives to `turns` directly (what the API would answer)."""
+    service = ChatService(engine, settings)
+    return service.start(turns, service.sampling_params(max_tokens=max_tokens, temperature=0)).collect().text
 
 
-def test_upload_send_streams_the_answer_and_keeps_the_image_in_history(chat, engine):
+def test_upload_send_streams_the_answer_and_keeps_the_image_in_history(chat, engine, settings):
     chat.upload.value = upload_value(("red.png", png_bytes((200, 90), (200, 30, 30))))
     assert chat.upload.value == ()  # reset, so the same file can be chosen again
     assert [p.name for p in chat.pending] == ["red.png"]
@@ -69,17 +71,17 @@ def test_upload_send_streams_the_answer_and_keeps_the_image_in_history(chat, eng
     assert isinstance(image, Image.Image) and text == "What is in this picture?"
     assert image.width % PATCH_FACTOR == 0 and image.height % PATCH_FACTOR == 0
     assert assistant.parts == [chat.answer]
-    assert chat.answer == greedy(engine, [user], 24)  # the widget sent exactly this conversation
+    assert chat.answer == greedy(engine, settings, [user], 24)  # the widget sent exactly this conversation
 
     assert chat.last_result.finish_reason in ("stop", "length")
     assert "tokens/s" in chat.status and str(chat.last_result.completion_tokens) in chat.status
     assert not chat.busy and not chat.send_button.disabled and chat.stop_button.disabled
 
 
-def test_second_turn_sends_the_whole_conversation(chat, engine, monkeypatch):
+def test_second_turn_sends_the_whole_conversation(chat, engine, settings, monkeypatch):
     seen = []
-    build = engine.build_prompt
-    monkeypatch.setattr(engine, "build_prompt", lambda turns: seen.append(list(turns)) or build(turns))
+    start = engine.start
+    monkeypatch.setattr(engine, "start", lambda turns, params: seen.append(list(turns)) or start(turns, params))
 
     assert chat.add_upload("a.png", png_bytes((64, 64), (10, 200, 10)))
     chat.question.value = "First question"
@@ -98,7 +100,7 @@ def test_second_turn_sends_the_whole_conversation(chat, engine, monkeypatch):
     sent = seen[-1]
     assert [t.role for t in sent] == ["user", "assistant", "user"]
     assert isinstance(sent[0].parts[0], Image.Image)  # the first turn's image goes along
-    assert chat.answer == greedy(engine, chat.history[:3], 24)
+    assert chat.answer == greedy(engine, settings, chat.history[:3], 24)
     assert len(chat.transcript.children) == 5  # thumbnails row + 4 messages
 
 
@@ -109,8 +111,8 @@ def test_enter_in_the_question_box_sends(chat):
     assert [t.role for t in chat.history] == ["user", "assistant"]
 
 
-def test_stop_cancels_a_long_answer(chat, engine):
-    limit = engine.max_tokens_limit
+def test_stop_cancels_a_long_answer(chat, settings):
+    limit = settings.max_tokens_limit
     chat.max_tokens.value = limit
     chat.question.value = "Tell me a very long story"
     started = time.perf_counter()
@@ -127,7 +129,7 @@ def test_stop_cancels_a_long_answer(chat, engine):
     assert [t.role for t in chat.history] == ["user", "assistant"]
     assert chat.history[1].parts == [chat.answer] and chat.answer
 
-    # the job was cancelled in the model worker: the next answer does not queue behind 4096 tokens
+    # the generation was cancelled in the engine: the next answer does not queue behind `limit` tokens
     chat.max_tokens.value = 4
     chat.question.value = "Short one"
     chat.send_button.click()
@@ -136,7 +138,7 @@ def test_stop_cancels_a_long_answer(chat, engine):
     assert time.perf_counter() - started < elapsed + 20
 
 
-def test_clear_starts_over_even_while_answering(chat, engine):
+def test_clear_starts_over_even_while_answering(chat, settings):
     chat.add_upload("x.png", png_bytes())
     chat.question.value = "One"
     chat.send_button.click()
@@ -148,7 +150,7 @@ def test_clear_starts_over_even_while_answering(chat, engine):
     assert "No messages" in chat.transcript.children[0].value
     assert "cleared" in chat.status
 
-    chat.max_tokens.value = engine.max_tokens_limit
+    chat.max_tokens.value = settings.max_tokens_limit
     chat.question.value = "Two"
     chat.send_button.click()
     assert wait_until(lambda: len(chat.deltas) >= 1)
@@ -194,13 +196,14 @@ def test_send_while_answering_is_refused(chat, engine):
 
 def test_sampling_sliders_reach_the_engine(chat, engine, monkeypatch):
     seen = []
-    params = engine.sampling_params
-    monkeypatch.setattr(engine, "sampling_params", lambda **kw: seen.append(kw) or params(**kw))
+    start = engine.start
+    monkeypatch.setattr(engine, "start", lambda turns, params: seen.append(params) or start(turns, params))
     chat.temperature.value, chat.top_p.value, chat.max_tokens.value = 0.8, 0.9, 5
     chat.question.value = "Sample, please"
     chat.send_button.click()
     chat.wait(60)
-    assert seen[-1] == {"max_tokens": 5, "temperature": 0.8, "top_p": 0.9, "top_k": 0}
+    params = seen[-1]
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (5, 0.8, 0.9, 0)
     assert chat.last_result.completion_tokens <= 5
 
 
@@ -232,10 +235,10 @@ def test_notebook_is_clean_and_runs_headless():
 def test_an_engine_error_is_shown_and_the_question_can_be_asked_again(chat, engine, monkeypatch):
     from serving.errors import InvalidRequest
 
-    def refuse(turns):
+    def refuse(turns, params):
         raise InvalidRequest("the prompt is too long for this model", param="messages")
 
-    monkeypatch.setattr(engine, "build_prompt", refuse)
+    monkeypatch.setattr(engine, "start", refuse)
     chat.add_upload("x.png", png_bytes())
     chat.question.value = "Will this fail?"
     chat.send_button.click()

@@ -1,0 +1,180 @@
+"""The running batch of the built-in engine: the model's forward pass, driven one step at a time.
+
+Rows join and leave at every step. A new request is prefilled on its own (in chunks, so a long
+image prompt shares the machine with everyone's decoding), then its KV cache is merged into the
+running batch: both caches are left-padded to a common length and stacked, and the attention
+mask marks the padding. Finished rows are dropped at once and padding columns that no row needs
+any more are trimmed away.
+
+Qwen2.5-VL's rotary positions are 3-D (time, height, width) for image tokens; after the prompt
+every row advances one position per token from its own prompt's largest position. Each row
+carries that number itself and the position ids are always passed explicitly, so the model's
+shared `rope_deltas` attribute (which assumes one batch from one prefill) is never used.
+
+This drives PaddleFormers' own modules (embedding, vision tower, language model, lm_head): the
+maths is the library's; only the scheduling is ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+def _paddle():
+    import paddle
+
+    return paddle
+
+
+@dataclass
+class PrefillResult:
+    logits: object  # [1, vocab] for the prompt's last position
+    cache: object  # the prompt's DynamicCache, [1, heads, n, dim] per layer
+    length: int  # n: tokens in the cache
+    next_position: int  # the rope position of the first generated token
+
+
+class Prefill:
+    """One prompt being prefilled, `chunk` tokens at a time. The vision tower runs once, at the start,
+    for the whole prompt (its output goes into the prompt's embeddings)."""
+
+    def __init__(self, model, arrays: dict, image_keys_setter=None):
+        paddle = _paddle()
+        from paddleformers.transformers.cache_utils import DynamicCache
+
+        self.model = model
+        inner = model.model
+        ids = paddle.to_tensor(arrays["input_ids"])
+        embeds = inner.get_input_embeddings()(ids)
+        grid = None
+        if "pixel_values" in arrays:
+            grid = paddle.to_tensor(arrays["image_grid_thw"])
+            if image_keys_setter is not None:
+                image_keys_setter()
+            image_embeds = inner.get_image_features(paddle.to_tensor(arrays["pixel_values"]), grid)
+            image_embeds = paddle.concat(list(image_embeds), axis=0).astype(embeds.dtype)
+            image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image_embeds)
+            embeds = embeds.masked_scatter(image_mask, image_embeds)
+        mask = paddle.ones(ids.shape, dtype="int64")
+        positions, _ = inner.get_rope_index(ids, grid, None, attention_mask=mask)  # [3, 1, n]
+        self.embeds = embeds
+        self.positions = positions
+        self.next_position = int(positions.max()) + 1
+        self.length = int(ids.shape[1])
+        self.done = 0  # prompt tokens already in the cache
+        self.cache = DynamicCache(config=inner.language_model.config)
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.done
+
+    def run(self, tokens: int) -> Optional[PrefillResult]:
+        """Prefill up to `tokens` more prompt tokens; the result once the whole prompt is in."""
+        paddle = _paddle()
+        start, end = self.done, min(self.length, self.done + max(1, tokens))
+        hidden = self.model.model.language_model(
+            input_ids=None, inputs_embeds=self.embeds[:, start:end], position_ids=self.positions[:, :, start:end],
+            attention_mask=paddle.ones([1, end], dtype="int64"), past_key_values=self.cache, use_cache=True,
+            return_dict=True, cache_position=paddle.arange(start, end)).last_hidden_state
+        self.done = end
+        if end < self.length:
+            return None
+        logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
+        self.embeds = self.positions = None  # no longer needed: free them now
+        return PrefillResult(logits, self.cache, self.length, self.next_position)
+
+
+class RunningBatch:
+    """The KV cache of every decoding row, left-padded to one length, with its attention mask.
+
+    Row i of every tensor belongs to `self.rows[i]` (whatever the engine keeps per request).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.rows: list = []
+        self.cache = None  # DynamicCache, [rows, heads, length, dim] per layer
+        self.mask = None  # int64 [rows, length]: 1 where a row has a real token
+        self.positions: list[int] = []  # each row's next rope position
+        self.last_tokens: list[int] = []  # each row's latest token: the next step's input
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def kv_tokens(self) -> int:
+        """Token slots the cache holds now, padding included (rows x length)."""
+        return len(self.rows) * self.length
+
+    def add(self, row, prefill: PrefillResult, first_token: int) -> None:
+        """Merge a prefilled prompt into the batch; its first generated token is the next input."""
+        paddle = _paddle()
+        new_mask = paddle.ones([1, prefill.length], dtype="int64")
+        if self.cache is None:
+            self.cache, self.mask = prefill.cache, new_mask
+        else:
+            width = max(self.length, prefill.length)
+            for mine, theirs in zip(self.cache.layers, prefill.cache.layers):
+                mine.keys = paddle.concat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)], axis=0)
+                mine.values = paddle.concat([_pad_left(mine.values, width, 2),
+                                             _pad_left(theirs.values, width, 2)], axis=0)
+            self.mask = paddle.concat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)], axis=0)
+        self.rows.append(row)
+        self.positions.append(prefill.next_position)
+        self.last_tokens.append(first_token)
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the rows at these indices (in order), and trim padding no row needs any more."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.positions = [self.positions[i] for i in keep]
+        self.last_tokens = [self.last_tokens[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        paddle = _paddle()
+        index = paddle.to_tensor(keep, dtype="int64")
+        mask = paddle.index_select(self.mask, index, axis=0)
+        used = np.flatnonzero(mask.numpy().any(axis=0))
+        start = int(used[0]) if used.size else 0
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = paddle.index_select(layer.keys, index, axis=0)[:, :, start:, :]
+            layer.values = paddle.index_select(layer.values, index, axis=0)[:, :, start:, :]
+
+    def step(self):
+        """One decoding step for every row: logits [rows, vocab] for each row's next token."""
+        paddle = _paddle()
+        inner = self.model.model
+        tokens = paddle.to_tensor(self.last_tokens, dtype="int64").reshape([-1, 1])
+        embeds = inner.get_input_embeddings()(tokens)
+        positions = paddle.to_tensor(self.positions, dtype="int64").reshape([1, -1, 1]).expand([3, -1, 1])
+        self.mask = paddle.concat([self.mask, paddle.ones([len(self.rows), 1], dtype="int64")], axis=1)
+        length = self.length
+        hidden = inner.language_model(
+            input_ids=None, inputs_embeds=embeds, position_ids=positions, attention_mask=self.mask,
+            past_key_values=self.cache, use_cache=True, return_dict=True,
+            cache_position=paddle.arange(length - 1, length)).last_hidden_state
+        self.positions = [p + 1 for p in self.positions]
+        return self.model.lm_head(hidden)[:, -1, :]
+
+    def set_next(self, tokens: list[int]) -> None:
+        self.last_tokens = list(tokens)
+
+
+def _pad_left(tensor, width: int, axis: int):
+    """Zero-pad `tensor` on the left of `axis` to `width` (the mask keeps padding out of attention)."""
+    missing = width - int(tensor.shape[axis])
+    if missing <= 0:
+        return tensor
+    paddle = _paddle()
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return paddle.concat([paddle.zeros(shape, dtype=tensor.dtype), tensor], axis=axis)

@@ -1,0 +1,326 @@
+"""serving.sampling picks what PaddleFormers' generate would, row by row, with per-row settings and seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+from paddleformers.generation.logits_process import TopKProcess, TopPProcess
+
+from serving.jobs import SamplingParams, TokenLogprob
+from serving.model import load_model
+from serving.sampling import (RowSampler, generation_defaults, next_tokens, penalized_logits, sampling_probs,
+                              token_names)
+
+VOCAB = 3000
+
+
+@pytest.fixture(scope="module")
+def loaded(settings):
+    """The demo model through the project's loader (which applies serving.paddle_fixes)."""
+    return load_model(settings)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(loaded):
+    return loaded.processor.tokenizer
+
+
+def params(**settings) -> SamplingParams:
+    return SamplingParams(max_tokens=16, **settings)
+
+
+def random_logits(rng, rows, vocab=VOCAB, scale=4.0):
+    return paddle.to_tensor((rng.standard_normal((rows, vocab)) * scale).astype(np.float32))
+
+
+def generate_processors(model, repetition_penalty):
+    """The processor list generate builds for these settings (no min length, no forced tokens)."""
+    return model.get_logits_processor(max_length=10_000, eos_token_id=model.generation_config.eos_token_id,
+                                      repetition_penalty=repetition_penalty)
+
+
+def seen_ids_with_the_top_token(rng, row_logits, length=40):
+    """Random prompt ids that include the row's most likely token, so the penalty matters."""
+    ids = rng.integers(0, row_logits.shape[-1], length).tolist()
+    ids[rng.integers(0, length)] = int(np.argmax(row_logits))
+    return ids
+
+
+def test_greedy_is_the_argmax_of_generates_processors(loaded):
+    rng = np.random.default_rng(1)
+    penalties = [1.0, 1.05, 1.3, 0.8, 2.0, 1.05, None, 1.5]
+    logits = random_logits(rng, len(penalties))
+    raw = logits.numpy()
+    prompts = [seen_ids_with_the_top_token(rng, raw[i]) for i in range(len(penalties))]
+    answers = [rng.integers(0, VOCAB, 5).tolist() for _ in penalties]
+    samplers = []
+    for penalty, prompt, answer in zip(penalties, prompts, answers):
+        sampler = RowSampler(params(temperature=0, repetition_penalty=penalty), {}, prompt)
+        for token in answer:
+            sampler.accept(token)
+        samplers.append(sampler)
+
+    tokens, logprobs = next_tokens(logits, samplers)
+
+    for i, penalty in enumerate(penalties):
+        input_ids = paddle.to_tensor([prompts[i] + answers[i]], dtype="int64")
+        processed = generate_processors(loaded.model, penalty)(input_ids, logits[i:i + 1])
+        assert tokens[i] == int(paddle.argmax(processed, axis=-1))
+    assert logprobs == [None] * len(penalties)
+    changed = [tokens[i] != int(np.argmax(raw[i])) for i in range(len(penalties))]
+    assert any(changed) and not all(changed)  # the penalty really decided some rows, and not others
+
+
+def test_half_precision_repetition_penalty_rounds_like_generate():
+    """generate applies the penalty in the logits' dtype (bfloat16 on a GPU): `score * penalty` there."""
+    rng = np.random.default_rng(2)
+    logits = random_logits(rng, 2, vocab=500, scale=8.0).astype("bfloat16")
+    seen = [list(range(0, 500, 2)), list(range(1, 500, 3))]
+    penalties = [1.05, 1.3]
+    samplers = [RowSampler(params(temperature=0, repetition_penalty=p), {}, ids) for p, ids in zip(penalties, seen)]
+
+    ours = penalized_logits(logits, samplers).numpy()
+
+    for row, (penalty, ids) in enumerate(zip(penalties, seen)):
+        score = paddle.gather(logits[row], paddle.to_tensor(ids))  # bfloat16
+        multiplied, divided = (score * penalty).astype("float32"), (score / penalty).astype("float32")
+        expected = np.where(score.astype("float32").numpy() < 0, multiplied.numpy(), divided.numpy())
+        np.testing.assert_array_equal(ours[row, ids], expected)
+        others = np.setdiff1d(np.arange(500), ids)
+        np.testing.assert_array_equal(ours[row, others], logits[row].astype("float32").numpy()[others])
+
+
+SAMPLING_CASES = [  # temperature, top_k, top_p, repetition_penalty
+    (1.0, 0, 1.0, 1.0),
+    (0.7, 50, 1.0, 1.05),
+    (1.3, 0, 0.9, 1.0),
+    (0.5, 20, 0.8, 1.2),
+    (0.1, 1, 0.001, 1.05),
+    (2.0, 3000, 0.95, 1.0),
+]
+
+
+def test_sampling_rows_draw_from_generates_distribution(loaded):
+    rng = np.random.default_rng(3)
+    logits = random_logits(rng, len(SAMPLING_CASES), scale=2.0)
+    raw = logits.numpy()
+    prompts = [seen_ids_with_the_top_token(rng, raw[i]) for i in range(len(SAMPLING_CASES))]
+    samplers = [RowSampler(params(temperature=t, top_k=k, top_p=p, repetition_penalty=r, seed=i), {}, prompts[i])
+                for i, (t, k, p, r) in enumerate(SAMPLING_CASES)]
+
+    ours = sampling_probs(penalized_logits(logits, samplers), samplers).numpy()
+
+    for i, (temperature, top_k, top_p, penalty) in enumerate(SAMPLING_CASES):
+        # generate's sample(): processors, then / temperature, softmax, TopKProcess, TopPProcess
+        row = generate_processors(loaded.model, penalty)(paddle.to_tensor([prompts[i]]), logits[i:i + 1])
+        if temperature != 1.0:
+            row = row / temperature
+        probs = F.softmax(row)
+        if top_k != 0:
+            probs = TopKProcess(probs, top_k, 1)
+        if top_p < 1.0:
+            probs = TopPProcess(probs, top_p, 1)
+        np.testing.assert_array_equal(ours[i], probs.numpy()[0])
+    kept = (ours > 0).sum(axis=1)
+    assert kept[4] == 1 and kept[1] <= 50 and kept[0] == VOCAB  # the filters really filtered
+
+
+def test_the_models_defaults_fill_what_the_request_leaves_out(loaded):
+    defaults = generation_defaults(loaded.model.generation_config)
+    sampler = RowSampler(params(), defaults, [1, 2])
+    # the demo checkpoint carries Qwen2.5-VL's published generation_config
+    assert (sampler.temperature, sampler.top_k, sampler.top_p, sampler.repetition_penalty) == (0.1, 1, 0.001, 1.05)
+    assert not sampler.greedy
+    assert RowSampler(params(temperature=0), defaults, []).greedy
+    assert RowSampler(params(), {**defaults, "do_sample": False}, []).greedy
+    assert RowSampler(params(temperature=0.9), {**defaults, "do_sample": False}, []).temperature == 0.9
+    assert RowSampler(params(top_k=-1, top_p=0.5), defaults, []).top_k == 0  # vLLM's "no top-k"
+    for impossible in (dict(temperature=-0.5), dict(top_p=float("nan")), dict(repetition_penalty=0.0)):
+        with pytest.raises(ValueError):
+            RowSampler(params(**impossible), defaults, [])
+
+
+def test_draws_follow_the_filtered_distribution():
+    """4000 rows, same logits, different seeds: token frequencies match the kept probabilities."""
+    rows = 4000
+    base = np.log(np.array([0.05, 0.3, 0.02, 0.25, 0.2, 0.1, 0.05, 0.03], dtype=np.float32))
+    logits = paddle.to_tensor(np.tile(base, (rows, 1)))
+    samplers = [RowSampler(params(temperature=1.0, top_p=0.8, seed=seed), {}, []) for seed in range(rows)]
+
+    tokens, _ = next_tokens(logits, samplers)
+
+    # top_p 0.8 keeps 0.3, 0.25, 0.2 (0.75) and the 0.1 that crosses 0.8
+    expected = np.array([0, 0.3, 0, 0.25, 0.2, 0.1, 0, 0]) / 0.85
+    counts = np.bincount(tokens, minlength=len(base))
+    assert counts[expected == 0].sum() == 0
+    sigma = np.sqrt(rows * expected * (1 - expected))
+    assert np.all(np.abs(counts - rows * expected) < 4 * sigma + 1)
+
+
+def decode_steps(samplers, row_logits_per_step):
+    """Run steps of next_tokens + accept; row_logits_per_step[t] is [B, V] numpy."""
+    out = [[] for _ in samplers]
+    for step_logits in row_logits_per_step:
+        tokens, _ = next_tokens(paddle.to_tensor(step_logits), samplers)
+        for sampler, token, seq in zip(samplers, tokens, out):
+            sampler.accept(token)
+            seq.append(token)
+    return out
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_and_anywhere_in_a_batch():
+    rng = np.random.default_rng(4)
+    steps = 12
+    mine = (rng.standard_normal((steps, VOCAB)) * 1.5).astype(np.float32)
+    others = (rng.standard_normal((steps, 3, VOCAB)) * 1.5).astype(np.float32)
+    settings = dict(temperature=0.9, top_k=200, top_p=0.95, repetition_penalty=1.1, presence_penalty=0.5,
+                    frequency_penalty=0.3)
+
+    def seeded(seed=1234):
+        return RowSampler(params(seed=seed, **settings), {}, [5, 6, 7])
+
+    alone = decode_steps([seeded()], mine[:, None, :])[0]
+    assert len(set(alone)) > 1  # really sampled, not a constant pick
+    for position in range(4):
+        companions = [RowSampler(params(temperature=0), {}, [1]),
+                      RowSampler(params(temperature=1.5, seed=99), {}, []),
+                      RowSampler(params(temperature=0.7, top_k=5), {}, [2, 3])]  # unseeded
+        samplers = companions[:position] + [seeded()] + companions[position:]
+        batch = np.insert(others, position, mine, axis=1)
+        assert decode_steps(samplers, batch)[position] == alone
+
+    assert decode_steps([seeded(seed=4321)], mine[:, None, :])[0] != alone
+
+
+def test_presence_and_frequency_penalties_touch_only_answer_tokens_by_their_amounts():
+    rng = np.random.default_rng(5)
+    logits = random_logits(rng, 2)
+    raw = logits.numpy()
+    prompt = [1, 2, 3, 40]
+    answer = [3, 3, 3, 7, 9, 7]
+    counts = {3: 3, 7: 2, 9: 1}
+    plain = RowSampler(params(temperature=0, presence_penalty=0.5, frequency_penalty=0.25), {}, prompt)
+    with_repetition = RowSampler(params(temperature=0, presence_penalty=-0.4, frequency_penalty=1.5,
+                                        repetition_penalty=1.2), {}, prompt)
+    for token in answer:
+        plain.accept(token)
+        with_repetition.accept(token)
+
+    out = penalized_logits(logits, [plain, with_repetition]).numpy()
+
+    delta = out[0] - raw[0]
+    for token, count in counts.items():
+        assert delta[token] == pytest.approx(-(0.5 + 0.25 * count), abs=1e-5)
+    untouched = np.setdiff1d(np.arange(VOCAB), list(counts))
+    assert np.all(delta[untouched] == 0)  # prompt tokens 1, 2, 40 included: not the answer
+
+    # repetition penalty first (prompt and answer), then presence and frequency (answer only)
+    repeated = raw[1].copy()
+    for token in set(prompt + answer):
+        repeated[token] = repeated[token] * 1.2 if repeated[token] < 0 else repeated[token] / 1.2
+    for token, count in counts.items():
+        repeated[token] -= -0.4 + 1.5 * count
+    np.testing.assert_allclose(out[1], repeated, rtol=1e-6, atol=1e-6)
+
+
+def test_logprobs_are_raw_log_softmax_with_sorted_alternatives(tokenizer):
+    rng = np.random.default_rng(6)
+    vocab = 576  # the demo model's vocabulary (padded past the tokenizer's 538 ids)
+    raw = (rng.standard_normal((4, vocab)) * 3.0).astype(np.float32)
+    raw[2, 10], raw[2, 11] = 20.0, 19.5  # a greedy row whose pick the frequency penalty will move
+    logits = paddle.to_tensor(raw)
+    raw = raw.astype(np.float64)
+    reference = raw - np.log(np.exp(raw - raw.max(1, keepdims=True)).sum(1, keepdims=True)) - raw.max(1, keepdims=True)
+    samplers = [
+        RowSampler(params(temperature=0.8, top_k=10, seed=1, logprobs=True, top_logprobs=5,
+                          repetition_penalty=1.3, presence_penalty=1.0), {}, list(range(100))),
+        RowSampler(params(temperature=0), {}, []),
+        RowSampler(params(temperature=0, logprobs=True, top_logprobs=0, frequency_penalty=2.0), {}, []),
+        RowSampler(params(temperature=1.0, seed=2, logprobs=True, top_logprobs=20), {}, []),
+    ]
+    samplers[2].accept(10)  # now 18.0 against 19.5: the pick moves, the logprobs stay raw
+
+    tokens, logprobs = next_tokens(logits, samplers, tokenizer)
+
+    assert logprobs[1] is None
+    for i, want in ((0, 5), (2, 0), (3, 20)):
+        entry = logprobs[i]
+        assert isinstance(entry, TokenLogprob)
+        assert entry.logprob == pytest.approx(reference[i, tokens[i]], abs=1e-5)
+        assert len(entry.top_logprobs) == want
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        np.testing.assert_allclose(values, np.sort(reference[i])[::-1][:want], atol=1e-5)
+        names = token_names(tokenizer)
+        for alt, token_id in zip(entry.top_logprobs, np.argsort(-reference[i])[:want]):
+            assert (alt.token, bytes(alt.bytes)) == names(int(token_id))
+    assert tokens[2] == 11
+
+
+def test_token_text_and_bytes_as_openai_shows_them(tokenizer):
+    names = token_names(tokenizer)
+    for word in ("Hello", " world", " the", "!"):
+        for token_id in tokenizer(word, add_special_tokens=False)["input_ids"]:
+            text, raw = names(token_id)
+            assert raw.decode("utf-8") == text == tokenizer.decode([token_id])
+    assert names(tokenizer.convert_tokens_to_ids("\u0120the")) == (" the", b" the")  # byte-level spelling of " "
+
+    # a byte-level token that is only the first byte of 这 (E8 BF 99)
+    first_byte = tokenizer.convert_tokens_to_ids("\u00e8")
+    text, raw = names(first_byte)
+    assert raw == b"\xe8" and "这".encode("utf-8").startswith(raw)
+    assert text == "\ufffd" == tokenizer.decode([first_byte])
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")
+    whole = tokenizer("这", add_special_tokens=False)["input_ids"]
+    assert b"".join(names(t)[1] for t in whole).decode("utf-8") == "这"
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert names(im_end) == ("<|im_end|>", b"<|im_end|>")
+    assert names(len(tokenizer) + 3) == ("", b"")  # a padded vocabulary id the tokenizer does not know
+
+    logits = np.full((1, 576), -5.0, dtype=np.float32)
+    logits[0, first_byte] = 5.0
+    _, (entry,) = next_tokens(paddle.to_tensor(logits), [RowSampler(params(temperature=0, logprobs=True), {}, [])],
+                              tokenizer)
+    assert (entry.token, entry.bytes) == ("\ufffd", [0xE8])
+
+
+def test_manual_cached_greedy_decode_matches_generate(loaded):
+    model, processor = loaded.model, loaded.processor
+    tokenizer = processor.tokenizer
+    text = processor.apply_chat_template([{"role": "user", "content": "Describe the sky at night."}],
+                                         tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    max_new = 12
+    penalty = model.generation_config.repetition_penalty  # 1.05, so the penalty is part of the parity
+
+    with paddle.no_grad():
+        ids, _ = model.generate(input_ids=paddle.to_tensor([prompt]), attention_mask=paddle.ones([1, len(prompt)],
+                                dtype="int64"), max_new_tokens=max_new, decode_strategy="greedy_search",
+                                repetition_penalty=penalty, eos_token_id=list(eos), use_cache=True)
+        expected = ids.numpy()[0].tolist()
+
+        sampler = RowSampler(params(temperature=0), generation_defaults(model.generation_config), prompt)
+        assert sampler.repetition_penalty == penalty
+        answer, past, feed = [], None, prompt
+        while len(answer) < max_new:
+            start = len(prompt) + len(answer) - len(feed)
+            positions = paddle.arange(start, start + len(feed), dtype="int64").reshape([1, 1, -1]).expand([3, 1, -1])
+            out = model(input_ids=paddle.to_tensor([feed]), position_ids=positions, past_key_values=past,
+                        attention_mask=paddle.ones([1, start + len(feed)], dtype="int64"), use_cache=True,
+                        return_dict=True)
+            past = out.past_key_values
+            (token,), _ = next_tokens(out.logits[:, -1, :], [sampler])
+            sampler.accept(token)
+            answer.append(token)
+            if token in eos:
+                break
+            feed = [token]
+
+    assert answer == expected
+    assert len(set(answer)) > 1
