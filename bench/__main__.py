@@ -3,13 +3,17 @@
     python -m bench                 # the full run (model demo-bench), writes docs/bench/
     python -m bench --quick         # small sizes (model demo), about two minutes; what CI runs
     python -m bench --out /tmp/b    # write results.json, results.md and chart.png elsewhere
+    python -m bench --only staggered,join --clients 4     # some sections only (written to a temporary folder)
 
 Both servers are started here as subprocesses on free loopback ports, loading the same
 checkpoint through the same loader: the baseline (`bench/baseline_server.py`) and ours
 (`python api.py`). Then the same requests, in the tutorial's payload format, go to each in
-turn: (a) single requests in sequence, (b) concurrent clients, (c) several questions about one
-image, (d) a 12-megapixel JPEG, (e) a long streamed answer (ours only), and the overhead of our
-HTTP layer over a direct engine call (in this process). See docs/bench/results.md.
+turn. Sections: `classic`: (a) single requests in sequence, (b) concurrent clients, (c) several
+questions about one image, (d) a 12-megapixel JPEG, (e) a long streamed answer (ours only), and
+the overhead of our HTTP layer over a direct engine call (in this process); `staggered`: (f)
+clients sending back to back a mix of answer lengths, images and streams; `join`: (g) a short
+request sent while a long answer is generating (ours only); `memory`: (h) our server's RSS after
+a first count of mixed requests and after many more. See docs/bench/results.md.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from bench import report, workloads  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
 
+SECTIONS = ("classic", "staggered", "join", "memory")
+NEEDS_BASELINE = {"classic", "staggered"}  # join and memory are ours only: the baseline cannot stream
+
 
 def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(plan, out: Path, quick: bool) -> dict:
+def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
     started = time.perf_counter()
     load_before = report.load_average()
     from serving import demo
@@ -42,10 +49,77 @@ def run(plan, out: Path, quick: bool) -> dict:
     if demo.is_demo_name(plan.model):
         say(f"demo checkpoint {plan.model}: {demo.demo_path(plan.model)}")  # built once, before two servers race
 
+    with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
+        servers = {}
+        try:
+            servers = start_servers(plan.model, Path(tmp), baseline=bool(NEEDS_BASELINE & set(sections)))
+            urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
+            warm_up(urls, ImageFactory(*plan.image_size, seed=1))
+            w, parameters = {}, None
+            if "classic" in sections:
+                parameters = classic(plan, urls, w)
+            if "staggered" in sections:
+                w["staggered"] = staggered(plan, urls)
+            if "join" in sections:
+                w["join"] = join(plan, urls["ours"])
+            if "memory" in sections:
+                w["memory"] = memory(plan, servers["ours"])
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    results = {
+        "schema": 2,
+        "quick": quick,
+        "sections": list(sections),
+        "plan": plan_dict(plan),
+        "parameters": parameters or checkpoint_parameters(plan.model),
+        "machine": report.machine_info(),
+        "load_before": load_before,
+        "load_after": report.load_average(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "workloads": w,
+        "notes": notes(plan, sections),
+    }
+    results["summary"] = report.summary_rows(w, plan)
+    report.write_all(results, out)
+    return results
+
+
+def start_servers(model: str, tmp: Path, *, baseline: bool) -> dict:
+    say("starting " + ("both servers" if baseline else "our server"))
+    servers = {}
+    if baseline:
+        servers["baseline"] = ServerProcess("baseline", ["-m", "bench.baseline_server", "--model", model,
+                                                         "--host", "127.0.0.1"], tmp, "/", tmp)
+    servers["ours"] = ServerProcess("ours", [str(ROOT / "api.py"), "--model", model, "--host", "127.0.0.1"],
+                                    ROOT, "/health", tmp)
+    try:
+        for server in servers.values():
+            server.wait_ready(900)
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    say("ready: " + ", ".join(f"{k} {s.url}" for k, s in servers.items()))
+    return servers
+
+
+def warm_up(urls: dict, images: ImageFactory) -> None:
+    """First requests pay one-off costs (kernels, allocator): two with an image, one text only."""
+    warm = [images.next() for _ in range(2)] + [None]
+    for kind, url in urls.items():
+        for img in warm:
+            workloads.post(url, workloads.tutorial_payload(img, "Warm up.", max_tokens=4), kind=kind)
+
+
+def classic(plan, urls: dict, w: dict) -> int:
+    """(a)-(e) and the overhead: the workloads from before issue 9, into `w`; returns the parameter count."""
     say("making test images")
     small = ImageFactory(*plan.image_size, seed=1)
     large = ImageFactory(*plan.large_size, seed=2)
-    warm = [small.next() for _ in range(2)]
+    for _ in range(2):
+        small.next()  # the warm-up's images: keep every image below unseen
     seq = {k: [small.next() for _ in range(plan.sequential_n)] for k in ("baseline", "ours")}
     conc = {k: [small.next() for _ in range(plan.concurrent_n)] for k in ("baseline", "ours")}
     same = {k: small.next() for k in ("baseline", "ours", "ours_stream")}
@@ -54,65 +128,147 @@ def run(plan, out: Path, quick: bool) -> dict:
     over = [small.next() for _ in range(2 * plan.overhead_n + 2)]  # one process, two sides: own images
     over_proc = [small.next() for _ in range(plan.overhead_n + 1)]
 
-    with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
-        tmp = Path(tmp)
-        servers = {}
-        try:
-            say("starting both servers")
-            servers["baseline"] = ServerProcess("baseline", ["-m", "bench.baseline_server", "--model", plan.model,
-                                                      "--host", "127.0.0.1"], tmp, "/", tmp)
-            servers["ours"] = ServerProcess("ours", [str(ROOT / "api.py"), "--model", plan.model, "--host", "127.0.0.1"],
-                                     ROOT, "/health", tmp)
-            for server in servers.values():
-                server.wait_ready(900)
-            urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
-            say(f"ready: baseline {servers['baseline'].url}, ours {servers['ours'].url}")
-            for kind, url in urls.items():  # first requests pay one-off costs (kernels, allocator)
-                for img in warm:
-                    workloads.post(url, workloads.tutorial_payload(img, "Warm up.", max_tokens=4), kind=kind)
+    say(f"(a) {plan.sequential_n} single requests in sequence, {plan.max_tokens}-token answers")
+    w["sequential"] = {k: workloads.sequential(urls[k], k, seq[k], max_tokens=plan.max_tokens) for k in urls}
 
-            w = {}
-            say(f"(a) {plan.sequential_n} single requests in sequence, {plan.max_tokens}-token answers")
-            w["sequential"] = {k: workloads.sequential(urls[k], k, seq[k], max_tokens=plan.max_tokens) for k in urls}
+    say(f"(b) {plan.concurrent_clients} concurrent clients, {plan.concurrent_n} requests")
+    w["concurrent"] = {k: workloads.concurrent(urls[k], k, conc[k], clients=plan.concurrent_clients,
+                                               max_tokens=plan.max_tokens) for k in urls}
 
-            say(f"(b) {plan.concurrent_clients} concurrent clients, {plan.concurrent_n} requests")
-            w["concurrent"] = {k: workloads.concurrent(urls[k], k, conc[k], clients=plan.concurrent_clients,
-                                                       max_tokens=plan.max_tokens) for k in urls}
+    say(f"(c) {plan.repeat_questions} questions about one image")
+    w["repeated_image"] = {k: workloads.repeated_image(urls[k], k, same[k], questions=plan.repeat_questions,
+                                                       max_tokens=1) for k in urls}
+    w["repeated_image"]["ours_stream"] = workloads.repeated_image(
+        urls["ours"], "ours", same["ours_stream"], questions=plan.repeat_questions,
+        max_tokens=plan.max_tokens, stream=True)
 
-            say(f"(c) {plan.repeat_questions} questions about one image")
-            w["repeated_image"] = {k: workloads.repeated_image(urls[k], k, same[k], questions=plan.repeat_questions,
-                                                               max_tokens=1) for k in urls}
-            w["repeated_image"]["ours_stream"] = workloads.repeated_image(
-                urls["ours"], "ours", same["ours_stream"], questions=plan.repeat_questions,
-                max_tokens=plan.max_tokens, stream=True)
+    say(f"(d) {plan.large_size[0]}x{plan.large_size[1]} JPEG, max_tokens=1")
+    w["large_jpeg"] = {k: workloads.sequential(urls[k], k, big[k], max_tokens=1) for k in urls}
 
-            say(f"(d) {plan.large_size[0]}x{plan.large_size[1]} JPEG, max_tokens=1")
-            w["large_jpeg"] = {k: workloads.sequential(urls[k], k, big[k], max_tokens=1) for k in urls}
+    say(f"(e) streamed {plan.stream_tokens}-token answers (ours), with an image and text only")
+    w["streaming"] = {
+        "ours": workloads.streamed(urls["ours"], streamed, workloads.QUESTIONS[0], max_tokens=plan.stream_tokens),
+        "ours_text_only": workloads.streamed(urls["ours"], [None] * plan.stream_n, workloads.STORY,
+                                             max_tokens=plan.stream_tokens),
+    }
 
-            say(f"(e) streamed {plan.stream_tokens}-token answers (ours), with an image and text only")
-            w["streaming"] = {
-                "ours": workloads.streamed(urls["ours"], streamed, workloads.QUESTIONS[0],
-                                           max_tokens=plan.stream_tokens),
-                "ours_text_only": workloads.streamed(urls["ours"], [None] * plan.stream_n, workloads.STORY,
-                                                     max_tokens=plan.stream_tokens),
-            }
+    say("our server's overhead over a direct engine call (loading the engine in this process)")
+    from bench import inprocess
 
-            say("our server's overhead over a direct engine call (loading the engine in this process)")
-            from bench import inprocess
+    engine, settings = inprocess.load_engine(plan.model)
+    w["overhead"] = inprocess.overhead(engine, settings, None, over, max_tokens=plan.max_tokens)
+    say("the same against our server process (adds process-to-process variation)")
+    w["overhead_server_process"] = inprocess.overhead(engine, settings, urls["ours"], over_proc,
+                                                      max_tokens=plan.max_tokens)
+    say("(d) intake stage, in this process")
+    w["large_jpeg"]["intake"] = inprocess.intake(engine, settings, big["intake"])
+    return engine.loaded.parameter_count
 
-            engine, settings = inprocess.load_engine(plan.model)
-            w["overhead"] = inprocess.overhead(engine, settings, None, over, max_tokens=plan.max_tokens)
-            say("the same against our server process (adds process-to-process variation)")
-            w["overhead_server_process"] = inprocess.overhead(engine, settings, urls["ours"], over_proc,
-                                                              max_tokens=plan.max_tokens)
-            say("(d) intake stage, in this process")
-            w["large_jpeg"]["intake"] = inprocess.intake(engine, settings, big["intake"])
-            parameters = engine.loaded.parameter_count
-        finally:
-            for server in servers.values():
-                server.stop()
 
-    notes = [
+def staggered(plan, urls: dict) -> dict:
+    """(f) Idle time to first token on our server, then the same mixed workload on each server."""
+    images = ImageFactory(*plan.image_size, seed=4)
+    specs = workloads.staggered_specs(plan.clients, plan.requests_per_client, plan.token_mix)
+    say(f"(f) idle time to first token: {plan.idle_repeats} streamed requests of each kind, one at a time")
+    result = {"idle": workloads.idle_ttft(urls["ours"], [images.next() for _ in range(plan.idle_repeats)],
+                                          repeats=plan.idle_repeats, max_tokens=plan.join_short_tokens)}
+    # the same unseen images for both servers (two processes: neither has seen them), so both answer
+    # the same prompts and greedy answers run to the same lengths
+    fresh = [images.next() for spec in specs if spec.image]
+    for kind in ("ours", "baseline"):
+        if kind not in urls:
+            continue
+        say(f"(f) {kind}: {plan.clients} clients back to back, {len(specs)} requests, max_tokens "
+            f"{'/'.join(map(str, plan.token_mix))}, half with images, half streamed"
+            + ("" if kind == "ours" else " (sent non-streamed: the tutorial's server cannot stream)"))
+        result[kind] = workloads.staggered(urls[kind], kind, specs, fresh, clients=plan.clients,
+                                           can_stream=kind == "ours")
+    result.update(staggered_ratios(result))
+    return result
+
+
+def staggered_ratios(result: dict) -> dict:
+    """Throughput ours / baseline; p95 time to first token of our streamed requests / the same kinds idle."""
+    ours, idle = result["ours"], result["idle"]["ttft_s"]["p95"]
+    streamed = (ours["streamed_ttft_s"] or {}).get("p95")
+    out = {"p95_ttft_over_idle": round(streamed / idle, 2) if streamed and idle else None}
+    if "baseline" in result:
+        out["throughput_ratio"] = round(ours["requests_per_s"] / result["baseline"]["requests_per_s"], 2)
+    return out
+
+
+def join(plan, url: str) -> dict:
+    """(g) The join delay, on our server only (the baseline cannot stream)."""
+    say(f"(g) join delay: a {plan.join_short_tokens}-token streamed request, idle and {plan.join_after_s:g} s "
+        f"into a {plan.join_long_tokens}-token streamed answer, {plan.join_repeats} times each")
+    result = workloads.join_delay(url, repeats=plan.join_repeats, long_tokens=plan.join_long_tokens,
+                                  short_tokens=plan.join_short_tokens, join_after=plan.join_after_s)
+    if not result["long_running_when_sent"]:
+        say("(g) WARNING: a long answer had ended before the short request was sent; that repetition "
+            "measured no join (lower --join-after)")
+    return result
+
+
+def memory(plan, server: ServerProcess) -> dict:
+    """(h) Our server's RSS (psutil, its process) after memory_checkpoint and after memory_requests mixed requests."""
+    from bench import load
+
+    say(f"(h) memory: {plan.memory_requests} mixed requests from {plan.memory_clients} clients (the load "
+        f"test's mix), RSS after {plan.memory_checkpoint} and after {plan.memory_requests}")
+    result = load.rss_after_requests(load.Server(server.url, pid=server.process.pid),
+                                     (plan.memory_checkpoint, plan.memory_requests),
+                                     token_mix=plan.memory_token_mix, concurrency=plan.memory_clients,
+                                     on_reading=lambda r: say(f"(h) RSS after {r['requests']} requests: "
+                                                              f"{r['rss_mb']:.1f} MB"))
+    first, last = result["readings"][0], result["readings"][-1]
+    result["growth_mb"] = round(last["rss_mb"] - first["rss_mb"], 1)
+    return result
+
+
+def checkpoint_parameters(model: str):
+    """The parameter count from the checkpoint's safetensors headers (when the engine was not loaded here)."""
+    from serving import demo
+    from serving.download import verify_checkpoint
+
+    folder = demo.demo_path(model) if demo.is_demo_name(model) else Path(model)
+    return verify_checkpoint(folder).parameters if folder.is_dir() else None
+
+
+def plan_dict(plan) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan).items()}
+
+
+def notes(plan, sections) -> list:
+    out = []
+    if "classic" in sections:
+        out += classic_notes(plan)
+    if "staggered" in sections:
+        out.append(
+            f"(f) {plan.clients} clients, each sending its next request when its last one ends, "
+            f"{plan.clients * plan.requests_per_client} requests in all, the same on both servers: max_tokens cycling "
+            f"through {'/'.join(map(str, plan.token_mix))}, half with an image the server has not seen (a new one "
+            "each; both servers get the same ones), half streamed, in a fixed shuffled order. The tutorial's "
+            "server cannot stream: it gets the streamed requests non-streamed. Time to first token of a non-streamed request is its whole answer; the "
+            "streamed rows are ours only. Idle: the same kinds of streamed request (with an image, text only), "
+            f"{plan.idle_repeats} of each, one at a time on our otherwise idle server; the target compares p95 "
+            "with p95. Answers may end before max_tokens (eos): tokens/s counts the tokens produced.")
+    if "join" in sections:
+        out.append(
+            f"(g) Ours only (the tutorial's server cannot stream): a {plan.join_short_tokens}-token streamed text "
+            f"request, first on the idle server, then sent {plan.join_after_s:g} s after a "
+            f"{plan.join_long_tokens}-token streamed answer's first token; its time to first token, medians of "
+            f"{plan.join_repeats}.")
+    if "memory" in sections:
+        out.append(
+            f"(h) Our server's resident memory (psutil, the server's process) after {plan.memory_checkpoint} and "
+            f"after {plan.memory_requests} requests of bench/load.py's mix (text and images, streamed and not, "
+            f"max_tokens {'/'.join(map(str, plan.memory_token_mix))}, bad inputs, streams hung up on) from "
+            f"{plan.memory_clients} clients, read while no request is in flight.")
+    return out
+
+
+def classic_notes(plan) -> list:
+    return [
         "Baseline: the tutorial's api.py rebuilt (bench/baseline_server.py): Flask app.run(threaded=False), "
         "images written as PNG and read back, one request at a time, bare-text answers; it reads max_tokens "
         "and uses greedy decoding for temperature 0 so both servers produce the same number of tokens.",
@@ -132,40 +288,80 @@ def run(plan, out: Path, quick: bool) -> dict:
         "+ Engine.generate), alternating; overhead = (HTTP - direct) / HTTP. results.json also has the same "
         "against the separate server process (overhead_server_process), which adds the variation between two "
         "processes on a shared 2-core machine.",
+        "Both servers load the model through serving.model.load_model, which applies "
+        "serving/paddle_fixes.py: both decode with the KV cache.",
     ]
-    notes.append("Both servers load the model through serving.model.load_model, which applies "
-                 "serving/paddle_fixes.py: both decode with the KV cache.")
-    machine = report.machine_info()
-    results = {
-        "schema": 1,
-        "quick": quick,
-        "plan": dataclasses.asdict(plan) | {"large_size": list(plan.large_size), "image_size": list(plan.image_size)},
-        "parameters": parameters,
-        "machine": machine,
-        "load_before": load_before,
-        "load_after": report.load_average(),
-        "seconds": round(time.perf_counter() - started, 1),
-        "workloads": w,
-        "notes": notes,
-    }
-    results["summary"] = report.summary_rows(w, plan)
-    report.write_all(results, out)
-    return results
+
+# flag: (Plan field, parser, help); each overrides the plan chosen by --quick
+PLAN_FLAGS = {
+    "--clients": ("clients", int, "(f) concurrent clients"),
+    "--requests-per-client": ("requests_per_client", int, "(f) requests each client sends"),
+    "--token-mix": ("token_mix", "ints", "(f) max_tokens values, cycled, comma-separated"),
+    "--idle-repeats": ("idle_repeats", int, "(f) idle requests of each kind"),
+    "--join-repeats": ("join_repeats", int, "(g) repetitions, idle and joining"),
+    "--join-long-tokens": ("join_long_tokens", int, "(g) max_tokens of the long answer"),
+    "--join-short-tokens": ("join_short_tokens", int, "(f, g) max_tokens of the short and idle requests"),
+    "--join-after": ("join_after_s", float, "(g) seconds after the long answer's first token"),
+    "--memory-requests": ("memory_requests", int, "(h) mixed requests in all"),
+    "--memory-checkpoint": ("memory_checkpoint", int, "(h) requests before the first RSS reading"),
+    "--memory-token-mix": ("memory_token_mix", "ints", "(h) max_tokens values, comma-separated"),
+    "--memory-clients": ("memory_clients", int, "(h) concurrent clients"),
+}
 
 
-def main(argv=None) -> int:
+def _ints(text: str) -> tuple:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"want positive integers, comma-separated: {text!r}")
+    return values
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+
+
+def _sections(text: str) -> tuple:
+    chosen = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"sections are {', '.join(SECTIONS)}; got {text!r}")
+    return tuple(s for s in SECTIONS if s in chosen)
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (model demo, few requests, 8 tokens)")
     parser.add_argument("--model", default=None, help="model for both servers (default: demo-bench; --quick: demo)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="folder for results.json, results.md, "
-                        "chart.png (default: docs/bench)")
+    parser.add_argument("--only", type=_sections, default=SECTIONS,
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--out", default=None, help="folder for results.json, results.md, chart.png (default: "
+                        "docs/bench; with --only, a new temporary folder, so docs/bench keeps a whole run)")
+    for flag, (field, parse, text) in PLAN_FLAGS.items():
+        full, quick = (_shown(getattr(p, field)) for p in (FULL, QUICK))
+        parser.add_argument(flag, dest=field, type=_ints if parse == "ints" else parse, default=None,
+                            metavar={"ints": "N,N,...", float: "SECONDS"}.get(parse, "N"),
+                            help=f"{text} (default {full}; --quick {quick})")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    overrides = {field: getattr(args, field) for field, _, _ in PLAN_FLAGS.values() if getattr(args, field) is not None}
     if args.model:
-        plan = dataclasses.replace(plan, model=args.model)
-    out = Path(args.out)
-    say(f"plan: {plan}")
-    results = run(plan, out, args.quick)
+        overrides["model"] = args.model
+    plan = dataclasses.replace(plan, **overrides)
+    if "memory" in args.only and not 0 < plan.memory_checkpoint < plan.memory_requests:
+        parser.error("--memory-checkpoint must be above 0 and below --memory-requests")
+    return args, plan
+
+
+def main(argv=None) -> int:
+    args, plan = parse_args(argv)
+    if args.out:
+        out = Path(args.out)
+    elif args.only != SECTIONS:
+        out = Path(tempfile.mkdtemp(prefix="qwenvl-bench-out-"))
+    else:
+        out = ROOT / "docs" / "bench"
+    say(f"plan: {plan}; sections: {', '.join(args.only)}")
+    results = run(plan, out, args.quick, args.only)
     print()
     print(report.console_table(results["summary"]))
     print()

@@ -176,10 +176,14 @@ def _bomb() -> str:
 
 
 class Mix:
-    """The request bodies, built once; `bad` pairs a body with the answers that count as expected."""
+    """The request bodies, built once; `bad` pairs a body with the answers that count as expected.
+
+    max_tokens: one value, or a tuple the good requests pick from at random.
+    """
 
     def __init__(self, max_tokens):
-        self.max_tokens = max_tokens
+        self.token_choices = tuple(max_tokens) if isinstance(max_tokens, (tuple, list)) else (max_tokens,)
+        self.max_tokens = max(self.token_choices)
         self.images = [_png((64, 48), (200, 30, 30)), _png((320, 240), (20, 160, 90), "JPEG"),
                        _png((800, 600), (40, 40, 220), "JPEG")]
         tiny = self.images[0]
@@ -212,7 +216,12 @@ class Mix:
                        {"type": "text", "text": content}]
         stream = kind.endswith("stream") or kind == "disconnect"
         return self._body([{"role": "user", "content": content}], stream=stream, temperature=0.7, top_k=20,
-                          top_p=0.9, stream_options={"include_usage": True} if stream else None)
+                          top_p=0.9, stream_options={"include_usage": True} if stream else None,
+                          **self._tokens(rng))
+
+    def _tokens(self, rng) -> dict:
+        # drawn only for a real mix, so a one-value run keeps the random sequence it always had
+        return {"max_tokens": rng.choice(self.token_choices)} if len(self.token_choices) > 1 else {}
 
 
 def one(server, mix, kind, rng, timeout):
@@ -363,6 +372,32 @@ def run(args, server) -> int:
         print("server log (tail):\n" + server.log_tail())
     print("result:", "FAIL" if failures else "PASS")
     return 1 if failures else 0
+
+
+def rss_after_requests(server, checkpoints, *, token_mix=(8,), concurrency=8, seed=0, request_timeout=120,
+                       duration=3600, on_reading=lambda reading: None) -> dict:
+    """The load mix (good, bad, hung-up-on) sent in segments that end at each count in `checkpoints`;
+    the server's RSS read between segments, while nothing is in flight (each reading also goes to
+    `on_reading`, for progress)."""
+    mix = Mix(token_mix)
+    rng = random.Random(seed)
+    kinds = [k for k, w in WEIGHTS.items() for _ in range(w)]
+    plan = [rng.choice(kinds) for _ in range(max(checkpoints))]
+    deadline = time.time() + duration
+    readings, outcomes, problems, sent = [], collections.Counter(), [], 0
+    for segment, count in enumerate(sorted(checkpoints)):
+        args = argparse.Namespace(concurrency=concurrency, request_timeout=request_timeout,
+                                  seed=seed * 100 + segment, duration=max(0.0, deadline - time.time()))
+        results, found = drive(server, mix, plan[sent:count], args)
+        sent += sum(results.values())
+        for (outcome, _), n in results.items():
+            outcomes[outcome] += n
+        problems += found
+        readings.append({"requests": sent, "rss_mb": round(server.rss_mb() or 0.0, 1),
+                         "image_cache_mb": round(_cache_mb(server), 1)})
+        on_reading(readings[-1])
+    return {"readings": readings, "outcomes": dict(outcomes), "problems": problems[:5],
+            "token_mix": list(mix.token_choices), "clients": concurrency}
 
 
 def _healthy(server) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import statistics
 import threading
 import time
@@ -33,6 +34,9 @@ QUESTIONS = [
     "Is this a photograph or a drawing?",
 ]
 STORY = "Tell me a long story about a lighthouse keeper and a storm."
+# a long answer that stays long: on both demo checkpoints the greedy answer runs to 256 tokens at least
+# (STORY's ends at 123 tokens on demo-bench); the join workload reports the length each time
+LONG_QUESTION = "Describe a busy city street in great detail."
 
 
 # ---------------------------------------------------------------------------- images
@@ -121,6 +125,12 @@ class Timing:
     ttft: Optional[float] = None  # streaming only: seconds to the first chunk with answer text
     first_byte: Optional[float] = None  # streaming only: seconds to the first event of any kind
     text: str = ""
+    started: float = 0.0  # time.perf_counter() when the request was sent
+
+    @property
+    def first_token(self) -> float:
+        """Seconds to the first token the client could read: the whole answer when not streamed."""
+        return self.ttft if self.ttft is not None else self.latency
 
 
 class BenchError(RuntimeError):
@@ -128,13 +138,16 @@ class BenchError(RuntimeError):
 
 
 def post(url: str, payload: dict, *, kind: str, session: Optional[requests.Session] = None,
-         timeout: float = 1800) -> Timing:
-    """Send one chat request and time it. kind: 'baseline' (raw text back) or 'ours' (OpenAI JSON / SSE)."""
+         timeout: float = 1800, first_token: Optional[threading.Event] = None) -> Timing:
+    """Send one chat request and time it. kind: 'baseline' (raw text back) or 'ours' (OpenAI JSON / SSE).
+
+    first_token (streams only) is set the moment the first answer text arrives.
+    """
     body = json.dumps(payload).encode()  # serialised before the clock starts
     http = session or requests
     headers = {"Content-Type": "application/json"}
     if payload.get("stream"):
-        return _post_stream(http, url, body, headers, timeout)
+        return _post_stream(http, url, body, headers, timeout, first_token)
     started = time.perf_counter()
     response = http.post(url, data=body, headers=headers, timeout=timeout)
     content = response.content
@@ -142,12 +155,14 @@ def post(url: str, payload: dict, *, kind: str, session: Optional[requests.Sessi
     if response.status_code != 200:
         raise BenchError(f"{kind} server answered {response.status_code}: {content[:300]!r}")
     if kind == "baseline":
-        return Timing(latency, int(response.headers.get("X-Completion-Tokens", "0")), text=response.text)
+        return Timing(latency, int(response.headers.get("X-Completion-Tokens", "0")), text=response.text,
+                      started=started)
     reply = json.loads(content)
-    return Timing(latency, int(reply["usage"]["completion_tokens"]), text=reply["choices"][0]["message"]["content"])
+    return Timing(latency, int(reply["usage"]["completion_tokens"]), text=reply["choices"][0]["message"]["content"],
+                  started=started)
 
 
-def _post_stream(http, url, body, headers, timeout) -> Timing:
+def _post_stream(http, url, body, headers, timeout, first_token=None) -> Timing:
     started = time.perf_counter()
     ttft = first_byte = None
     pieces, tokens = [], 0
@@ -173,10 +188,12 @@ def _post_stream(http, url, body, headers, timeout) -> Timing:
                 if text:
                     if ttft is None:
                         ttft = now
+                        if first_token is not None:
+                            first_token.set()
                     pieces.append(text)
     latency = time.perf_counter() - started
     return Timing(latency, tokens, ttft=ttft if ttft is not None else latency, first_byte=first_byte,
-                  text="".join(pieces))
+                  text="".join(pieces), started=started)
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -264,6 +281,136 @@ def streamed(url: str, images: list, question: str, *, max_tokens: int) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------- staggered clients, join delay
+
+SHORT_QUESTION = "Say hello."
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (linear between samples, as numpy's default); 0.0 for no samples."""
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def spread(values) -> dict:
+    return {"p50": round(percentile(values, 50), 4), "p95": round(percentile(values, 95), 4)}
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a mixed workload: its answer length, whether it carries an image, whether it streams."""
+
+    max_tokens: int
+    image: bool
+    stream: bool
+
+
+def staggered_specs(clients: int, per_client: int, token_mix: tuple, seed: int = 0) -> list:
+    """The same mix for every run: half the requests with an image, half streamed (each pairing
+    equally often), max_tokens cycling through token_mix, dealt to them in a seeded random order
+    (so no max_tokens value sticks to one kind), and the whole list in a seeded shuffled order."""
+    rng = random.Random(seed)
+    total = clients * per_client
+    tokens = [token_mix[i % len(token_mix)] for i in range(total)]
+    rng.shuffle(tokens)
+    specs = [RequestSpec(tokens[i], image=i % 2 == 0, stream=(i // 2) % 2 == 0) for i in range(total)]
+    rng.shuffle(specs)
+    return specs
+
+
+def spec_payload(spec: RequestSpec, image: Optional[str], index: int, *, can_stream: bool) -> dict:
+    question = QUESTIONS[index % len(QUESTIONS)] if spec.image else LONG_QUESTION
+    return tutorial_payload(image, question, max_tokens=spec.max_tokens, stream=spec.stream and can_stream)
+
+
+def staggered(url: str, kind: str, specs: list, images: list, *, clients: int, can_stream: bool) -> dict:
+    """`clients` threads; client k sends specs[k::clients] back to back (the next when the last ends).
+
+    images: one unseen data URL per image request, used in order. A server that cannot stream
+    gets its streamed requests non-streamed (its first token is then the whole answer).
+    """
+    fresh = iter(images)
+    payloads = [spec_payload(spec, next(fresh) if spec.image else None, i, can_stream=can_stream)
+                for i, spec in enumerate(specs)]  # built before the clock starts
+    start = threading.Barrier(clients + 1)
+
+    def client(k: int) -> list:
+        with requests.Session() as session:
+            start.wait()
+            return [(i, post(url, payloads[i], kind=kind, session=session)) for i in range(k, len(specs), clients)]
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, k) for k in range(clients)]
+        start.wait()
+        began = time.perf_counter()
+        done = sorted(pair for f in futures for pair in f.result())
+        wall = time.perf_counter() - began
+    return staggered_summary([specs[i] for i, _ in done], [t for _, t in done], wall, clients, can_stream)
+
+
+def staggered_summary(specs: list, timings: list, wall: float, clients: int, can_stream: bool) -> dict:
+    tokens = sum(t.completion_tokens for t in timings)
+    streamed = [t.first_token for s, t in zip(specs, timings) if s.stream and can_stream]
+    return {
+        "clients": clients, "n": len(timings), "wall_s": round(wall, 4),
+        "requests_per_s": round(len(timings) / wall, 4), "completion_tokens_per_s": round(tokens / wall, 4),
+        "ttft_s": spread([t.first_token for t in timings]),  # non-streamed: the whole answer
+        "streamed_ttft_s": spread(streamed) if streamed else None,
+        "latency_s": spread([t.latency for t in timings]),
+        "requests": [{"max_tokens": s.max_tokens, "image": s.image, "stream": s.stream and can_stream,
+                      "completion_tokens": t.completion_tokens, "first_token_s": round(t.first_token, 4),
+                      "latency_s": round(t.latency, 4)} for s, t in zip(specs, timings)],
+    }
+
+
+def idle_ttft(url: str, images: list, *, repeats: int, max_tokens: int) -> dict:
+    """Time to first token on an idle server, one streamed request at a time, for each kind the mix
+    holds (with an unseen image, text only), `repeats` of each, alternating."""
+    by_kind = {"image": [], "text": []}
+    with requests.Session() as session:
+        for i in range(repeats):
+            for kind, image in (("image", images[i]), ("text", None)):
+                payload = spec_payload(RequestSpec(max_tokens, image is not None, True), image, i, can_stream=True)
+                by_kind[kind].append(post(url, payload, kind="ours", session=session).first_token)
+    every = by_kind["image"] + by_kind["text"]
+    return {"n": len(every), "max_tokens": max_tokens, "ttft_s": spread(every),
+            "median_image_s": round(median(by_kind["image"]), 4), "median_text_s": round(median(by_kind["text"]), 4),
+            "image_s": [round(x, 4) for x in by_kind["image"]], "text_s": [round(x, 4) for x in by_kind["text"]]}
+
+
+def join_delay(url: str, *, repeats: int, long_tokens: int, short_tokens: int, join_after: float) -> dict:
+    """A short streamed request alone, then sent `join_after` seconds after a long streamed answer's
+    first token: its time to first token in both cases (medians). Streams only: our server."""
+    short = tutorial_payload(None, SHORT_QUESTION, max_tokens=short_tokens, stream=True)
+    long = tutorial_payload(None, LONG_QUESTION, max_tokens=long_tokens, stream=True)
+    with requests.Session() as session:
+        idle = [post(url, short, kind="ours", session=session).first_token for _ in range(repeats)]
+    joined = [short_during_long(url, short, long, join_after) for _ in range(repeats)]
+    idle_s, joined_s = median(idle), median([j["short_ttft_s"] for j in joined])
+    return {
+        "repeats": repeats, "long_tokens": long_tokens, "short_tokens": short_tokens, "join_after_s": join_after,
+        "idle_ttft_s": [round(x, 4) for x in idle], "median_idle_ttft_s": round(idle_s, 4),
+        "joined": joined, "median_joined_ttft_s": round(joined_s, 4),
+        "ratio": round(joined_s / idle_s, 2) if idle_s > 0 else 0.0,
+        # a long answer that ended (eos) before the short one was sent measured no join
+        "long_running_when_sent": all(j["long_running_when_sent"] for j in joined),
+    }
+
+
+def short_during_long(url: str, short: dict, long: dict, join_after: float) -> dict:
+    first_token = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, url, long, kind="ours", first_token=first_token)
+        while not first_token.wait(0.05) and not pending.done():
+            pass
+        time.sleep(join_after)
+        joining = post(url, short, kind="ours")
+        answer = pending.result()
+    long_ends = answer.started + answer.latency
+    return {"short_ttft_s": round(joining.first_token, 4), "long_ttft_s": round(answer.first_token, 4),
+            "long_tokens": answer.completion_tokens, "long_total_s": round(answer.latency, 4),
+            "long_running_when_sent": long_ends > joining.started}
+
+
 @dataclass
 class Plan:
     """Request counts and sizes for one run."""
@@ -280,6 +427,21 @@ class Plan:
     stream_n: int
     overhead_n: int
     image_size: tuple = (448, 448)  # 256 image tokens; at or above the tutorial's min_pixels (448*448)
+    # (f) staggered clients: each sends its next request when its last one ends
+    clients: int = 8
+    requests_per_client: int = 3
+    token_mix: tuple = (16, 32, 64, 128, 256)  # max_tokens, cycled
+    idle_repeats: int = 3  # idle time to first token: this many of each kind (image, text)
+    # (g) join delay: a short streamed request sent while a long streamed answer is generating
+    join_repeats: int = 3
+    join_long_tokens: int = 256
+    join_short_tokens: int = 8
+    join_after_s: float = 1.0  # after the long answer's first token
+    # (h) memory: our server's RSS after a first count of mixed requests and after the whole run
+    memory_checkpoint: int = 100
+    memory_requests: int = 1000
+    memory_token_mix: tuple = (8, 16, 32)
+    memory_clients: int = 8
 
 
 FULL = Plan(model="demo-bench", max_tokens=64, sequential_n=5, concurrent_clients=8, concurrent_n=16,
@@ -287,4 +449,5 @@ FULL = Plan(model="demo-bench", max_tokens=64, sequential_n=5, concurrent_client
             overhead_n=8)
 QUICK = Plan(model="demo", max_tokens=8, sequential_n=2, concurrent_clients=8, concurrent_n=8,
              repeat_questions=5, large_n=1, large_size=(2000, 1500), stream_tokens=16, stream_n=1,
-             overhead_n=2)
+             overhead_n=2, clients=4, requests_per_client=2, token_mix=(4, 8, 16), idle_repeats=2,
+             join_repeats=2, join_long_tokens=256, join_after_s=0.1, memory_checkpoint=20, memory_requests=60)

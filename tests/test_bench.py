@@ -57,6 +57,8 @@ def test_quick_run_writes_all_outputs(quick_run):
     for key in ("overhead", "overhead_server_process"):
         o = w[key]
         assert o["n"] == 2 and positive(o["median_direct_s"]) and positive(o["median_http_s"]), key
+    for section in ("staggered", "join", "memory"):  # issue 9's sections ride along in the whole run
+        assert section in w, section
     m = results["machine"]
     assert m["cpu_model"] and positive(m["logical_cores"]) and m["paddlepaddle"] and m["date"]
     assert len(results["summary"]) >= 10
@@ -64,6 +66,61 @@ def test_quick_run_writes_all_outputs(quick_run):
     table = (out / "results.md").read_text()
     assert "| workload |" in table and "concurrent clients" in table
     assert "concurrent clients" in stdout  # the console table
+
+
+@pytest.fixture(scope="module")
+def new_sections_run(tmp_path_factory):
+    """Issue 9's sections alone, tiny: 2 clients, short answers, 30 mixed requests for the memory reading."""
+    out = tmp_path_factory.mktemp("bench-new")
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "staggered,join,memory", "--out", str(out),
+           "--clients", "2", "--requests-per-client", "4", "--token-mix", "4,8", "--idle-repeats", "1",
+           "--join-repeats", "1", "--join-long-tokens", "256", "--join-after", "0.05",
+           "--memory-checkpoint", "10", "--memory-requests", "30", "--memory-clients", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), out, proc.stdout
+
+
+def test_staggered_clients_on_both_servers(new_sections_run):
+    results, _, _ = new_sections_run
+    assert results["sections"] == ["staggered", "join", "memory"]
+    f = results["workloads"]["staggered"]
+    for kind in ("baseline", "ours"):
+        r = f[kind]
+        assert r["clients"] == 2 and r["n"] == 8, kind
+        assert positive(r["requests_per_s"]) and positive(r["completion_tokens_per_s"]), kind
+        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p95"], kind
+        mix = r["requests"]
+        assert sum(q["image"] for q in mix) == 4 and {q["max_tokens"] for q in mix} == {4, 8}, kind
+        assert all(q["completion_tokens"] > 0 and 0 < q["first_token_s"] <= q["latency_s"] for q in mix), kind
+    assert sum(q["stream"] for q in f["ours"]["requests"]) == 4
+    assert not any(q["stream"] for q in f["baseline"]["requests"])  # the tutorial's server cannot stream
+    assert f["baseline"]["streamed_ttft_s"] is None and 0 < f["ours"]["streamed_ttft_s"]["p95"]
+    assert positive(f["idle"]["ttft_s"]["p95"]) and f["idle"]["n"] == 2
+    assert positive(f["throughput_ratio"]) and positive(f["p95_ttft_over_idle"])
+
+
+def test_join_delay_and_memory(new_sections_run):
+    results, _, _ = new_sections_run
+    g = results["workloads"]["join"]
+    assert positive(g["median_idle_ttft_s"]) and positive(g["median_joined_ttft_s"]) and positive(g["ratio"])
+    assert g["long_running_when_sent"] and g["joined"][0]["long_tokens"] > 0
+    h = results["workloads"]["memory"]
+    assert [r["requests"] for r in h["readings"]] == [10, 30]
+    assert all(positive(r["rss_mb"]) for r in h["readings"])
+    assert h["growth_mb"] == round(h["readings"][1]["rss_mb"] - h["readings"][0]["rss_mb"], 1)
+    assert not h["problems"] and h["outcomes"].get("ok", 0) > 0
+
+
+def test_new_sections_report_targets(new_sections_run):
+    results, out, stdout = new_sections_run
+    targets = {r["target"]: r for r in results["summary"] if r["target"]}
+    assert set(targets) == {">= 3x", "<= 4x", "<= 2x", "<= 300 MB"}
+    assert all(isinstance(r["met"], bool) for r in targets.values())
+    for text in ("back to back", "join delay", "RSS growth"):
+        assert text in stdout and text in (out / "results.md").read_text()
+    assert "PASS" in stdout or "FAIL" in stdout
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_baseline_keeps_the_tutorial_image_path(tmp_path):
