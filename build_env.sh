@@ -8,6 +8,10 @@
 #   bash build_env.sh            # PaddlePaddle + requirements.txt
 #   bash build_env.sh --dev      # also requirements-dev.txt (tests, notebooks)
 #   bash build_env.sh --dry-run  # print the install commands, run none of them
+#   bash build_env.sh --engine fastdeploy
+#                                # FastDeploy's GPU server too (--backend fastdeploy):
+#                                # paddlepaddle-gpu and fastdeploy-gpu from Paddle's
+#                                # indexes, for this GPU (SM80/90 or SM86/89, CUDA 12.3+)
 #   bash build_env.sh --help
 #
 # Environment:
@@ -17,6 +21,9 @@
 #   BUILD_ENV_CUDA_TAG=cu126
 #                         force Paddle's CUDA wheel index (cu118, cu126, cu129)
 #                         instead of detecting it
+#   BUILD_ENV_ENGINE=fastdeploy   same as --engine fastdeploy
+#   BUILD_ENV_FD_PADDLE_VERSION=3.2.0
+#                         the paddlepaddle-gpu installed with FastDeploy
 #
 # Steps: 1 python and pip, 2 detect PaddlePaddle and GPU, 3 install
 # PaddlePaddle if needed, 4 requirements.txt [5 requirements-dev.txt],
@@ -33,6 +40,7 @@ REQ_DEV_FILE="$SCRIPT_DIR/requirements-dev.txt"
 
 DEV="${BUILD_ENV_DEV:-0}"
 DRY_RUN="${BUILD_ENV_DRY_RUN:-0}"
+ENGINE="${BUILD_ENV_ENGINE:-paddle}"
 
 STEP_NO=0
 STEP_TOTAL=0
@@ -72,7 +80,7 @@ run() {
 
 usage() {
     cat <<'EOF'
-Usage: bash build_env.sh [--dev] [--dry-run] [--help]
+Usage: bash build_env.sh [--dev] [--dry-run] [--engine paddle|fastdeploy] [--help]
 
 Builds the Python environment for the Qwen2.5-VL PaddlePaddle serving kit:
   - PaddlePaddle 3.3.1: keeps an installed GPU build >= 3.3; on a GPU machine
@@ -83,6 +91,12 @@ Builds the Python environment for the Qwen2.5-VL PaddlePaddle serving kit:
 
 Options:
   --dev        also install requirements-dev.txt (or BUILD_ENV_DEV=1)
+  --engine fastdeploy
+               for --backend fastdeploy: paddlepaddle-gpu and fastdeploy-gpu from
+               PaddlePaddle's indexes (FastDeploy is not on PyPI), matching this
+               GPU (SM80/90: A100, H100...; SM86/89: A10, L20, 4090...) and CUDA
+               12.3+; on other machines (V100, T4, no GPU, older CUDA) it stops and
+               says to use the built-in engine (the default, --engine paddle)
   --dry-run    print the pip commands instead of running them (or BUILD_ENV_DRY_RUN=1)
   -h, --help   show this help
 
@@ -95,11 +109,20 @@ while [ "$#" -gt 0 ]; do
     case "$1" in
         --dev) DEV=1 ;;
         --dry-run) DRY_RUN=1 ;;
+        --engine)
+            [ "$#" -ge 2 ] || { echo "[build_env] --engine needs a value: paddle or fastdeploy" >&2; exit 2; }
+            ENGINE="$2"; shift ;;
+        --engine=*) ENGINE="${1#--engine=}" ;;
         -h | --help) usage; exit 0 ;;
         *) echo "[build_env] unknown option: $1" >&2; usage >&2; STEP_NAME="parse arguments"; exit 2 ;;
     esac
     shift
 done
+
+case "$ENGINE" in
+    paddle | fastdeploy) ;;
+    *) echo "[build_env] unknown --engine $ENGINE: use paddle (the built-in engine) or fastdeploy" >&2; exit 2 ;;
+esac
 
 STEP_TOTAL=5
 if [ "$DEV" = "1" ]; then STEP_TOTAL=6; fi
@@ -192,6 +215,30 @@ cuda_tag_for() {
 }
 
 # ---------------------------------------------------------------------------
+if [ "$ENGINE" = "fastdeploy" ]; then
+step "PaddlePaddle and FastDeploy for this GPU"
+# serving/fastdeploy_env.py (standard library only) decides: GPU compute capability, CUDA >= 12.3
+FD_PLAN="$("$PYTHON" "$SCRIPT_DIR/serving/fastdeploy_env.py" --shell)" \
+    || die "FastDeploy cannot be installed here (see the reason above)"
+fd_value() { echo "$FD_PLAN" | sed -n "s/^$1=//p" | tr -d "'"; }
+FD_PADDLE_VERSION="${BUILD_ENV_FD_PADDLE_VERSION:-3.2.0}"
+log "  $(fd_value FD_FOUND)"
+if [ "$PADDLE_CUDA" = "True" ] && [ "$PADDLE_CUR" = "$FD_PADDLE_VERSION" ]; then
+    log "  keeping the installed paddlepaddle-gpu $PADDLE_CUR"
+else
+    if [ -n "$PADDLE_CUR" ] && [ "$PADDLE_CUDA" != "True" ]; then
+        run "$PYTHON" -m pip uninstall -y paddlepaddle  # the CPU build owns the same 'paddle' module
+    fi
+    run "$PYTHON" -m pip install "paddlepaddle-gpu==$FD_PADDLE_VERSION" -i "$(fd_value FD_PADDLE_INDEX)"
+fi
+if "$PYTHON" -c 'from importlib.metadata import version; version("fastdeploy-gpu")' >/dev/null 2>&1; then
+    log "  fastdeploy-gpu already installed"
+    note "fastdeploy: already installed"
+else
+    run "$PYTHON" -m pip install fastdeploy-gpu -i "$(fd_value FD_INDEX)" --extra-index-url https://pypi.org/simple
+    note "fastdeploy: $DID fastdeploy-gpu ($(fd_value FD_GROUP) wheels) with paddlepaddle-gpu==$FD_PADDLE_VERSION"
+fi
+else
 step "PaddlePaddle $PADDLE_VERSION"
 if [ "$PADDLE_CUDA" = "True" ] && [ -n "$PADDLE_CUR" ] && version_ge "$PADDLE_CUR" "$PADDLE_MIN_VERSION"; then
     log "  keeping the installed GPU build paddlepaddle-gpu $PADDLE_CUR (>= $PADDLE_MIN_VERSION)"
@@ -229,6 +276,7 @@ else
         note "paddle: $DID CPU paddlepaddle==$PADDLE_VERSION (was: ${PADDLE_CUR:-none})"
     fi
 fi
+fi  # engine
 
 # True when every 'name==version' pin in the file (and the files it includes
 # with -r) is already installed at exactly that version.

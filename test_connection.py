@@ -1,27 +1,39 @@
 #!/usr/bin/env python3
-"""Send one question (and optionally one image) to the Qwen2.5-VL API and print the answer.
+"""Send one question (and optionally an image and/or a video) to the Qwen2.5-VL API and print the answer.
 
 The client of this kit: it checks that a running server (local, or deployed on
 AI Studio) answers chat completions. Standard library + requests only.
 
 Examples:
     # the server started by notebooks/04_serve_api.ipynb or `python api.py`
-    python test_connection.py --image demo.jpg
-    python test_connection.py --image demo.jpg --question "What is in the picture?" --stream
+    python test_connection.py --image examples/cat.jpg
+    python test_connection.py --image examples/cat.jpg --question "What is in the picture?" --stream
 
     # text only, OpenAI-style image parts, an image given by URL
     python test_connection.py --question "Hello, who are you?"
     python test_connection.py --format openai --image https://example.com/cat.png
 
+    # a video clip (mp4, webm, mov, ...): a local file is sent as base64, a URL as it is
+    python test_connection.py --video clip.mp4 --question "What happens in this video?"
+    python test_connection.py --format openai --video https://example.com/clip.mp4
+
+    # grounding: Qwen2.5-VL answers with boxes in the pixels of the image as it saw it (resized); --boxes
+    # maps them back onto your image with the sizes the server reports, --draw-boxes also draws them
+    python test_connection.py --image examples/cat.jpg --boxes --draw-boxes cat_boxes.png \
+        --question "Outline the position of the cat and output its coordinates in JSON format."
+
     # a deployed AI Studio service: its gateway takes the access token as "Authorization: token ..."
     API_KEY=<access token> python test_connection.py --auth-scheme token \
-        --api-url https://<service>/api_serving/8080/v1/chat/completions --image demo.jpg
+        --api-url https://<service>/api_serving/8080/v1/chat/completions --image examples/cat.jpg
 
 Payload formats (--format):
     tutorial  {"type": "image", "image": "<raw base64 of the file, or the http(s) URL>"}
+              {"type": "video", "video": "<raw base64 of the file, or the http(s) URL>"}
     openai    {"type": "image_url", "image_url": {"url": "data:<mime>;base64,<b64>" or the URL}}
+              {"type": "video_url", "video_url": {"url": "data:<mime>;base64,<b64>" or the URL}}
 
 Prints the answer, then a line "time: 1.23 s, prompt_tokens=.., completion_tokens=..".
+With --boxes, then one line per box: its label and [x1, y1, x2, y2] in pixels of the image sent.
 Exit code 0 on success, 1 on any failure (message on stderr), 2 on bad arguments.
 """
 from __future__ import annotations
@@ -31,6 +43,7 @@ import base64
 import json
 import mimetypes
 import os
+import re
 import sys
 import time
 from typing import Any, Optional, TextIO
@@ -40,6 +53,9 @@ import requests
 DEFAULT_API_URL = "http://127.0.0.1:8080/v1/chat/completions"
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 DEFAULT_IMAGE_QUESTION = "Describe this image."
+DEFAULT_VIDEO_QUESTION = "Describe this video."
+VIDEO_MIME = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
+              ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 DEFAULT_TEXT_QUESTION = "Hello! Who are you?"
 
 
@@ -95,6 +111,27 @@ def image_part(image: str, fmt: str = "tutorial") -> dict:
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64}"}}
 
 
+def video_part(video: str, fmt: str = "tutorial") -> dict:
+    """The content part for a video given as a local path, an http(s) URL or a data: URL."""
+    if fmt not in ("tutorial", "openai"):
+        raise ValueError(f"unknown format {fmt!r} (tutorial or openai)")
+    if _is_url(video) or video.startswith("data:"):
+        if fmt == "openai":
+            return {"type": "video_url", "video_url": {"url": video}}
+        return {"type": "video", "video": video.split(",", 1)[-1] if video.startswith("data:") else video}
+    if not os.path.isfile(video):
+        raise ClientError(f"video file not found: {video}")
+    try:
+        with open(video, "rb") as f:
+            b64 = base64.b64encode(f.read()).decode("ascii")
+    except OSError as exc:
+        raise ClientError(f"cannot read video file {video}: {exc}") from exc
+    if fmt == "tutorial":
+        return {"type": "video", "video": b64}
+    mime = VIDEO_MIME.get(os.path.splitext(video)[1].lower()) or mimetypes.guess_type(video)[0] or "video/mp4"
+    return {"type": "video_url", "video_url": {"url": f"data:{mime};base64,{b64}"}}
+
+
 def build_payload(
     question: str,
     image: Optional[str] = None,
@@ -103,11 +140,14 @@ def build_payload(
     temperature: float = 0.7,
     max_tokens: int = 256,
     stream: bool = False,
+    video: Optional[str] = None,
 ) -> dict:
-    """The chat-completions request body: one user message, image part first, then the text."""
+    """The chat-completions request body: one user message, image and video parts first, then the text."""
     content = []
     if image:
         content.append(image_part(image, fmt))
+    if video:
+        content.append(video_part(video, fmt))
     content.append({"type": "text", "text": question})
     return {
         "model": model,
@@ -152,6 +192,7 @@ def _read_stream(resp: requests.Response, out: TextIO, started: float) -> dict:
     """Print the deltas of an SSE chat.completion.chunk stream until `data: [DONE]`."""
     parts = []
     usage = None
+    image_sizes = None
     first_token = None
     done = False
     # Bytes, decoded as UTF-8 here: requests would guess ISO-8859-1 for text/event-stream.
@@ -171,6 +212,8 @@ def _read_stream(resp: requests.Response, out: TextIO, started: float) -> dict:
             raise ClientError(f"server error in stream: {chunk['error'].get('message')}")
         if isinstance(chunk, dict) and chunk.get("usage"):
             usage = chunk["usage"]
+        if isinstance(chunk, dict) and chunk.get("image_sizes"):
+            image_sizes = chunk["image_sizes"]  # this server's extension, on the last chunks
         try:
             delta = chunk["choices"][0].get("delta") or {}
         except (KeyError, IndexError, TypeError, AttributeError):
@@ -186,7 +229,7 @@ def _read_stream(resp: requests.Response, out: TextIO, started: float) -> dict:
     out.flush()
     if not done:
         raise ClientError("the stream ended without 'data: [DONE]' (answer may be cut off)")
-    return {"content": "".join(parts), "usage": usage, "first_token": first_token}
+    return {"content": "".join(parts), "usage": usage, "first_token": first_token, "image_sizes": image_sizes}
 
 
 def send(
@@ -242,7 +285,8 @@ def send(
                 out.write(content + "\n")
                 out.flush()
                 usage = data.get("usage") if isinstance(data, dict) else None
-                result = {"content": content, "usage": usage, "first_token": None}
+                result = {"content": content, "usage": usage, "first_token": None,
+                          "image_sizes": data.get("image_sizes") if isinstance(data, dict) else None}
         except requests.exceptions.Timeout:
             raise ClientError(f"no answer from {api_url} within {timeout:g} s") from None
         except requests.exceptions.RequestException as exc:
@@ -264,6 +308,81 @@ def format_stats(result: dict) -> str:
     return ", ".join(parts)
 
 
+# ---------------------------------------------------------------- grounding (a standalone copy of serving/grounding.py)
+
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX_OBJECT = re.compile(r"\{[^{}]*\"bbox_2d\"[^{}]*\}")
+_BBOX = re.compile(r"\"bbox_2d\"\s*:\s*\[" + ",".join([_NUMBER] * 4) + r"\]")
+_LABEL = re.compile(r"\"label\"\s*:\s*(\"(?:[^\"\\]|\\.)*\")")
+
+
+def find_boxes(text: str) -> list:
+    """Qwen2.5-VL's boxes in an answer: [{"bbox_2d": [x1, y1, x2, y2], "label": ...}, ...] (complete ones only)."""
+    boxes = []
+    for match in _BOX_OBJECT.finditer(text or ""):
+        bbox = _BBOX.search(match.group(0))
+        if bbox is None:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in bbox.groups())
+        label = _LABEL.search(match.group(0))
+        try:
+            name = json.loads(label.group(1)) if label else ""
+        except ValueError:
+            name = ""
+        boxes.append({"bbox_2d": [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], "label": str(name)})
+    return boxes
+
+
+def to_original(box: dict, size: dict) -> dict:
+    """A box in pixels of the image the model saw -> pixels of the image sent, with one entry of the response's
+    image_sizes ({"width", "height", "model_width", "model_height"}): x * width / model_width, likewise y."""
+    sx, sy = size["width"] / size["model_width"], size["height"] / size["model_height"]
+    x1, y1, x2, y2 = box["bbox_2d"]
+    clamp = lambda v, high: round(max(0.0, min(float(high), v)), 1)  # noqa: E731
+    return {"bbox_2d": [clamp(x1 * sx, size["width"]), clamp(y1 * sy, size["height"]),
+                        clamp(x2 * sx, size["width"]), clamp(y2 * sy, size["height"])], "label": box["label"]}
+
+
+def report_boxes(result: dict, out: TextIO, draw_to: Optional[str] = None, image: Optional[str] = None) -> list:
+    """Print the answer's boxes in pixels of the image sent (and draw them on a copy of it); return them."""
+    sizes = result.get("image_sizes") or []
+    found = find_boxes(result.get("content", ""))
+    if not found:
+        out.write("boxes: none in the answer\n")
+        return []
+    if not sizes:
+        raise ClientError("the answer has boxes but the server reported no image_sizes: they are in pixels of "
+                          "the image as the model saw it, which this client cannot map back")
+    size = sizes[-1]  # the image this client sent (the only one)
+    boxes = [to_original(box, size) for box in found]
+    out.write(f"boxes in pixels of the {size['width']}x{size['height']} image sent (the model saw it at "
+              f"{size['model_width']}x{size['model_height']}):\n")
+    for box in boxes:
+        out.write(f"  {box['label'] or 'box'}: {box['bbox_2d']}\n")
+    if draw_to:
+        _draw(image, boxes, draw_to)
+        out.write(f"drawn on a copy of the image: {draw_to}\n")
+    return boxes
+
+
+def _draw(image: Optional[str], boxes: list, path: str) -> None:
+    if not image or _is_url(image) or image.startswith("data:"):
+        raise ClientError("--draw-boxes needs --image to be a local file")
+    try:
+        from PIL import Image, ImageDraw, ImageOps
+    except ImportError:
+        raise ClientError("--draw-boxes needs Pillow: pip install Pillow") from None
+    with Image.open(image) as picture:
+        picture = ImageOps.exif_transpose(picture).convert("RGB")  # the upright image, as the server read it
+    draw = ImageDraw.Draw(picture)
+    line = max(2, round(max(picture.size) / 250))
+    for box in boxes:
+        draw.rectangle(box["bbox_2d"], outline=(230, 25, 75), width=line)
+        if box["label"]:
+            draw.text((box["bbox_2d"][0] + line, box["bbox_2d"][1] + line), box["label"], fill=(230, 25, 75))
+    picture.save(path)
+
+
 def _use_utf8() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -283,27 +402,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--auth-scheme", choices=("Bearer", "token"), default="Bearer",
                    help="Bearer (this server, OpenAI) or token (AI Studio's gateway and access tokens)")
     p.add_argument("--image", help="local image path or http(s) URL; omit for a text-only question")
+    p.add_argument("--video", help="local video file (mp4, webm, mov, ...) or http(s) URL")
     p.add_argument("--question", help=f"default: {DEFAULT_IMAGE_QUESTION!r} with an image, "
                                       f"{DEFAULT_TEXT_QUESTION!r} without")
     p.add_argument("--stream", action="store_true", help="stream the answer (SSE)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--format", choices=("tutorial", "openai"), default="tutorial",
-                   help="how the image part is written")
+                   help="how the image and video parts are written")
     p.add_argument("--timeout", type=float, default=300, help="seconds")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    return p.parse_args(argv)
+    p.add_argument("--boxes", action="store_true",
+                   help="print the answer's Qwen2.5-VL boxes (bbox_2d) in pixels of --image, mapped back from the "
+                        "resized image the model saw with the sizes the server reports (image_sizes)")
+    p.add_argument("--draw-boxes", metavar="PNG", help="with --boxes: also save a copy of --image with the boxes drawn")
+    args = p.parse_args(argv)
+    if args.draw_boxes:
+        args.boxes = True
+    return args
 
 
 def main(argv=None) -> int:
     _use_utf8()
     args = parse_args(argv)
-    question = args.question or (DEFAULT_IMAGE_QUESTION if args.image else DEFAULT_TEXT_QUESTION)
+    question = args.question or (DEFAULT_VIDEO_QUESTION if args.video else
+                                 DEFAULT_IMAGE_QUESTION if args.image else DEFAULT_TEXT_QUESTION)
     # Under a non-UTF-8 locale argv holds surrogate escapes; recover the UTF-8 text.
     question = question.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     try:
         payload = build_payload(
-            question, image=args.image, fmt=args.format, model=args.model,
+            question, image=args.image, video=args.video, fmt=args.format, model=args.model,
             temperature=args.temperature, max_tokens=args.max_tokens, stream=args.stream,
         )
         result = send(args.api_url, payload, api_key=args.api_key, timeout=args.timeout,
@@ -316,6 +444,12 @@ def main(argv=None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 1
     print(format_stats(result))
+    if args.boxes:
+        try:
+            report_boxes(result, sys.stdout, draw_to=args.draw_boxes, image=args.image)
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

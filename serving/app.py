@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from . import http_errors, images, openapi, protocol, responses
+from . import http_errors, images, limits, openapi, protocol, responses
 from .admission import Admission
 from .auth import check_api_key
 from .chat import ChatService
@@ -86,8 +86,10 @@ def _start():
 def _finish(response):
     response.headers["X-Request-Id"] = g.get("request_id", "")
     if not response.is_streamed:  # a stream is recorded when it ends
+        # a 503 while the model loads (or the server stops) is normal operation, not a server error: logged at INFO
+        loading = response.status_code == 503 and (_state().service.engine is None or _state().service.closing)
         _record(response.status_code, error=g.get("error"), completion_tokens=g.get("completion_tokens"),
-                **_request_context())
+                expected=loading, **_request_context())
     return response
 
 
@@ -104,21 +106,26 @@ def _error(exc: Exception):
 
 @api.get("/")
 def root():
-    return Response(ROOT_TEXT, mimetype="text/plain; charset=utf-8")
+    return Response(ROOT_TEXT, content_type="text/plain; charset=utf-8")  # mimetype= would add a second charset
 
 
 @api.get("/health")
 def health():
     state = _state()
     engine = state.service.engine
+    if state.service.closing:  # a load balancer stops sending here
+        body = protocol.Health(status="unavailable", model=state.settings.model_name, reason="the server is shutting down")
+        return jsonify(body.model_dump(exclude_none=True)), 503
     if engine is None:
         body = protocol.Health(status="loading", model=state.settings.model_name, reason="the model is loading")
         return jsonify(body.model_dump(exclude_none=True)), 503
     ready, reason = engine.health()
+    upstreams = engine.upstreams() if hasattr(engine, "upstreams") else None  # the upstream backends
     if not ready:
-        body = protocol.Health(status="unavailable", model=engine.info.name, reason=reason)
+        body = protocol.Health(status="unavailable", model=engine.info.name, reason=reason, upstreams=upstreams)
         return jsonify(body.model_dump(exclude_none=True)), 503
-    body = protocol.Health(status="ok", model=engine.info.name, demo=engine.info.is_demo)
+    body = protocol.Health(status="ok", model=engine.info.name, demo=engine.info.is_demo,
+                           reason=None if reason == "ok" else reason, upstreams=upstreams)
     return jsonify(body.model_dump(exclude_none=True))
 
 
@@ -140,7 +147,7 @@ def models():
     description = ("DEMO model with random weights: its answers are meaningless text"
                    if info.is_demo else "Qwen2.5-VL served with PaddlePaddle")
     card = protocol.ModelCard(id=info.name, created=state.started, root=info.source,
-                              max_model_len=info.context_length, demo=info.is_demo, description=description)
+                              max_model_len=info.context_length or None, demo=info.is_demo, description=description)
     return jsonify(protocol.ModelList(data=[card]).model_dump())
 
 
@@ -162,7 +169,7 @@ def chat_completions():
 
 
 def _chat(state: AppState, slot) -> Response:
-    req = protocol.parse_request(_json_body())
+    req = state.service.parse_request(_json_body())  # the limits that come before validation, then the models
     if req.model_extra:
         log.info("request %s: ignoring unknown fields %s", g.request_id, sorted(req.model_extra)[:10])
     reply = state.service.start_request(req, started=g.started)
@@ -181,6 +188,7 @@ def _chat(state: AppState, slot) -> Response:
     finally:
         reply.cancel()
     g.completion_tokens = completion["usage"]["completion_tokens"]
+    g.prompt_tokens = completion["usage"]["prompt_tokens"]  # an upstream engine knows it only at the end
     return jsonify(completion)
 
 
@@ -195,8 +203,11 @@ def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
 # ---------------------------------------------------------------- helpers
 
 def _json_body():
+    data = request.get_data(cache=False)
+    settings = _state().settings
+    limits.check_raw_body(data, max_messages=settings.max_messages, max_parts=settings.max_content_parts)
     try:
-        return json.loads(request.get_data(cache=False))
+        return json.loads(data)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
 
@@ -211,12 +222,14 @@ def _request_context() -> dict:
 
 
 def _record(status, *, request_id, method, endpoint, path, started, metrics, prompt_tokens=None,
-            completion_tokens=None, error=None, stream=False) -> None:
-    """The one log line and the metrics of a finished request."""
+            completion_tokens=None, error=None, stream=False, expected=False) -> None:
+    """The one log line and the metrics of a finished request (`expected`: an answer of normal operation,
+    such as 503 while the model loads, logged at INFO whatever its status)."""
     seconds = time.perf_counter() - started
     metrics.requests.labels(endpoint, str(status)).inc()
     metrics.latency.labels(endpoint).observe(seconds)
-    level = logging.INFO if status < 400 or status == 499 else logging.WARNING if status < 500 else logging.ERROR
+    level = (logging.INFO if expected or status < 400 or status == 499 else logging.WARNING if status < 500
+             else logging.ERROR)
     log.log(level, "request %s %s %s status=%s latency=%.3fs prompt_tokens=%s completion_tokens=%s%s%s",
             request_id, method, path, status, seconds, prompt_tokens, completion_tokens,
             " stream" if stream else "", f" error={error.code}: {error.message}" if error else "")

@@ -15,12 +15,17 @@ images, and SamplingParams.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from . import images, protocol
+from PIL import Image
+
+from . import images, limits, protocol, video
 from .errors import ImageError, InvalidRequest, NotReady, RequestTimeout
+from .membudget import MemoryBudget
 from .jobs import Finished, SamplingParams
 
 RETRY_SECONDS = 5  # what a client told "not ready" should wait before trying again
@@ -31,10 +36,17 @@ class ChatService:
         self.engine = engine  # None while the model loads (serving.app.attach_engine sets it)
         self.settings = settings
         self.metrics = metrics  # serving.metrics.Metrics, or None (the widget, the benchmark)
+        self.decode_budget = MemoryBudget(settings.image_decode_mb * 2**20)  # images being decoded at once
+        self.closing = False  # shutting down (begin_shutdown): no new answers
+        self._replies: "weakref.WeakSet[Reply]" = weakref.WeakSet()  # answers being generated (end_all)
+        self._replies_lock = threading.Lock()
 
     def ready_engine(self):
         """The engine, when it can answer now; NotReady otherwise."""
         engine = self.engine
+        if self.closing:
+            raise NotReady("the server is shutting down; try again shortly", code="shutting_down",
+                           retry_after=RETRY_SECONDS)
         if engine is None:
             raise NotReady("the model is still loading; try again shortly", code="model_loading",
                            retry_after=RETRY_SECONDS)
@@ -48,13 +60,15 @@ class ChatService:
 
     def sampling_params(self, *, max_tokens: Optional[int] = None, temperature=None, top_p=None, top_k=None,
                         repetition_penalty=None, presence_penalty=None, frequency_penalty=None, seed=None,
-                        stop=None, logprobs=None, top_logprobs=None) -> SamplingParams:
+                        stop=None, logprobs=None, top_logprobs=None,
+                        max_tokens_field: str = "max_tokens") -> SamplingParams:
         """SamplingParams within this server's limits. Value ranges (temperature 0..2, ...) are the
-        request models' (serving.protocol); the limits that depend on settings are checked here."""
+        request models' (serving.protocol); the limits that depend on settings are checked here.
+        `max_tokens_field` is the request field max_tokens came from, for the error's param."""
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
-            raise InvalidRequest(f"max_tokens is {max_tokens}, more than this server's limit of {limit}",
-                                 param="max_tokens", code="max_tokens_too_large")
+            raise InvalidRequest(f"{max_tokens_field} is {max_tokens}, more than this server's limit of {limit}",
+                                 param=max_tokens_field, code="max_tokens_too_large")
         if top_logprobs is not None and not logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         return SamplingParams(
@@ -68,36 +82,97 @@ class ChatService:
             max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop, logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs)
+            top_logprobs=req.top_logprobs,
+            max_tokens_field="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
 
     # ------------------------------------------------------------------ images
 
-    def load_images(self, turns: list) -> list:
-        """Turn every ImageRef of `turns` into a PIL image sized for the model, in place; images that
-        are PIL images already (the widget's uploads, sized by image_from_bytes) stay as they are."""
+    def load_images(self, turns: list, *, deadline: Optional[float] = None) -> list:
+        """Turn every ImageRef of `turns` into a PIL image sized for the model and every VideoRef into a
+        serving.video.Video, in place; images and videos loaded already (the widget's uploads, sized by
+        image_from_bytes / video_from_bytes) stay as they are. `deadline` (time.perf_counter()) bounds decoding."""
         s = self.settings
-        count = sum(not isinstance(p, str) for t in turns for p in t.parts)
+        count = sum(not isinstance(p, (str, protocol.VideoRef, video.Video)) for t in turns for p in t.parts)
         if count > s.max_images:
             raise InvalidRequest(f"the request has {count} images; this server takes at most {s.max_images}",
                                  param="messages", code="too_many_images")
+        videos = sum(isinstance(p, (protocol.VideoRef, video.Video)) for t in turns for p in t.parts)
+        if videos > s.max_videos:
+            raise video.VideoError(f"the request has {videos} videos; this server takes at most {s.max_videos}",
+                                   param="messages", code="too_many_videos")
         for turn in turns:
             for k, part in enumerate(turn.parts):
                 if isinstance(part, protocol.ImageRef):
                     low, high = self.pixel_budget(part)
-                    img = images.load_image(
-                        part.source, param=part.param, allow_urls=s.allow_image_urls, timeout=s.image_fetch_timeout,
-                        max_bytes=s.max_image_bytes, pixel_limit=s.max_image_pixels,
-                        allow_hosts=s.image_url_allow_hosts, target_pixels=high)
+                    fetch_limit = _time_left(deadline, s.image_fetch_timeout)
+                    try:
+                        img = images.load_image(
+                            part.source, param=part.param, allow_urls=s.allow_image_urls, timeout=fetch_limit,
+                            max_bytes=s.max_image_bytes, pixel_limit=s.max_image_pixels,
+                            allow_hosts=s.image_url_allow_hosts, target_pixels=high, budget=self.decode_budget,
+                            deadline=deadline)
+                    except ImageError as exc:
+                        if deadline is not None and exc.code == "image_fetch_failed" and time.perf_counter() >= deadline:
+                            raise _timeout(s.request_timeout, "fetching its images") from None
+                        raise
                     if self.metrics is not None:
                         self.metrics.image_loaded(part.source)
                     turn.parts[k] = self.fit_image(img, param=part.param, budget=(low, high))
+                elif isinstance(part, protocol.VideoRef):
+                    turn.parts[k] = self.load_video(part, deadline=deadline)
         return turns
+
+    # ------------------------------------------------------------------ videos
+
+    def video_limits(self, options: Optional[dict] = None) -> video.VideoLimits:
+        """The server's video sampling and limits, narrowed by a video part's own choices (fps, max_frames, ...)."""
+        limits = video.VideoLimits.from_settings(self.settings)
+        return limits.narrowed(**options) if options else limits
+
+    def load_video(self, ref: protocol.VideoRef, *, deadline: Optional[float] = None) -> video.Video:
+        """A video part -> its sampled frames, sized (a file through PyAV, or a list of images as its frames)."""
+        s = self.settings
+        limits = self.video_limits(ref.options)
+        if isinstance(ref.source, list):
+            if len(ref.source) > limits.max_frames:
+                raise video.VideoError(f"the video has {len(ref.source)} frames; this server takes at most "
+                                       f"{limits.max_frames}", param=ref.param, code="too_many_frames")
+
+            def frames():
+                for i, source in enumerate(ref.source):
+                    if deadline is not None and time.perf_counter() > deadline:
+                        raise RequestTimeout("reading the video's frames took longer than this server's time limit",
+                                             code="request_timeout")
+                    yield images.load_image(
+                        source, param=f"{ref.param}.video[{i}]", allow_urls=s.allow_image_urls,
+                        timeout=s.image_fetch_timeout, max_bytes=s.max_image_bytes, pixel_limit=s.max_image_pixels,
+                        allow_hosts=s.image_url_allow_hosts, target_pixels=limits.max_pixels)
+
+            clip = video.from_images(frames(), limits, count=len(ref.source), param=ref.param,
+                                     fps=ref.options.get("fps"))
+            label = "frames"
+        else:
+            data, mime = video.read_source(ref.source, param=ref.param, allow_urls=s.allow_image_urls,
+                                           timeout=s.image_fetch_timeout, max_bytes=s.max_video_bytes,
+                                           allow_hosts=s.image_url_allow_hosts)
+            clip = video.decode(data, limits, param=ref.param, deadline=deadline, mime=mime)
+            label = None
+        if self.metrics is not None:
+            self.metrics.video_loaded(label or ref.source, clip)
+        return clip
+
+    def video_from_bytes(self, data: bytes, *, param: str) -> video.Video:
+        """An uploaded video file -> its sampled frames, sized (VideoError when it is not a usable video)."""
+        return video.decode(bytes(data), self.video_limits(), param=param)
 
     def fit_image(self, img, *, param: Optional[str] = None, budget: Optional[tuple] = None):
         """A PIL image resized once to what the vision tower takes: sides multiples of 28, pixels within
         `budget` (min, max), by default the server's MIN_PIXELS..MAX_PIXELS."""
         low, high = budget or (self.settings.min_pixels, self.settings.max_pixels)
-        return images.fit_pixels(img, low, high, param=param)
+        original = img.info.get(images.ORIGINAL_SIZE, img.size)
+        fitted = images.fit_pixels(img, low, high, param=param)
+        fitted.info[images.ORIGINAL_SIZE] = original  # for image_sizes(): boxes map back to the image as sent
+        return fitted
 
     def pixel_budget(self, ref: protocol.ImageRef) -> tuple:
         """(min, max) pixels for one image: the part's own min_pixels / max_pixels, kept within the server's."""
@@ -122,12 +197,51 @@ class ChatService:
         the request arrived, for time to first token and the time limit (seconds, None: none)."""
         engine = self.ready_engine()
         started = time.perf_counter() if started is None else started
-        turns = self.load_images(turns)
-        return Reply(engine.start(turns, params), started=started, time_limit=time_limit, metrics=self.metrics)
+        if engine.info.context_length:  # 0: not known here (an upstream that does not say); the upstream checks
+            limits.check_prompt_chars(turns, engine.info.context_length)  # before any image is fetched
+        deadline = started + time_limit if time_limit is not None else None
+        turns = self.load_images(turns, deadline=deadline)
+        if deadline is not None and time.perf_counter() >= deadline:
+            raise _timeout(time_limit, "reading its images")
+        engine = self.ready_engine()  # again: a shutdown may have begun meanwhile
+        reply = Reply(engine.start(turns, params), started=started, time_limit=time_limit, metrics=self.metrics,
+                      image_sizes=image_sizes(turns))
+        with self._replies_lock:
+            self._replies.add(reply)
+        return reply
+
+    def parse_request(self, body) -> protocol.ChatCompletionRequest:
+        """A request's parsed JSON -> the request model, after the limits that must come before validating
+        it: how many messages and content parts, and no invalid Unicode (serving.limits)."""
+        limits.check_body(body, max_messages=self.settings.max_messages, max_parts=self.settings.max_content_parts)
+        return protocol.parse_request(body)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self) -> None:
+        """No new answers from now on (503 shutting_down); requests waiting for the engine are answered so
+        too; answers already being generated go on (end_all ends them)."""
+        self.closing = True
+        refuse = getattr(self.engine, "refuse_waiting", None)
+        if refuse is not None:
+            refuse(NotReady("the server is shutting down; try again shortly", code="shutting_down",
+                            retry_after=RETRY_SECONDS))
+
+    def end_all(self, error: Exception) -> int:
+        """End every answer still being generated with `error` (a stream's last event; a 503 before one
+        started); how many there were."""
+        with self._replies_lock:
+            replies = [reply for reply in self._replies if not reply.done]
+        for reply in replies:
+            reply.abort(error)
+        return len(replies)
 
     def start_request(self, req: protocol.ChatCompletionRequest, *, started: Optional[float] = None) -> "Reply":
         """A parsed API request, under REQUEST_TIMEOUT. Its limits are checked before any image is fetched."""
+        engine = self.ready_engine()
+        refuse_unsupported(req, engine, getattr(self.settings, "backend", "paddle"))
         params = self.params_from_request(req)
+        params.extra = passed_on(req, engine)
         turns = protocol.normalise_messages(req)
         return self.start(turns, params, started=started, time_limit=self.settings.request_timeout)
 
@@ -145,28 +259,43 @@ class Reply:
     engine's reads never block longer than a short poll, so a stuck engine cannot hold a caller past it.
     With metrics, the time to first text and the token counts are recorded."""
 
-    def __init__(self, generation, *, started: float, time_limit: Optional[float] = None, metrics=None):
+    def __init__(self, generation, *, started: float, time_limit: Optional[float] = None, metrics=None,
+                 image_sizes: Optional[list] = None):
         self.generation = generation
         self.prompt_tokens = generation.prompt_tokens
+        self.image_sizes = image_sizes or []  # protocol.ImageSize of every image, in order (see image_sizes())
         self.started = started
         self.time_limit = time_limit
         self.metrics = metrics
         self.finished: Optional[Finished] = None
         self._seen_text = False
+        self._aborted: Optional[Exception] = None
+        self.done = False  # read to its end (or failed)
 
     def __iter__(self) -> Iterator:
         deadline = self.started + self.time_limit if self.time_limit is not None else None
         try:
             for event in self.generation.until(deadline):
+                if self._aborted is not None:
+                    break
                 self._see(event)
                 yield event
+            if self._aborted is not None and self.finished is None:
+                raise self._aborted
         except TimeoutError:
             self.cancel()
             raise RequestTimeout(f"the request took longer than this server's limit of {self.time_limit:g} seconds "
                                  "and was cancelled", code="request_timeout") from None
+        finally:
+            self.done = True
 
     def cancel(self) -> None:
         """Stop the generation (from any thread); the engine drops it at its next step."""
+        self.generation.cancel()
+
+    def abort(self, error: Exception) -> None:
+        """Stop the generation (from any thread) and make its reader raise `error` (a shutdown)."""
+        self._aborted = error
         self.generation.cancel()
 
     def collect(self) -> Answer:
@@ -187,6 +316,103 @@ class Reply:
         self.finished = event
         if self.metrics is not None:
             self.metrics.finished_generation(event.prompt_tokens, event.completion_tokens, event.seconds)
+
+
+def image_sizes(turns: list) -> list:
+    """protocol.ImageSize of every image in `turns` (loaded: PIL images), in order: as sent and as the model sees it."""
+    sizes = []
+    for turn in turns:
+        for part in turn.parts:
+            if isinstance(part, Image.Image):
+                width, height = part.info.get(images.ORIGINAL_SIZE, part.size)
+                sizes.append(protocol.ImageSize(width=width, height=height, model_width=part.width,
+                                                model_height=part.height))
+    return sizes
+
+
+# OpenAI request fields that change the answer. An engine honours one only when its info.features names it;
+# the built-in Paddle engine names none. Sent to an engine that does not, they are refused (400
+# unsupported_parameter) rather than dropped: a client asking for JSON or tool calls must not get prose.
+FEATURES = ("response_format", "tools", "logit_bias")
+_ELSEWHERE = ("to serve it, use --backend openai (an OpenAI-compatible upstream that supports it, such as vLLM) "
+              "or --backend fastdeploy")
+
+
+def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
+    """(feature, param, what) for each answer-changing field of `req` that needs an engine feature."""
+    found = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        found.append(("response_format", "response_format", f"response_format {fmt.type!r}"))
+    if req.tools and req.tool_choice != "none":
+        found.append(("tools", "tools", "tools (with tool_choice other than 'none')"))
+    if req.functions and req.function_call != "none":
+        found.append(("tools", "functions", "functions (the deprecated form of tools)"))
+    for i, message in enumerate(req.messages):
+        if message.role == "tool":
+            found.append(("tools", f"messages[{i}].role", "messages with role 'tool'"))
+        elif message.role == "assistant" and message.tool_calls:
+            found.append(("tools", f"messages[{i}].tool_calls", "assistant messages with tool_calls"))
+    if req.logit_bias:
+        found.append(("logit_bias", "logit_bias", "logit_bias"))
+    return found
+
+
+def refuse_unsupported(req: protocol.ChatCompletionRequest, engine, backend: str = "paddle") -> None:
+    """InvalidRequest (400 unsupported_parameter) for the first field of `req` that changes the answer and
+    that `engine` does not honour (its info.features does not name it); `backend` is the --backend serving."""
+    features = getattr(engine.info, "features", frozenset())
+    for feature, param, what in unsupported_fields(req):
+        if feature not in features:
+            where = ("the built-in Paddle engine (--backend paddle), which writes free text only" if backend == "paddle"
+                     else f"this server's --backend {backend} (its engine does not declare {feature!r})")
+            raise InvalidRequest(f"{what} is not supported by {where}; {_ELSEWHERE}", param=param,
+                                 code="unsupported_parameter")
+
+
+# request field -> the engine feature under which it is passed on, as sent, in SamplingParams.extra
+# (the upstream engines forward these to their servers; the built-in engine declares none)
+PASSED_ON = {"response_format": "response_format", "tools": "tools", "tool_choice": "tools", "functions": "tools",
+             "function_call": "tools", "parallel_tool_calls": "tools", "logit_bias": "logit_bias"}
+
+
+def passed_on(req: protocol.ChatCompletionRequest, engine) -> dict:
+    """The fields of `req` the client sent whose feature `engine` honours, as plain JSON values."""
+    features = getattr(engine.info, "features", frozenset())
+    sent = req.model_fields_set | set(req.model_extra or ())
+    out = {}
+    for name, feature in PASSED_ON.items():
+        if feature in features and name in sent:
+            value = getattr(req, name, None)
+            if value is not None:
+                out[name] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _time_left(deadline: Optional[float], limit: float) -> float:
+    """`limit` seconds, or fewer when the request's deadline (time.perf_counter()) comes first."""
+    if deadline is None:
+        return limit
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        raise _timeout(None, "reading its images")
+    return min(limit, left)
+
+
+def _timeout(limit: Optional[float], doing: str) -> RequestTimeout:
+    what = f"this server's limit of {limit:g} seconds" if limit else "this server's time limit"
+    return RequestTimeout(f"the request took longer than {what} while {doing} (REQUEST_TIMEOUT) and was cancelled",
+                          code="request_timeout")
 
 
 def _within(value, low, high, default):

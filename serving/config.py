@@ -7,7 +7,9 @@ wins over the variable, the variable over the default. README lists them all.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -24,6 +26,23 @@ def _bool(text: str) -> bool:
 
 def _keys(text: str) -> tuple:
     return tuple(k.strip() for k in str(text).split(",") if k.strip())
+
+
+BACKENDS = ("paddle", "openai", "fastdeploy")
+
+
+def _backend(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{text!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _image_format(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in ("png", "jpeg"):
+        raise ValueError(f"{text!r} is not png or jpeg")
+    return value
 
 
 @dataclass(frozen=True)
@@ -58,18 +77,38 @@ class Settings:
     max_request_bytes: int = field(default=32 * 1024 * 1024, metadata={
         "help": "largest request body in bytes (413 above it)"})
     image_fetch_timeout: float = field(default=10.0, metadata={
-        "help": "seconds to connect to and read an http(s) image URL, and for the whole fetch"})
+        "help": "seconds an http(s) image URL may take, every phase included: resolving, connecting, TLS, the "
+                "response headers and the body"})
     allow_image_urls: bool = field(default=True, metadata={
         "help": "fetch http(s) image URLs (false: only inline base64 images)", "type": _bool})
     image_url_allow_hosts: tuple = field(default=(), metadata={
         "help": "comma-separated hosts (names or IP addresses, as written in URLs) fetched even when they "
                 "resolve to loopback or private addresses; other hosts must resolve to public addresses only",
         "type": _keys})
+    max_videos: int = field(default=2, metadata={
+        "help": "most videos in one request (0: videos are refused); video URLs follow ALLOW_IMAGE_URLS, "
+                "IMAGE_URL_ALLOW_HOSTS and IMAGE_FETCH_TIMEOUT"})
+    max_video_bytes: int = field(default=32 * 1024 * 1024, metadata={
+        "help": "largest video file in bytes, after base64 decoding or as fetched from a URL"})
+    max_video_seconds: float = field(default=600.0, metadata={
+        "help": "longest video in seconds (read from the container before decoding, checked again while reading)"})
+    video_fps: float = field(default=2.0, metadata={
+        "help": "frames sampled per second of video (a request's video part may ask for its own 'fps')"})
+    min_frames: int = field(default=4, metadata={"help": "fewest frames sampled from a video"})
+    max_frames: int = field(default=768, metadata={
+        "help": "most frames sampled from a video, and most images in a video given as a list of frames"})
+    video_min_pixels: int = field(default=128 * 28 * 28, metadata={
+        "help": "smallest pixel count a sampled video frame is scaled to"})
+    video_max_pixels: int = field(default=768 * 28 * 28, metadata={
+        "help": "largest pixel count a sampled video frame is scaled to"})
+    video_total_pixels: int = field(default=16384 * 28 * 28, metadata={
+        "help": "pixels of all sampled frames of a video together, counted per pair of frames (a video takes at "
+                "most VIDEO_TOTAL_PIXELS / 784 prompt tokens); frames shrink, then fewer are sampled, to fit"})
     max_queue: int = field(default=16, metadata={
         "help": "most chat completions in the server at once, generating or waiting; more get 429 with Retry-After"})
     request_timeout: float = field(default=300.0, metadata={
-        "help": "seconds a chat completion may take; then it is cancelled and answered 504 "
-                "(a stream ends with an error event)"})
+        "help": "seconds a chat completion may take, image intake included; then it is cancelled and answered 504 "
+                "(a stream ends with an error event and [DONE])"})
     cpu_threads: int = field(default=0, metadata={
         "help": "math threads for the model on a CPU (0: one per core available; Paddle's own default is 1)"})
     max_batch_size: int = field(default=0, metadata={
@@ -84,6 +123,54 @@ class Settings:
         "help": "memory for cached image work (pixel patches and vision-tower outputs), LRU"})
     threads: int = field(default=24, metadata={
         "help": "HTTP worker threads; keep it above MAX_QUEUE so /health and 429s are answered under load"})
+    max_connections: int = field(default=1000, metadata={
+        "help": "most open HTTP connections; past it each new connection closes the one idle longest "
+                "(no request running), so a flood of idle connections cannot lock clients out"})
+    idle_timeout: float = field(default=15.0, metadata={
+        "help": "seconds a connection may stay open with no request running and nothing received; "
+                "then the server closes it"})
+    header_timeout: float = field(default=10.0, metadata={
+        "help": "seconds a client has to send a request's headers, from its first byte (slow senders are cut off)"})
+    body_timeout: float = field(default=60.0, metadata={
+        "help": "seconds a client has to send a request's body once its headers have arrived"})
+    max_messages: int = field(default=1024, metadata={
+        "help": "most messages in one request (checked before anything else is read from it)"})
+    max_content_parts: int = field(default=2048, metadata={
+        "help": "most content parts (text, image, ...) in all messages of one request together"})
+    image_decode_mb: int = field(default=512, metadata={
+        "help": "memory for images being decoded at once (estimated from their headers); requests wait their "
+                "turn within REQUEST_TIMEOUT; an image larger than this is decoded alone"})
+    shutdown_grace: float = field(default=20.0, metadata={
+        "help": "on SIGTERM or SIGINT: seconds running answers may take to finish; then streams end with an "
+                "error event and [DONE], other requests get 503, and the process exits 0"})
+    backend: str = field(default="paddle", metadata={
+        "help": "paddle (the built-in engine, in this process), openai (forward to the OpenAI-compatible servers "
+                "in UPSTREAM) or fastdeploy (start FastDeploy's server as a child process and forward to it)",
+        "type": _backend})
+    upstream: tuple = field(default=(), metadata={
+        "help": "--backend openai: comma-separated base URLs of OpenAI-compatible servers (FastDeploy, vLLM, other "
+                "instances of this server), e.g. http://10.0.0.2:8080,http://10.0.0.3:8080", "type": _keys})
+    upstream_api_key: str = field(default="", metadata={
+        "help": "the key sent to the upstreams as 'Authorization: Bearer <key>' (none when empty)"})
+    upstream_health_interval: float = field(default=5.0, metadata={
+        "help": "seconds between health checks of each upstream (GET /v1/models); an unhealthy one gets no "
+                "requests until a check passes again"})
+    upstream_image_format: str = field(default="png", metadata={
+        "help": "how images go to the upstreams, at the size the model sees: png (lossless, uncompressed: the same "
+                "answers as asking the upstream directly, ~1 ms per image, 3 bytes per pixel) or jpeg (quality 95: "
+                "a fifth of the bytes, for upstreams behind a slow link)", "type": _image_format})
+    tensor_parallel: int = field(default=0, metadata={
+        "help": "--backend fastdeploy: GPUs the model is split over (--tensor-parallel-size; 0: every visible GPU)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "--backend fastdeploy: share of each GPU's memory FastDeploy may use (weights and KV cache)"})
+    fastdeploy_max_model_len: int = field(default=0, metadata={
+        "help": "--backend fastdeploy: prompt + answer tokens per request (--max-model-len; 0: the model's "
+                "context, at most 32768)"})
+    fastdeploy_start_timeout: float = field(default=1800.0, metadata={
+        "help": "--backend fastdeploy: seconds FastDeploy may take to load and answer its /health with 200"})
+    fastdeploy_args: str = field(default="", metadata={
+        "help": "--backend fastdeploy: more flags for FastDeploy's server, as one shell-quoted string "
+                "(e.g. '--quantization wint8 --tool-call-parser ...')"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     @property
@@ -117,7 +204,61 @@ def load_settings(argv=None, environ=None) -> Settings:
             continue
         convert = f.metadata.get("type") or type(f.default)
         try:
-            values[f.name] = convert(raw)
+            try:
+                value = convert(raw)
+            except ValueError as exc:
+                raise ValueError({int: f"{raw!r} is not a whole number", float: f"{raw!r} is not a number"}.get(
+                    convert, str(exc))) from None
+            values[f.name] = _checked(f.name, value)
         except ValueError as exc:
-            raise SystemExit(f"invalid value for --{f.name.replace('_', '-')} / {env_name(f.name)}: {exc}")
-    return Settings(**values)
+            raise SettingsError(f"invalid value for --{f.name.replace('_', '-')} / {env_name(f.name)}: {exc}") from None
+    settings = Settings(**values)
+    if settings.min_pixels > settings.max_pixels:
+        raise SettingsError(f"--min-pixels / MIN_PIXELS ({settings.min_pixels}) is larger than --max-pixels / "
+                            f"MAX_PIXELS ({settings.max_pixels})")
+    return settings
+
+
+class SettingsError(SystemExit):
+    """A setting with a bad value: its one line goes to stderr and the process exits with status 2
+    (as argparse does for a bad flag), instead of a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# (lowest, highest) a numeric setting may take; None: unbounded on that side
+_RANGES = {
+    "port": (0, 65535), "default_max_tokens": (1, None), "max_tokens_limit": (1, None), "min_pixels": (1, None),
+    "max_pixels": (1, None), "max_images": (0, None), "max_image_bytes": (1, None), "max_image_pixels": (1, None),
+    "max_request_bytes": (1, None), "image_fetch_timeout": (0.001, None), "max_queue": (1, None),
+    "request_timeout": (0.001, None), "cpu_threads": (0, None), "max_batch_size": (0, None),
+    "max_batch_tokens": (0, None), "prefill_chunk_tokens": (0, None), "image_cache_mb": (0, None),
+    "threads": (1, None), "max_connections": (1, None), "idle_timeout": (0.001, None),
+    "header_timeout": (0.001, None), "body_timeout": (0.001, None), "max_messages": (1, None),
+    "max_content_parts": (1, None), "image_decode_mb": (1, None), "shutdown_grace": (0, None),
+}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _checked(name: str, value):
+    """`value` when it is within the setting's range; ValueError naming the range otherwise."""
+    if name == "log_level" and str(value).upper() not in _LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(_LOG_LEVELS)}")
+    if name not in _RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    low, high = _RANGES[name]
+    if name == "port" and not low <= value <= high:
+        raise ValueError(f"{value} is not a TCP port (0-65535; 0: any free port)")
+    if low is not None and value < low:
+        raise ValueError(f"{value} is below the lowest allowed value, {low}")
+    if high is not None and value > high:
+        raise ValueError(f"{value} is above the highest allowed value, {high}")
+    return value

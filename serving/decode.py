@@ -39,7 +39,7 @@ class PrefillResult:
 
 class Prefill:
     """One prompt being prefilled, `chunk` tokens at a time. The vision tower runs once, at the start,
-    for the whole prompt (its output goes into the prompt's embeddings)."""
+    for the whole prompt's images and videos (its output goes into the prompt's embeddings)."""
 
     def __init__(self, model, arrays: dict, image_keys_setter=None):
         paddle = _paddle()
@@ -58,8 +58,18 @@ class Prefill:
             image_embeds = paddle.concat(list(image_embeds), axis=0).astype(embeds.dtype)
             image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image_embeds)
             embeds = embeds.masked_scatter(image_mask, image_embeds)
+        video_grid = seconds = None
+        if "pixel_values_videos" in arrays:  # as the model's forward does it, after the images
+            video_grid = paddle.to_tensor(arrays["video_grid_thw"])
+            seconds = paddle.to_tensor(arrays["second_per_grid_ts"])  # seconds per temporal patch: time positions
+            if image_keys_setter is not None:
+                image_keys_setter()
+            video_embeds = inner.get_video_features(paddle.to_tensor(arrays["pixel_values_videos"]), video_grid)
+            video_embeds = paddle.concat(list(video_embeds), axis=0).astype(embeds.dtype)
+            _, video_mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds, video_features=video_embeds)
+            embeds = embeds.masked_scatter(video_mask, video_embeds)
         mask = paddle.ones(ids.shape, dtype="int64")
-        positions, _ = inner.get_rope_index(ids, grid, None, attention_mask=mask)  # [3, 1, n]
+        positions, _ = inner.get_rope_index(ids, grid, video_grid, seconds, attention_mask=mask)  # [3, 1, n]
         self.embeds = embeds
         self.positions = positions
         self.next_position = int(positions.max()) + 1

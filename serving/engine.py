@@ -4,8 +4,10 @@ It implements serving.engine_api.Engine. One model worker thread owns the model 
 continuous-batching loop of serving.scheduler: requests join the running batch at any decoding
 step and leave it as soon as they end, each with its own sampling settings.
 
-Image work is cached by image content and size: the preprocessed pixel patches, and the
-vision tower's output (PaddleFormers' `get_image_features` is wrapped to consult the cache).
+Image and video work is cached by content and size: the preprocessed pixel patches, and the
+vision tower's output (PaddleFormers' `get_image_features` and `get_video_features` are wrapped to
+consult the cache). Videos arrive sampled and sized (serving.video.Video); PaddleFormers' video
+processor patches their frames, and their seconds per temporal patch go to the model's time positions.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import atexit
 import hashlib
 import logging
 import os
+import re
 import threading
 from typing import Iterator
 
 import numpy as np
 
 from . import sampling, vision_cache
+from .video import Video
 from .cache import ByteLRU
 from .engine_api import ModelInfo
 from .errors import InvalidRequest
@@ -29,6 +33,7 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 
 # Budgets when the settings say 0 (auto), by device. A CPU step costs about the same per row as
@@ -69,7 +74,9 @@ class PaddleEngine:
         self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
         self._batch_image_keys: list = []
-        vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys)
+        self._batch_video_keys: list = []
+        vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys,
+                             lambda: self._batch_video_keys)
         self.scheduler = Scheduler(self, max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,
                                    prefill_tokens=self.prefill_chunk_tokens)
         self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
@@ -81,13 +88,16 @@ class PaddleEngine:
     # ------------------------------------------------------------------ prompts
 
     def build_prompt(self, turns) -> Prompt:
-        """turns: ChatTurn-like objects whose parts are str or PIL images, in order."""
-        messages, images = [], []
+        """turns: ChatTurn-like objects whose parts are str, PIL images or serving.video.Video, in order."""
+        messages, images, videos = [], [], []
         for turn in turns:
             content = []
             for part in turn.parts:
                 if isinstance(part, str):
                     content.append({"type": "text", "text": part})
+                elif isinstance(part, Video):
+                    content.append({"type": "video"})
+                    videos.append(part)
                 else:
                     content.append({"type": "image"})
                     images.append(part)
@@ -109,24 +119,34 @@ class PaddleEngine:
             pixels.append(pv)
             grids.append(grid)
             keys.append(key)
-        # What the processor does for the text: each image placeholder becomes one token per
-        # merged 2x2 patch group of that image.
+        video_pixels, video_grids = [], []
+        for clip in videos:
+            pv, grid = self._preprocess_video(clip)
+            video_pixels.append(pv)
+            video_grids.append(grid)
+        # What the processor does for the text: each image or video placeholder becomes one token per
+        # merged 2x2 patch group of that image (of each pair of frames of that video).
         merge = int(self.processor.image_processor.merge_size) ** 2
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 != len(images):
-            raise InvalidRequest("the number of image placeholders does not match the images", param="messages")
-        expanded = pieces[0]
-        for grid, piece in zip(grids, pieces[1:]):
-            expanded += IMAGE_PAD * (int(np.prod(grid)) // merge) + piece
-        with self._template_lock:
-            ids = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        pieces = re.split(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})", text)
+        pads = pieces[1::2]
+        if pads.count(IMAGE_PAD) != len(images) or pads.count(VIDEO_PAD) != len(videos):
+            raise InvalidRequest("the number of image or video placeholders does not match the images and videos",
+                                 param="messages")
+        expanded, queues = pieces[0], {IMAGE_PAD: iter(grids), VIDEO_PAD: iter(video_grids)}
+        for pad, piece in zip(pads, pieces[2::2]):
+            expanded += pad * (int(np.prod(next(queues[pad]))) // merge) + piece
+        ids = self.encode(expanded)
         arrays = {"input_ids": np.asarray([ids], dtype=np.int64),
                   "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
         if images:
             arrays["pixel_values"] = np.concatenate(pixels, axis=0)
             arrays["image_grid_thw"] = np.concatenate(grids, axis=0).astype(np.int64)
+        if videos:
+            arrays["pixel_values_videos"] = np.concatenate(video_pixels, axis=0)
+            arrays["video_grid_thw"] = np.concatenate(video_grids, axis=0).astype(np.int64)
+            arrays["second_per_grid_ts"] = np.asarray([clip.seconds_per_grid for clip in videos], dtype=np.float32)
         return Prompt(arrays=arrays, prompt_tokens=len(ids), text=text, image_count=len(images),
-                      image_keys=tuple(keys))
+                      image_keys=tuple(keys), video_keys=tuple(clip.key for clip in videos))
 
     def _preprocess_image(self, img):
         """(key, (pixel patches, grid)) for one image, from the cache when the same image was seen."""
@@ -134,12 +154,23 @@ class PaddleEngine:
         digest.update(f"{img.size}{img.mode}".encode())
         key = digest.hexdigest()
         entry = self.pixel_cache.get(key)
-        if entry is None:
-            with self._template_lock:
-                out = self.processor.image_processor(images=[img], return_tensors="pd")
+        if entry is None:  # no lock: the image processor keeps no state between calls (tested from many threads)
+            out = self.processor.image_processor(images=[img], return_tensors="pd")
             entry = (out["pixel_values"].numpy(), out["image_grid_thw"].numpy().reshape(1, 3))
             self.pixel_cache.put(key, entry, entry[0].nbytes)
         return key, entry
+
+    def _preprocess_video(self, clip: Video):
+        """(pixel patches, grid) for one video's sampled frames (already sized: the processor only
+        normalises and patches them), from the cache when the same frames were seen."""
+        entry = self.pixel_cache.get(clip.key)
+        if entry is None:
+            with self._template_lock:
+                out = self.processor.video_processor(videos=[clip.frames], do_resize=False, do_sample_frames=False,
+                                                     return_tensors="pd")
+            entry = (out["pixel_values_videos"].numpy(), out["video_grid_thw"].numpy().reshape(1, 3))
+            self.pixel_cache.put(clip.key, entry, entry[0].nbytes)
+        return entry
 
     def check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         room = self.context_length - prompt.prompt_tokens
@@ -197,6 +228,11 @@ class PaddleEngine:
             self.scheduler.stop()
             self._worker.join(timeout)
 
+    def refuse_waiting(self, error: Exception) -> None:
+        """Jobs not yet running (waiting now or submitted later) end with `error`; running ones go on.
+        For a shutdown: serving.shutdown answers the waiting requests at once and lets the running finish."""
+        self.scheduler.refuse_waiting(error)
+
     def queue_depth(self) -> int:
         """Jobs waiting for the model (not counting the rows running now)."""
         return self.scheduler.queue_depth()
@@ -204,9 +240,10 @@ class PaddleEngine:
     def cache_stats(self) -> dict:
         return {"pixels": self.pixel_cache.stats(), "vision": self.vision_cache.stats()}
 
-    def set_image_keys(self, keys) -> None:
-        """The content keys of the images the vision tower is about to see (for its cache)."""
+    def set_image_keys(self, keys, video_keys=()) -> None:
+        """The content keys of the images and videos the vision tower is about to see (for its cache)."""
         self._batch_image_keys = list(keys)
+        self._batch_video_keys = list(video_keys)
 
     def _work(self) -> None:
         _ensure_dynamic_mode()
@@ -234,8 +271,18 @@ class PaddleEngine:
         return ids
 
     def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list:
+        """Token ids of `text`, without special tokens. The Rust tokenizer's encode_batch is safe to call
+        from many threads at once (nothing here changes its settings) and releases the GIL while it works,
+        so a long prompt holds up neither other prompts nor the HTTP server's threads; the template lock
+        is only for tokenizers without it."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch"):
+            return backend.encode_batch([text], add_special_tokens=False)[0].ids
         with self._template_lock:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def available_cores() -> int:

@@ -1,7 +1,8 @@
 """The seam between the service and whatever generates text: the one protocol every engine implements.
 
 The chat service (serving.chat) is the only caller. It hands an engine chat turns whose images
-are already loaded and sized, and reads back text deltas, then one Finished. The built-in engine
+are already loaded and sized, and whose videos are already decoded and sampled (serving.video.Video),
+and reads back text deltas, then one Finished. The built-in engine
 (serving.engine.PaddleEngine) runs the model in this process; other engines (an upstream
 OpenAI-compatible server, FastDeploy) implement the same five members.
 
@@ -26,6 +27,9 @@ class ModelInfo:
     is_demo: bool  # random weights: answers are meaningless text
     context_length: int  # prompt + answer tokens the model takes
     max_batch_size: int = 1  # most sequences decoded together
+    # OpenAI request fields beyond sampling that this engine honours (e.g. "tools", "response_format",
+    # "logit_bias"); the service refuses the others with 400 unsupported_parameter instead of dropping them
+    features: frozenset = frozenset()
 
 
 @runtime_checkable
@@ -49,8 +53,9 @@ class Engine(Protocol):
     info: ModelInfo
 
     def start(self, turns: list, params: SamplingParams) -> Generation:
-        """Begin generating an answer to `turns` (protocol.ChatTurn: role, parts of str or PIL images
-        already sized for the model). Raises InvalidRequest when the prompt cannot run (too long
+        """Begin generating an answer to `turns` (protocol.ChatTurn: role, parts of str, PIL images
+        already sized for the model, or serving.video.Video: a video's sampled, sized frames with their
+        rate and the file as received). Raises InvalidRequest when the prompt cannot run (too long
         for the context, badly ordered turns); never blocks on the model."""
         ...
 
@@ -73,3 +78,7 @@ class Engine(Protocol):
     def close(self, timeout: float = 30.0) -> None:
         """Stop after the work already started; release the model."""
         ...
+
+    # Optional: engines in front of other servers (serving.upstream) also have
+    #     def upstreams(self) -> list: [{"url", "status": "ok" | "down", "reason", "in_flight"}, ...]
+    # which /health shows, and stats()["upstreams"] ({url: {...}}), which the metrics label by upstream.

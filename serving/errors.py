@@ -52,3 +52,10 @@ class RequestTimeout(ServiceError):
 
 class InternalError(ServiceError):
     """A failure of the server itself; the next request is served normally."""
+
+
+class UpstreamError(ServiceError):
+    """An upstream server (--backend openai / fastdeploy) failed: an error of its own (5xx), an answer cut
+    off or malformed, or a refusal of this server's own credentials. Not the client's fault."""
+
+    default_code = "upstream_error"

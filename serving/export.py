@@ -153,22 +153,52 @@ def _exporter_class():
     return ApiExporter
 
 
-def export_text(notebook: Path = NOTEBOOK) -> str:
-    """The text api.py should have: a fresh export of `notebook`."""
-    import nbformat
+class _Node(dict):
+    """A notebook's JSON with attribute access (nb.cells, cell.source), as nbformat's NotebookNode has."""
 
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _plain_notebook(data) -> _Node:
+    """The notebook JSON read without nbformat: sources joined into one string, as nbformat's reader does."""
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        raise ValueError("not a notebook: no list of cells")
+    cells = []
+    for cell in data["cells"]:
+        cell = _Node(cell)
+        if isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
+        cells.append(cell)
+    return _Node(data, cells=cells)
+
+
+def export_text(notebook: Path = NOTEBOOK) -> str:
+    """The text api.py should have: a fresh export of `notebook`. Uses nbformat and nbconvert when installed
+    (build_env.sh --dev); the notebook's JSON directly otherwise (a deployment environment has neither), with
+    the same result."""
+    try:
+        import nbformat
+    except ImportError:
+        nbformat = None
     notebook = Path(notebook)
     label = _label(notebook)
     try:
         text = notebook.read_text(encoding="utf-8")
-        require_stable_ids(nbformat.from_dict(json.loads(text)), label)  # the file's own ids: nbformat's
-        nb = nbformat.reads(text, as_version=nbformat.NO_CONVERT)  # reader fills in missing ones at random
+        plain = _plain_notebook(json.loads(text))
+        require_stable_ids(plain, label)  # the file's own ids: nbformat's reader fills in missing ones at random
+        nb = nbformat.reads(text, as_version=nbformat.NO_CONVERT) if nbformat is not None else plain
     except FileNotFoundError:
         raise ExportError(f"notebook not found: {notebook}") from None
     except ExportError:
         raise
     except Exception as exc:  # unreadable JSON, not a notebook
         raise ExportError(f"cannot read {label}: {type(exc).__name__}: {exc}") from None
+    if nbformat is None:
+        return render(export_cells(nb, label), label)
     text, _ = _exporter_class()().from_notebook_node(nb, resources={"qwenvl_label": label})
     return text
 

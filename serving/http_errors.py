@@ -26,6 +26,7 @@ TABLE = {
     errors.AuthenticationError: (401, "authentication_error"),
     errors.ServerBusy: (429, "rate_limit_error"),
     errors.InternalError: (500, "server_error"),
+    errors.UpstreamError: (502, "server_error"),
     errors.NotReady: (503, "service_unavailable"),
     errors.RequestTimeout: (504, "timeout_error"),
 }
@@ -60,8 +61,10 @@ def problem(exc: BaseException, request_id=None, max_request_bytes: Optional[int
                        code="request_too_large")
     if isinstance(exc, HTTPException):
         kind = "not_found" if exc.code == 404 else "invalid_request_error"
+        # werkzeug's own headers of the answer, e.g. a 405's Allow (which methods the path takes)
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return Problem(exc.code, kind, f"{exc.name}: {request.method} {request.path}",
-                       code=exc.name.lower().replace(" ", "_"))
+                       code=exc.name.lower().replace(" ", "_"), headers=headers)
     log.error("request %s: internal error", request_id, exc_info=exc)
     return _domain(errors.InternalError(f"internal error ({type(exc).__name__}); the server is still up"))
 

@@ -30,6 +30,7 @@ class SamplingParams:
     stop: list = field(default_factory=list)
     logprobs: bool = False  # report each generated token's log probability
     top_logprobs: int = 0  # 0..20 most likely alternatives per token (needs logprobs)
+    extra: dict = field(default_factory=dict)  # OpenAI fields passed on to engines whose info.features name them
 
 
 @dataclass
@@ -59,19 +60,23 @@ class TextDelta(str):
 
 @dataclass
 class Prompt:
-    arrays: dict  # numpy arrays for model.generate: input_ids, attention_mask, pixel_values, image_grid_thw
+    # numpy arrays for model.generate: input_ids, attention_mask, pixel_values, image_grid_thw, and for
+    # videos pixel_values_videos, video_grid_thw, second_per_grid_ts
+    arrays: dict
     prompt_tokens: int
     text: str  # the templated prompt, for logs and debugging
     image_count: int
     image_keys: tuple = ()  # content digests of the images, in prompt order (for the vision cache)
+    video_keys: tuple = ()  # content digests of the videos' sampled frames, in prompt order
 
 
 @dataclass
 class Finished:
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop" or "length" ("tool_calls" from an upstream that called tools)
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    tool_calls: Optional[list] = None  # OpenAI's message.tool_calls, from upstream engines whose model called tools
 
 
 @dataclass

@@ -29,6 +29,10 @@ class Metrics:
                                "chat requests admitted (generating or waiting); MAX_QUEUE bounds it", registry=r)
         self.images = Counter("qwenvl_images_processed", "images decoded for requests, by source",
                               ["source"], registry=r)
+        self.videos = Counter("qwenvl_videos_processed", "videos read for requests, by source "
+                              "(data_url, base64, url, or frames: a list of images)", ["source"], registry=r)
+        self.video_frames = Counter("qwenvl_video_frames", "video frames: decoded (all the decoder produced) and "
+                                    "sampled (kept for the model)", ["kind"], registry=r)
         self.rejected = Counter("qwenvl_rejected_requests", "requests answered with an error, by reason",
                                 ["reason"], registry=r)
 
@@ -42,6 +46,12 @@ class Metrics:
 
     def image_loaded(self, source: str) -> None:
         self.images.labels(image_source(source)).inc()
+
+    def video_loaded(self, source: str, clip) -> None:
+        """`source`: the part's string, or "frames" for a list of images; `clip`: the serving.video.Video."""
+        self.videos.labels("frames" if source == "frames" else image_source(source)).inc()
+        self.video_frames.labels("decoded").inc(clip.decoded_frames)
+        self.video_frames.labels("sampled").inc(len(clip.frames))
 
     def first_text(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -96,6 +106,36 @@ class EngineCollector:
                 size.add_metric([cache], s["bytes"])
             yield lookups
             yield size
+        upstreams = stats.get("upstreams")
+        if upstreams:
+            yield from upstream_metrics(upstreams)
+
+
+def upstream_metrics(upstreams: dict):
+    """Per upstream server (--backend openai / fastdeploy), labelled by its URL: engine.stats()["upstreams"]."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    healthy = GaugeMetricFamily("qwenvl_upstream_healthy", "1 while the upstream passes its health checks",
+                                labels=["upstream"])
+    in_flight = GaugeMetricFamily("qwenvl_upstream_in_flight", "requests in flight to the upstream",
+                                  labels=["upstream"])
+    requests = CounterMetricFamily("qwenvl_upstream_requests", "requests sent to the upstream", labels=["upstream"])
+    failures = CounterMetricFamily("qwenvl_upstream_failures",
+                                   "requests the upstream failed (unreachable, its 5xx, an answer cut off)",
+                                   labels=["upstream"])
+    retried = CounterMetricFamily("qwenvl_upstream_retried",
+                                  "requests that failed on the upstream before answering and went to another one",
+                                  labels=["upstream"])
+    checks = CounterMetricFamily("qwenvl_upstream_failed_checks", "health checks the upstream failed",
+                                 labels=["upstream"])
+    for url, u in upstreams.items():
+        healthy.add_metric([url], 1 if u["healthy"] else 0)
+        in_flight.add_metric([url], u["in_flight"])
+        requests.add_metric([url], u["requests"])
+        failures.add_metric([url], u["failures"])
+        retried.add_metric([url], u["retried"])
+        checks.add_metric([url], u["checks_failed"])
+    yield from (healthy, in_flight, requests, failures, retried, checks)
 
 
 def image_source(source: str) -> str:

@@ -152,7 +152,25 @@ def _load_failure_message(settings, source: str, is_local: bool, exc: Exception)
         return (f"could not load the model from folder {source}: {reason}\n"
                 "The folder must hold a Qwen2.5-VL checkpoint (config.json, *.safetensors, tokenizer "
                 "and preprocessor files).")
+    ways_out = ("download the checkpoint elsewhere and pass its folder (--model /path/to/Qwen2.5-VL-3B-Instruct, "
+                f"or MODEL=...), try another --hub ({', '.join(h for h in HUBS if h != settings.hub)}), or run the "
+                "offline demo model with --model demo.")
+    unreachable = _hub_unreachable(settings.hub)
+    if unreachable:  # the hub clients say "no files found in repo" offline, which reads like a wrong model id
+        url, why = unreachable
+        return (f"could not load model {source!r}: the {settings.hub} hub at {url} is unreachable from this "
+                f"machine ({why}); it looks offline, or the hub is blocked here.\nTo serve it anyway, {ways_out}")
     return (f"could not load model {source!r} from the {settings.hub} hub: {reason}\n"
-            "If this machine is offline, download the checkpoint elsewhere and pass its folder "
-            "(--model /path/to/Qwen2.5-VL-3B-Instruct, or MODEL=...), try another --hub "
-            f"({', '.join(HUBS)}), or run the offline demo model with --model demo.")
+            f"Check the model id; if this machine is offline, {ways_out}")
+
+
+def _hub_unreachable(hub: str):
+    """(url, reason) when the hub's server does not answer from here, else None."""
+    from .download import hub_endpoint, probe
+
+    try:
+        url = hub_endpoint(hub)
+    except ValueError:
+        return None
+    reason = probe(url)
+    return (url, reason) if reason else None

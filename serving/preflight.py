@@ -26,6 +26,7 @@ import textwrap
 from pathlib import Path
 
 from .preflight_api import api_binding_problems, check_api_sync, check_port
+from .preflight_engine import check_fastdeploy
 from .preflight_context import ENTRY, FAIL, PASS, SKIP_DIRS, WARN, Check, Context, Entry, human
 from .preflight_files import (CACHE_DIRS, FOLDER_WARN_BYTES, IMAGE_SUFFIXES, LARGE_FILE_BYTES, SECRET_FILE_NAMES,
                               SECRET_PATTERNS, SECRET_SCAN_MAX_BYTES, WEIGHT_SUFFIXES, check_ascii_names,
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHECKS = (check_ascii_names, check_build_env, check_build_env_run, check_api_sync, check_port, check_no_torch,
           check_dependencies, check_leftovers, check_secrets, check_large_files, check_paddle, check_model,
-          check_folder_size)
+          check_folder_size, check_fastdeploy)
 
 
 def run_checks(ctx: Context, checks=CHECKS) -> list:
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="the model the service will load (default: env MODEL, else Settings' default); "
                         "for --rehearse: default demo")
     parser.add_argument("--hub", help="hub for a hub id (default: env HUB, else aistudio)")
+    parser.add_argument("--backend", choices=("paddle", "openai", "fastdeploy"),
+                        help="the engine the deployment uses (default: env BACKEND, else paddle); fastdeploy: check "
+                             "that FastDeploy's wheels fit this GPU and are installed")
     parser.add_argument("--load", action="store_true", help="also load a local model folder for real")
     parser.add_argument("--allow", action="append", default=[], metavar="PATTERN",
                         help="glob of paths meant to ship (exempt from the leftover and large-file checks); repeatable")
@@ -104,7 +108,8 @@ def main(argv=None) -> int:
         parser.error(f"--root {root} is not a folder")
     failed = False
     if not args.skip_checks:
-        ctx = Context(root, model=args.model, hub=args.hub, load=args.load, allow=tuple(args.allow))
+        ctx = Context(root, model=args.model, hub=args.hub, load=args.load, allow=tuple(args.allow),
+                      backend=args.backend)
         print(f"AI Studio preflight of {root}", flush=True)
         results = run_checks(ctx)
         print(format_table(results, width=shutil.get_terminal_size((120, 20)).columns))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 
 from .preflight_context import ENTRY, FAIL, PASS, WARN, Check, Context, tail
 
@@ -18,10 +19,15 @@ def check_api_sync(ctx: Context) -> Check:
     done = ctx.run_python(["-m", "serving.export", "--check"], timeout=120)
     if done.returncode == 0:
         return Check(name, PASS, tail(done.stdout, 1) or "python -m serving.export --check: in sync")
-    if done.returncode == 1:
+    missing = re.search(r"No module named '([^']+)'", done.stderr or "")
+    if missing:  # the exporter could not run at all: say what is missing, not that the files differ
+        return Check(name, FAIL, f"python -m serving.export --check could not run: the module {missing.group(1)!r} "
+                     f"is not installed in this Python ({ctx.python})",
+                     "install what the kit needs: bash build_env.sh (or pip install -r requirements.txt)")
+    if done.returncode == 1 and "is out of date with" in (done.stderr or ""):
         diff = [line for line in done.stdout.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
         return Check(name, FAIL, "api.py differs from a fresh export of the notebook; first changed lines: "
-                     + " | ".join(line[:80] for line in diff[:3]),
+                     + (" | ".join(line[:80] for line in diff[:3]) or tail(done.stdout, 2)),
                      "edit the '#| export' cells of notebooks/04_serve_api.ipynb, save it, then: python -m serving.export")
     return Check(name, FAIL, "python -m serving.export --check failed: " + tail(done.stderr or done.stdout, 3),
                  "fix what the exporter reports in notebooks/04_serve_api.ipynb, then: python -m serving.export")

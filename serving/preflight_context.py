@@ -15,6 +15,7 @@ PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 SKIP_DIRS = (".git",)
 # The serving path starts here; what it imports (transitively, inside the folder) is the serving path.
 ENTRY = "api.py"
+SHIPPED = ("examples/cat.jpg", "docs/bench/chart.png")  # the kit's own pictures: README's sample, the benchmark chart
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Context:
     hub: str | None = None
     python: str = sys.executable
     load: bool = False  # actually load a local model folder
+    backend: str | None = None  # --backend; None: BACKEND from the environment, else paddle
     allow: tuple = ()  # glob patterns of paths that are meant to ship
 
     @cached_property
@@ -79,6 +81,10 @@ class Context:
         return self.model or os.environ.get("MODEL") or self.settings.get("model") or "Qwen/Qwen2.5-VL-3B-Instruct"
 
     @property
+    def backend_name(self) -> str:
+        return (self.backend or os.environ.get("BACKEND") or "paddle").strip().lower()
+
+    @property
     def hub_name(self) -> str:
         return self.hub or os.environ.get("HUB") or self.settings.get("hub") or "aistudio"
 
@@ -96,7 +102,9 @@ class Context:
         return path.resolve() if path.is_dir() else None
 
     def intended(self, rel: str) -> bool:
-        """True for paths meant to ship: inside the model folder, or matching an --allow pattern."""
+        """True for paths meant to ship: the kit's own samples, inside the model folder, or matching an --allow pattern."""
+        if rel in SHIPPED:
+            return True
         if any(fnmatch.fnmatch(rel, pat) or rel.startswith(pat.rstrip("/") + "/") for pat in self.allow):
             return True
         return self.model_dir is not None and (self.root / rel).resolve().is_relative_to(self.model_dir)

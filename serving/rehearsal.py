@@ -95,6 +95,27 @@ def _run_logged(cmd, cwd, env, log_path: Path, timeout: float, echo=None, echo_p
         return rc
 
 
+def _see_packages_of(python: str, vpython: Path) -> str:
+    """When `python` runs in a virtual environment, let the new venv at `vpython` see its packages too.
+
+    `venv --system-site-packages` links a new venv to the base interpreter's packages only, never to those of
+    the venv `python` belongs to (where `bash build_env.sh --dev` installed everything, when a user works in
+    one). A .pth file in the new venv adds them after its own. Returns the .pth path, or "" when not needed."""
+    import json
+
+    probe = ("import json, site, sys\n"
+             "print(json.dumps(site.getsitepackages() if sys.prefix != sys.base_prefix else []))")
+    outer = json.loads(subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True,
+                                      timeout=60).stdout.strip().splitlines()[-1])
+    if not outer:
+        return ""
+    purelib = subprocess.run([str(vpython), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    pth = Path(purelib) / "qwenvl-rehearsal-outer-venv.pth"
+    pth.write_text("".join(f"{path}\n" for path in outer), encoding="utf-8")
+    return str(pth)
+
+
 def rehearse(root: Path, model: str = "demo", hub: str | None = None, reuse_site_packages: bool = False,
              keep: bool = False, build_timeout: float = 1800, start_timeout: float = 600,
              request_timeout: float = 300, python: str = sys.executable) -> Rehearsal:
@@ -145,6 +166,10 @@ def rehearse(root: Path, model: str = "demo", hub: str | None = None, reuse_site
         cmd = [python, "-m", "venv"] + (["--system-site-packages"] if reuse_site_packages else []) + [str(venv)]
         rc = _run_logged(cmd, work, env, log_path, 300)
         kind = "sees this Python's packages (--reuse-site-packages)" if reuse_site_packages else "fresh, empty"
+        if rc == 0 and reuse_site_packages:
+            linked = _see_packages_of(python, vpython)
+            if linked:
+                kind += f"; this virtual environment's packages through {linked}"
         return rc == 0, f"{venv} ({kind})"
 
     def build_env(log_path):
@@ -187,7 +212,11 @@ def rehearse(root: Path, model: str = "demo", hub: str | None = None, reuse_site
 
     def request(fmt: str, extra: list):
         def action(log_path):
-            if not image.exists():
+            nonlocal image
+            sample = app_dir / "examples" / "cat.jpg"  # README's sample picture, when the folder has it
+            if sample.is_file():
+                image = sample
+            elif not image.exists():
                 from PIL import Image, ImageDraw
 
                 picture = Image.new("RGB", (112, 84), (135, 206, 235))

@@ -24,13 +24,18 @@ def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
     finished = answer.finished
     if finished is None:
         raise InternalError("the generation ended without a result")
-    choice = protocol.Choice(message=protocol.ResponseMessage(content=answer.text),
+    tool_calls = finished.tool_calls  # from an upstream engine whose model called tools
+    choice = protocol.Choice(message=protocol.ResponseMessage(content=None if tool_calls and not answer.text
+                                                              else answer.text),
                              finish_reason=finished.finish_reason,
                              logprobs=choice_logprobs(answer.logprobs) if logprobs else None)
     body = protocol.ChatCompletion(id=protocol.new_completion_id(), created=protocol.now(), model=model,
                                    choices=[choice], usage=protocol.usage(finished.prompt_tokens,
-                                                                          finished.completion_tokens))
-    return body.model_dump()
+                                                                          finished.completion_tokens),
+                                   image_sizes=reply.image_sizes or None).model_dump()
+    if tool_calls:
+        body["choices"][0]["message"]["tool_calls"] = tool_calls
+    return body
 
 
 def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
@@ -60,17 +65,22 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> I
         finished = reply.finished
         if finished is None:
             raise InternalError("the generation ended without a result")
-        yield chunk(finish=finished.finish_reason)
+        sizes = reply.image_sizes or None  # on the last chunk, whichever that is (and on the finish chunk)
+        if finished.tool_calls:  # an upstream's model called tools: the calls, whole, in one delta
+            yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(finished.tool_calls)])
+        yield chunk(finish=finished.finish_reason, image_sizes=sizes)
         if include_usage:
-            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens), choices=False)
+            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens), choices=False,
+                        image_sizes=sizes)
         yield "data: [DONE]\n\n"
     except GeneratorExit:
         status = 499  # the client went away; cancelling below ends the generation
         raise
-    except Exception as exc:  # the stream has started: the error is its last event
+    except Exception as exc:  # the stream has started: the error is its last event, then [DONE] (as vLLM ends it)
         problem = http_errors.problem(exc, request_id)
         status = problem.status
         yield _event(problem.body())
+        yield "data: [DONE]\n\n"
     finally:
         reply.cancel()
         on_end(status, problem, reply.finished)
@@ -84,11 +94,15 @@ class _Chunks:
         self.id, self.created = protocol.new_completion_id(), protocol.now()
 
     def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
-                 logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True) -> str:
+                 logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True, image_sizes=None,
+                 tool_calls: Optional[list] = None) -> str:
         choice = protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish, logprobs=logprobs)
         body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                            choices=[choice] if choices else [], usage=usage)
-        return _event(body.model_dump())
+                                            choices=[choice] if choices else [], usage=usage,
+                                            image_sizes=image_sizes).model_dump()
+        if tool_calls:
+            body["choices"][0]["delta"]["tool_calls"] = tool_calls
+        return _event(body)
 
 
 def _event(body: dict) -> str:

@@ -5,8 +5,9 @@ Each turn of the loop:
 2. admits waiting requests, oldest first, while the budgets allow: at most `max_rows` rows
    decoding or prefilling, and at most `max_kv_tokens` KV slots even when every row reaches its
    max_tokens (rows x the longest prompt + answer, since the cache is one left-padded block);
-3. prefills admitted prompts, at most `prefill_tokens` prompt tokens per turn while others are
-   decoding (a long image prompt is spread over several turns instead of stalling every stream;
+3. prefills admitted prompts, oldest first, at most `prefill_tokens` prompt tokens per turn while
+   others are decoding (a prompt's vision-tower work runs in the turn it starts and counts as its
+   image and video tokens) (a long image prompt is spread over several turns instead of stalling every stream;
    with nobody decoding the whole prompt goes at once); a finished prefill samples its first
    token and joins the running batch;
 4. runs one decoding step for every running row, samples each row's token with its own
@@ -22,6 +23,8 @@ import queue
 import threading
 import time
 
+import numpy as np
+
 from . import sampling
 from .batch import Row
 from .decode import Prefill, RunningBatch
@@ -30,6 +33,7 @@ from .errors import InternalError
 from .jobs import Job
 
 log = logging.getLogger(__name__)
+_WAKE = object()  # put on the inbox to make an idle worker look at its state
 
 
 class _Prefilling:
@@ -49,6 +53,7 @@ class Scheduler:
         self.prefilling: list[_Prefilling] = []
         self.batch = RunningBatch(self.model)
         self.closing = False
+        self.refusing = None  # an error every job not yet admitted gets instead (refuse_waiting)
         # numbers for the metrics (read from other threads: plain ints and floats)
         self.steps = 0
         self.step_seconds = 0.0
@@ -65,6 +70,13 @@ class Scheduler:
 
     def stop(self) -> None:
         self.inbox.put(None)
+
+    def refuse_waiting(self, error: Exception) -> None:
+        """From now on, jobs not yet admitted (waiting now or submitted later) end with `error` instead of
+        running; rows already prefilling or decoding go on (a shutdown's grace period). The worker acts on
+        it at its next turn (an idle one wakes for the marker put here)."""
+        self.refusing = error
+        self.inbox.put(_WAKE)
 
     def queue_depth(self) -> int:
         return self.inbox.qsize() + len(self.waiting)
@@ -99,6 +111,8 @@ class Scheduler:
             if job is None:
                 self.closing = True
                 continue
+            if job is _WAKE:
+                continue
             self.waiting.append(job)
         if self.closing and not (len(self.batch) or self.prefilling or self.waiting):
             return False
@@ -111,6 +125,9 @@ class Scheduler:
         self.batch.keep(keep)
 
     def _admit(self) -> None:
+        if self.refusing is not None:
+            while self.waiting:
+                self.waiting.popleft().events.put(self.refusing)
         while self.waiting and self.rows_running() < self.max_rows:
             job = self.waiting[0]
             reserves = [r.reserve for r in self.batch.rows] + [p.row.reserve for p in self.prefilling]
@@ -128,14 +145,10 @@ class Scheduler:
                 sampler = sampling.RowSampler(job.params, engine.defaults,
                                               job.prompt.arrays["input_ids"][0].tolist())
                 row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set)
-                prefill = Prefill(self.model, job.prompt.arrays,
-                                  lambda keys=job.prompt.image_keys: engine.set_image_keys(keys))
             except Exception as exc:  # this request only; everyone else goes on
                 _report(job, exc)
                 continue
-            finally:
-                engine.set_image_keys(())
-            self.prefilling.append(_Prefilling(row, prefill))
+            self.prefilling.append(_Prefilling(row, None))  # its vision work runs in _prefill, within the budget
 
     def _prefill(self) -> None:
         budget = self.prefill_tokens if len(self.batch) else None  # nobody waits on an idle batch
@@ -145,6 +158,16 @@ class Scheduler:
             if budget is not None and spent >= budget:
                 still.append(item)
                 continue
+            if item.prefill is None:  # the vision tower runs now, charged at one token per image or video token
+                try:
+                    item.prefill = self._start_prefill(item.row.job)
+                except Exception as exc:
+                    item.row.fail(_internal(exc))
+                    continue
+                spent += _media_tokens(item.row.job.prompt.arrays)
+                if budget is not None and spent >= budget:
+                    still.append(item)
+                    continue
             tokens = item.prefill.remaining if budget is None else min(item.prefill.remaining, budget - spent)
             try:
                 result = item.prefill.run(tokens)
@@ -161,6 +184,14 @@ class Scheduler:
             self._join(row, result)
         self.prefill_tokens_done += spent
         self.last_prefill_tokens = spent
+
+    def _start_prefill(self, job: Job) -> Prefill:
+        engine = self.engine
+        try:
+            return Prefill(self.model, job.prompt.arrays,
+                           lambda p=job.prompt: engine.set_image_keys(p.image_keys, p.video_keys))
+        finally:
+            engine.set_image_keys(())
 
     def _join(self, row: Row, result) -> None:
         """The prompt's first token, then the row joins the running batch (unless already done)."""
@@ -191,6 +222,12 @@ class Scheduler:
         self.batch.keep([i for i, row in enumerate(rows) if not row.done])
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
+
+
+def _media_tokens(arrays: dict) -> int:
+    """Prompt tokens that stand for image or video patches (each covers a 2x2 group of patches)."""
+    grids = [arrays[k] for k in ("image_grid_thw", "video_grid_thw") if k in arrays]
+    return sum(int(np.prod(grid, axis=-1).sum()) // 4 for grid in grids)
 
 
 def _internal(exc: Exception) -> Exception:

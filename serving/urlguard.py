@@ -3,16 +3,21 @@
 http and https only; the host is resolved once and refused when any of its addresses is not
 public (loopback, private, link-local, multicast, reserved, unspecified, shared, and the IPv4
 hidden inside IPv6 forms); the connection goes to the vetted address itself, so a second DNS
-answer cannot swap it (rebinding); every redirect is vetted again, a few at most; connect, read
-and whole-fetch time limits; the body is read with a size cap. Hosts listed in `allow_hosts`
+answer cannot swap it (rebinding); every redirect is vetted again, a few at most; the body is
+read with a size cap. The time limit covers the whole fetch, every phase of it: resolving, connecting,
+the TLS handshake, the response headers and the body (a server that sends its headers a byte a second
+is cut off like one that sends nothing: a watchdog shuts the socket down at the deadline). Hosts listed in `allow_hosts`
 skip the address check (an internal image store, or a test server on 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import ipaddress
+import itertools
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -90,14 +95,16 @@ def vet(url: str, allow_hosts=(), timeout: float = 10.0) -> Target:
 
 
 def fetch(url: str, *, timeout: float, max_bytes: int, allow_hosts=()) -> bytes:
-    """The body at `url`, following at most MAX_REDIRECTS vetted redirects, within `timeout` overall."""
+    """The body at `url`, following at most MAX_REDIRECTS vetted redirects, within `timeout` overall
+    (every phase included); FetchError when it cannot be had in time."""
     deadline = time.monotonic() + timeout
-    for _ in range(MAX_REDIRECTS + 1):
-        target = vet(url, allow_hosts, timeout)
-        location = _get(target, timeout, deadline, max_bytes)
-        if isinstance(location, bytes):
-            return location
-        url = urljoin(target.url, location)
+    with _watchdog.watch(deadline) as watch:
+        for _ in range(MAX_REDIRECTS + 1):
+            target = vet(url, allow_hosts, max(0.001, deadline - time.monotonic()))
+            location = _get(target, timeout, deadline, max_bytes, watch)
+            if isinstance(location, bytes):
+                return location
+            url = urljoin(target.url, location)
     raise FetchError(f"the image URL redirected more than {MAX_REDIRECTS} times")
 
 
@@ -132,18 +139,21 @@ def _resolve(host: str, port: int, timeout: float) -> list:
     return addresses
 
 
-def _get(target: Target, timeout: float, deadline: float, max_bytes: int):
+def _get(target: Target, timeout: float, deadline: float, max_bytes: int, watch: "_Watch"):
     """GET from the pinned address: the body (bytes), or the Location (str) of a redirect."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise FetchError("fetching the image URL timed out")
+        raise _timed_out(timeout)
     limits = urllib3.Timeout(connect=min(timeout, remaining), read=min(timeout, remaining))
     if target.scheme == "https":
         pool = urllib3.HTTPSConnectionPool(target.address, target.port, timeout=limits, retries=False, maxsize=1,
                                            server_hostname=target.host, assert_hostname=target.host,
-                                           cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle())
+                                           cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle(), watch=watch)
+        pool.ConnectionCls = _WatchedHTTPSConnection
     else:
-        pool = urllib3.HTTPConnectionPool(target.address, target.port, timeout=limits, retries=False, maxsize=1)
+        pool = urllib3.HTTPConnectionPool(target.address, target.port, timeout=limits, retries=False, maxsize=1,
+                                          watch=watch)
+        pool.ConnectionCls = _WatchedHTTPConnection
     headers = {"Host": target.host_header, "User-Agent": "qwenvl-serving", "Accept": "image/*",
                "Accept-Encoding": "identity"}
     try:
@@ -155,9 +165,18 @@ def _get(target: Target, timeout: float, deadline: float, max_bytes: int):
             finally:
                 response.release_conn()
     except FetchError:
+        if watch.expired:
+            raise _timed_out(timeout) from None
         raise
     except Exception as exc:  # urllib3/http.client/ssl errors: a fetch failure, not a server fault
+        if watch.expired or time.monotonic() >= deadline:
+            raise _timed_out(timeout) from None
         raise FetchError(f"could not fetch the image URL: {type(exc).__name__}") from None
+
+
+def _timed_out(timeout: float) -> FetchError:
+    return FetchError(f"fetching the image URL took longer than this server's limit of {timeout:g} seconds "
+                      "(IMAGE_FETCH_TIMEOUT)")
 
 
 def _read(response, deadline: float, max_bytes: int):
@@ -178,7 +197,7 @@ def _read(response, deadline: float, max_bytes: int):
         if size > max_bytes:
             raise FetchError(f"the image at the URL is larger than the limit of {max_bytes} bytes", "image_too_large")
         if time.monotonic() > deadline:
-            raise FetchError("fetching the image URL timed out")
+            raise FetchError("fetching the image URL timed out (IMAGE_FETCH_TIMEOUT)")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -190,3 +209,108 @@ def _ca_bundle():
         return certifi.where()
     except ImportError:  # the system's default certificates
         return None
+
+
+# ---------------------------------------------------------------- the deadline of every phase
+
+class _Watch:
+    """The sockets of one fetch, shut down when its deadline passes (a blocked read or handshake returns)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.expired = False
+        self.done = False
+        self._sockets: list = []
+        self._lock = threading.Lock()
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            late = self.expired
+        if late:
+            _shut(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.done = True
+            self._sockets.clear()
+        _watchdog.forget(self)
+
+
+def _shut(sock) -> None:
+    try:  # the plain socket's shutdown (an SSLSocket's own would touch its TLS state from this thread)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
+
+
+class _Watchdog:
+    """One thread that expires watches at their deadlines (time.monotonic())."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread = None
+
+    def watch(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._order), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return watch
+
+    def forget(self, watch: _Watch) -> None:
+        with self._cond:
+            self._heap = [entry for entry in self._heap if entry[2] is not watch]
+            heapq.heapify(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, watch = heapq.heappop(self._heap)
+            watch.expire()
+
+
+_watchdog = _Watchdog()
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket joins its fetch's watch as soon as it exists."""
+
+    def __init__(self, *args, watch: _Watch, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watch = watch
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        self._watch.add(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def __init__(self, *args, watch: _Watch, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watch = watch
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        self._watch.add(sock)
+        return sock

@@ -1,8 +1,9 @@
-"""The vision tower's output, cached by image: a second question about a picture skips the tower.
+"""The vision tower's output, cached by image or video: a second question about a picture or a clip skips the tower.
 
 Qwen2_5_VLModel.forward asks `self.get_image_features(pixel_values, grid)` for the embeddings
-of all images in the batch; the wrapper installed here computes only the ones not cached.
-`keys()` gives the content keys of the images in the running batch, in order.
+of all images in the batch, and `self.get_video_features(pixel_values_videos, grid)` for those of
+all videos; the wrappers installed here compute only the ones not cached. `keys()` gives the
+content keys of the images in the running batch, in order, and `video_keys()` those of the videos.
 """
 
 from __future__ import annotations
@@ -10,19 +11,22 @@ from __future__ import annotations
 import numpy as np
 
 
-def install(model, cache, keys) -> None:
+def install(model, cache, keys, video_keys=None) -> None:
     inner = getattr(model, "model", None)
-    original = getattr(inner, "get_image_features", None)
-    if original is None:
-        return
+    for name, batch_keys in (("get_image_features", keys), ("get_video_features", video_keys)):
+        original = getattr(inner, name, None)
+        if original is not None and batch_keys is not None:
+            setattr(inner, name, _cached(original, cache, batch_keys))
 
-    def get_image_features(pixel_values, image_grid_thw=None):
+
+def _cached(original, cache, keys):
+    def features(pixel_values, grid_thw=None):
         import paddle
 
         batch_keys = keys()
-        grid = image_grid_thw.numpy() if hasattr(image_grid_thw, "numpy") else np.asarray(image_grid_thw)
+        grid = grid_thw.numpy() if hasattr(grid_thw, "numpy") else np.asarray(grid_thw)
         if len(batch_keys) != len(grid):
-            return original(pixel_values, image_grid_thw)
+            return original(pixel_values, grid_thw)
         found = [cache.get(k) for k in batch_keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
@@ -34,7 +38,7 @@ def install(model, cache, keys) -> None:
                 cache.put(batch_keys[i], embeddings, _nbytes(embeddings))
         return tuple(found)
 
-    inner.get_image_features = get_image_features
+    return features
 
 
 def _nbytes(tensor) -> int:

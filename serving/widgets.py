@@ -4,7 +4,9 @@
     chat            # the last line of a cell shows it
 
 Everything a person does in the browser has a method here too (add_upload, send, stop, clear,
-wait), so the UI is tested without a browser. The answer is generated in a background thread
+wait), so the UI is tested without a browser. An upload is an image or a video file (mp4, webm,
+mov, ...): a video is sampled and sized at once (serving.video) and shown as a strip of its
+sampled frames. The answer is generated in a background thread
 and streamed into the page delta by delta; Stop cancels the generation at once (the engine drops
 it at its next step) and the streaming loop ends. Uploads are sized and questions answered by
 serving.chat.ChatService, the same pipeline as the API's, with the same settings.
@@ -21,24 +23,33 @@ from typing import Optional
 
 import ipywidgets as W
 
-from .chat import ChatService
+from PIL import Image as PILImage
+
+from . import grounding, images
+from . import video as videos
+from .chat import ChatService, image_sizes
 from .errors import ImageError, ServiceError
 from .jobs import Finished
 from .protocol import ChatTurn
 
 THUMBNAIL = (96, 96)
+STRIP_FRAMES = 8  # sampled frames shown in a video's thumbnail strip
+STRIP_HEIGHT = 48
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".ogv", ".3gp")
 # The sliders' starting values: Qwen2.5's recommended sampling for chat
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8
+BOXES_MAX_SIDE = 640  # the picture with an answer's boxes drawn on it, in the transcript
 
 
 @dataclass
 class Pending:
-    """An uploaded image waiting to be sent with the next question."""
+    """An uploaded image or video waiting to be sent with the next question."""
 
     name: str
-    image: object  # PIL image, RGB, already resized for the vision tower
-    thumbnail: bytes  # PNG
+    image: object  # PIL image, RGB, already resized for the vision tower; or a serving.video.Video, sampled and sized
+    thumbnail: bytes  # PNG (a video's: a strip of its sampled frames)
+    data: bytes = b""  # the file as uploaded: an answer's boxes are drawn on it
 
 
 @dataclass
@@ -77,6 +88,9 @@ class ChatWidget:
         self.deltas: list[str] = []  # the text deltas of the latest answer, as they arrived
         self.answer = ""  # the latest answer so far
         self.last_result: Optional[Result] = None
+        self.boxes: list = []  # the latest answer's boxes (serving.grounding.Box), in pixels of the uploaded image
+        self.boxes_image = None  # that image with them drawn (PIL), as the transcript shows it
+        self._uploads: dict = {}  # id(sized image in the history) -> the file as uploaded
         self._error = ""
         self._status = ""
         self._build_controls(temperature, top_p, max_tokens)
@@ -90,20 +104,19 @@ class ChatWidget:
         if max_tokens is None:
             max_tokens = self.settings.default_max_tokens
 
-        self.upload = W.FileUpload(accept="image/*", multiple=True, description="Images",
-                                   tooltip="add images to the next question")
+        self.upload = W.FileUpload(accept="image/*,video/*", multiple=True, description="Images/video",
+                                   tooltip="add images or a video to the next question")
         self.upload.add_class("qv-upload")
         self.upload.observe(self._on_upload, names="value")
         self.thumbnails = W.HBox(layout=W.Layout(flex_flow="row wrap"))
         self.thumbnails.add_class("qv-pending")
-        self.question = W.Text(placeholder="Ask about the images, then press Enter",
-                               layout=W.Layout(flex="1 1 auto", width="auto"))
+        self.question = QuestionBox(self._on_question_commit, placeholder="Ask about the images, then press Enter",
+                                    layout=W.Layout(flex="1 1 auto", width="auto"))
         self.question.add_class("qv-question")
-        self.question.on_msg(self._on_question_msg)  # Enter sends {"event": "submit"}
         self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane",
                                     layout=W.Layout(width="90px"))
         self.send_button.add_class("qv-send")
-        self.send_button.on_click(lambda _b: self.send())
+        self.send_button.on_click(lambda _b: self._on_send_click())
         self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop",
                                     disabled=True, layout=W.Layout(width="80px"))
         self.stop_button.add_class("qv-stop")
@@ -122,6 +135,11 @@ class ChatWidget:
                                       description="max tokens", layout=slider_layout)
         for slider in (self.temperature, self.top_p, self.max_tokens):
             slider.style.description_width = "initial"
+        self.defaults_note = W.HTML(
+            f"<span style='color:#666;font-size:90%'>defaults: temperature {DEFAULT_TEMPERATURE:g}, top_p "
+            f"{DEFAULT_TOP_P:g} (Qwen2.5's recommended sampling for chat; the checkpoint's own defaults are "
+            "near-greedy); temperature 0 = greedy</span>")
+        self.defaults_note.add_class("qv-defaults")
 
         self.transcript = W.VBox(layout=W.Layout(max_height="480px", overflow="auto",
                                                  border="1px solid #ddd", padding="6px"))
@@ -140,7 +158,8 @@ class ChatWidget:
             self.transcript,
             self.thumbnails,
             W.HBox([self.upload, self.question, self.send_button, self.stop_button, self.clear_button]),
-            W.HBox([self.temperature, self.top_p, self.max_tokens], layout=W.Layout(flex_flow="row wrap")),
+            W.HBox([self.temperature, self.top_p, self.max_tokens, self.defaults_note],
+                   layout=W.Layout(flex_flow="row wrap", align_items="center")),
             self.status_label,
             self.error_label,
         ], layout=W.Layout(width="100%"))
@@ -185,10 +204,12 @@ class ChatWidget:
     # ------------------------------------------------------------------ actions
 
     def add_upload(self, name: str, data: bytes) -> bool:
-        """Decode and resize an uploaded file; False (and an error shown) when it is not an image."""
+        """Decode and resize an uploaded file; False (and an error shown) when it is not an image or a video."""
         self._set_error("")
+        if videos.looks_like_video(data) or name.lower().endswith(VIDEO_EXTENSIONS):
+            return self._add_video(name, data)
         limit = self.settings.max_images
-        if len(self._pending) >= limit:
+        if sum(not isinstance(p.image, videos.Video) for p in self._pending) >= limit:
             self._set_error(f"{name}: at most {limit} images per question")
             return False
         try:
@@ -197,8 +218,26 @@ class ChatWidget:
             self._set_error(f"{name}: {exc.message}")
             return False
         with self._lock:
-            self._pending.append(Pending(name, image, _thumbnail_png(image)))
+            self._pending.append(Pending(name, image, _thumbnail_png(image), bytes(data)))
         self._render_pending()
+        return True
+
+    def _add_video(self, name: str, data: bytes) -> bool:
+        limit = self.settings.max_videos
+        if sum(isinstance(p.image, videos.Video) for p in self._pending) >= limit:
+            self._set_error(f"{name}: at most {limit} videos per question" if limit else f"{name}: videos are off")
+            return False
+        self._set_status(f"reading the video {name}...")
+        try:
+            clip = self.service.video_from_bytes(bytes(data), param=name)
+        except ServiceError as exc:
+            self._set_error(f"{name}: {exc.message}")
+            self._set_status("ready")
+            return False
+        with self._lock:
+            self._pending.append(Pending(name, clip, _strip_png(clip)))
+        self._render_pending()
+        self._set_status(f"video {name}: {clip.describe()}")
         return True
 
     def send(self) -> bool:
@@ -215,11 +254,13 @@ class ChatWidget:
             turn = ChatTurn("user", [p.image for p in self._pending] + [text])
             pending = self._pending
             self._pending = []
+            self._uploads.update((id(p.image), p.data) for p in pending if p.data)
             self._history.append(turn)
             turns = list(self._history)
             self._generation += 1
             generation = self._generation
             self.deltas, self.answer, self.last_result = [], "", None
+            self.boxes, self.boxes_image = [], None
             self._stop = stop = threading.Event()
         self.question.value = ""
         self._render_pending()
@@ -261,7 +302,9 @@ class ChatWidget:
             self._generation += 1
             self._history = []
             self._pending = []
+            self._uploads = {}
             self.deltas, self.answer, self.last_result = [], "", None
+            self.boxes, self.boxes_image = [], None
         self.question.value = ""
         self._set_busy(False)
         self._set_error("")
@@ -320,7 +363,10 @@ class ChatWidget:
                 self._history.append(answer)
                 self.last_result = result
                 self._answer_html.value = _bubble(self.answer, "assistant")  # without the cursor
-                self._rows.append((answer, [self._answer_html]))
+                boxes = self._boxes_view(turns, self.answer)
+                if boxes is not None:
+                    self.transcript.children = self.transcript.children + (boxes,)
+                self._rows.append((answer, [self._answer_html] + ([boxes] if boxes is not None else [])))
             if failure is not None:
                 if not self.question.value:
                     self.question.value = text
@@ -346,9 +392,46 @@ class ChatWidget:
         self.upload.value = ()  # so the same file can be chosen again
         self._set_error("; ".join(errors))
 
-    def _on_question_msg(self, _widget, content, _buffers) -> None:
-        if isinstance(content, dict) and content.get("event") == "submit":
+    def _on_question_commit(self) -> None:
+        """The browser committed the question box (Enter, or leaving it after typing): send it."""
+        if self.question.value.strip():
             self.send()
+
+    def _on_send_click(self) -> None:
+        # Clicking Send moves the focus out of the question box first, which commits (and so sends) what was
+        # typed: the click then finds the box empty and an answer on its way, and has nothing left to do.
+        if self.busy and not self.question.value.strip():
+            return
+        self.send()
+
+    def _boxes_view(self, turns: list, answer: str):
+        """When `answer` holds Qwen2.5-VL boxes (bbox_2d): the image they are about (the last image of the
+        conversation's latest turn with images) as uploaded, with the boxes mapped back onto it and drawn,
+        and their coordinates in its pixels. None when there are no boxes or no image."""
+        found = grounding.find_boxes(answer)
+        image = next((part for turn in reversed(turns) if turn.role == "user"
+                      for part in reversed(turn.parts) if isinstance(part, PILImage.Image)), None)
+        if not found or image is None:
+            self.boxes, self.boxes_image = [], None
+            return None
+        size = image_sizes([ChatTurn("user", [image])])[0]
+        boxes = [grounding.to_original(box, size) for box in found]
+        data = self._uploads.get(id(image))
+        picture = (images.decode_image_bytes(data, param="upload", pixel_limit=self.settings.max_image_pixels,
+                                             target_pixels=BOXES_MAX_SIDE ** 2)
+                   if data else image.resize((size.width, size.height)))
+        scale = picture.width / size.width  # a large upload may be decoded at reduced size
+        shown = [grounding.Box(b.x1 * scale, b.y1 * scale, b.x2 * scale, b.y2 * scale, b.label) for b in boxes]
+        self.boxes, self.boxes_image = boxes, grounding.draw_boxes(picture, shown, max_side=BOXES_MAX_SIDE)
+        buf = io.BytesIO()
+        self.boxes_image.save(buf, "PNG")
+        caption = "; ".join(f"{html.escape(b.label or 'box')} {b.as_list()}" for b in boxes)
+        view = W.VBox([W.Image(value=buf.getvalue(), format="png",
+                               layout=W.Layout(max_width=f"{BOXES_MAX_SIDE}px")),
+                       W.HTML(f"<span style='color:#555'>{len(boxes)} box(es) in pixels of the uploaded "
+                              f"{size.width}x{size.height} image: {caption}</span>")])
+        view.add_class("qv-boxes")
+        return view
 
     def _set_status(self, text: str, generation: Optional[int] = None) -> None:
         if generation is not None and generation != self._generation:
@@ -378,7 +461,8 @@ class ChatWidget:
         with self._lock:
             pending = list(self._pending)
         old = self.thumbnails.children
-        self.thumbnails.children = [_thumbnail_box(p.thumbnail, p.name) for p in pending]
+        self.thumbnails.children = [_thumbnail_box(p.thumbnail, p.name, wide=isinstance(p.image, videos.Video))
+                                    for p in pending]
         _close(old)
 
     def _render_transcript(self, answering: bool = False) -> None:
@@ -403,12 +487,29 @@ class ChatWidget:
             self.transcript.children = children
 
 
+class QuestionBox(W.Text):
+    """The question box. continuous_update is off, so the browser sends the typed text when it is committed:
+    on Enter (or when the box loses the focus after a change), ipywidgets 8's supported way to act on Enter
+    (its `submit` event and on_submit are deprecated). `on_commit()` runs for each value the browser sends;
+    values set from Python (clearing the box) do not call it."""
+
+    def __init__(self, on_commit, **kwargs):
+        super().__init__(continuous_update=False, **kwargs)
+        self._on_commit = on_commit
+
+    def set_state(self, sync_data):
+        super().set_state(sync_data)  # ipywidgets calls set_state only with state from the browser
+        if "value" in sync_data:
+            self._on_commit()
+
+
 def _turn_widgets(turn: ChatTurn) -> list:
     images = [p for p in turn.parts if not isinstance(p, str)]
     text = "".join(p for p in turn.parts if isinstance(p, str))
     widgets = []
     if images:
-        widgets.append(W.HBox([_thumbnail_box(_thumbnail_png(img), f"{img.width}x{img.height}") for img in images],
+        widgets.append(W.HBox([_video_box(img) if isinstance(img, videos.Video)
+                               else _thumbnail_box(_thumbnail_png(img), f"{img.width}x{img.height}") for img in images],
                               layout=W.Layout(flex_flow="row wrap")))
     row = W.HTML(_bubble(text, turn.role))
     row.add_class(f"qv-{turn.role}")
@@ -444,7 +545,27 @@ def _thumbnail_png(image) -> bytes:
     return buf.getvalue()
 
 
-def _thumbnail_box(png: bytes, caption: str) -> W.Widget:
-    return W.VBox([W.Image(value=png, format="png", layout=W.Layout(max_width=f"{THUMBNAIL[0]}px")),
-                   W.Label(caption, layout=W.Layout(max_width=f"{THUMBNAIL[0]}px"))],
+def _strip_png(clip) -> bytes:
+    """A video's thumbnail strip: up to STRIP_FRAMES of its sampled frames side by side, PNG."""
+    from PIL import Image
+
+    frames = clip.thumbnails(STRIP_FRAMES)
+    width = max(1, round(STRIP_HEIGHT * clip.width / clip.height))
+    strip = Image.new("RGB", (width * len(frames) + 2 * (len(frames) - 1), STRIP_HEIGHT), (255, 255, 255))
+    for i, frame in enumerate(frames):
+        strip.paste(frame.resize((width, STRIP_HEIGHT), Image.Resampling.BILINEAR), (i * (width + 2), 0))
+    buf = io.BytesIO()
+    strip.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _video_box(clip) -> W.Widget:
+    return _thumbnail_box(_strip_png(clip), f"video: {clip.describe()}", wide=True)
+
+
+def _thumbnail_box(png: bytes, caption: str, wide: bool = False) -> W.Widget:
+    """A thumbnail with its caption; `wide`: a video's strip, shown at its own width."""
+    limit = W.Layout() if wide else W.Layout(max_width=f"{THUMBNAIL[0]}px")
+    return W.VBox([W.Image(value=png, format="png", layout=limit),
+                   W.Label(caption, layout=W.Layout() if wide else W.Layout(max_width=f"{THUMBNAIL[0]}px"))],
                   layout=W.Layout(margin="2px 6px 2px 0"))

@@ -149,6 +149,16 @@ class ImageHost:
                     return
                 time.sleep(0.2)
 
+        def slow_headers(handler):  # the status line and headers a byte every 0.2 s, for at most 6 s
+            line = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Padding: " + b"x" * 20
+            for byte in line:
+                try:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
         def unsized_big(handler):  # no Content-Length (HTTP/1.0, ends at close): the cap must hold while reading
             send(handler, 200, noise, [("Content-Type", "image/png")], length=False)
 
@@ -163,6 +173,7 @@ class ImageHost:
             "/to-private": lambda h: send(h, 302, headers=[("Location", "http://10.0.0.1/x.png")]),
             "/to-metadata": lambda h: send(h, 301, headers=[("Location", "http://169.254.169.254/latest/meta-data/")]),
             "/slow.png": slow,
+            "/slow-headers.png": slow_headers,
         }
 
     def stop(self):

@@ -16,7 +16,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"
 LIMITS = dict(api_key=("k1", KEY), max_images=2, max_image_bytes=100_000, max_image_pixels=4_000_000,
               max_request_bytes=2_000_000, image_url_allow_hosts=("127.0.0.1",), image_fetch_timeout=1.0,
-              max_tokens_limit=64, default_max_tokens=4)
+              max_tokens_limit=64, default_max_tokens=4, max_messages=50, max_content_parts=60)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found", 405: "invalid_request_error",
          413: "invalid_request_error", 503: "service_unavailable"}
 
@@ -45,6 +45,8 @@ class Bad:
     method: str = "POST"
     path: str = CHAT
     headers: dict = field(default_factory=lambda: dict(AUTH))
+    words: Optional[str] = None  # the message must hold these (it names the real cause)
+    not_words: tuple = ()  # ... and none of these (a wrong cause, a library's own text)
 
 
 def _noise(size):
@@ -59,6 +61,31 @@ def _noise(size):
 
 
 TRUNCATED = png_bytes((64, 64), color=(1, 2, 3))[:60]
+LIBRARY_TEXT = ("Traceback", "TextEncodeInput", "178956970", "height and width must be")  # library text, not ours
+
+
+def raw(text: str) -> bytes:
+    """A body written by hand: JSON escapes such as a lone surrogate survive as sent."""
+    return text.encode()
+
+
+def _truncated_jpeg(side=7000) -> bytes:
+    """3 KB of a JPEG whose header declares side x side, closed with an end marker (decodes to grey)."""
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side // 10, side // 10), (120, 30, 40)).resize((side, side)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()[:3000] + b"\xff\xd9"
+
+
+def _damaged_jpeg_base64() -> str:
+    """Base64 of a JPEG (so it starts with /9j/, like a path) with its end replaced by characters base64 lacks."""
+    return b64(png_bytes((64, 64), fmt="JPEG"))[:-30] + "@@@@"
+
+
+def _thin(size, max_pixels):
+    return image(b64(png_bytes(size)), max_pixels=max_pixels)
 TABLE = [
     # ---- the body is not a JSON object
     Bad("not json", b"{not json", 400, "invalid_json"),
@@ -91,12 +118,25 @@ TABLE = [
     Bad("max_tokens a word", say("x", max_tokens="many"), 400, "invalid_value", "max_tokens"),
     Bad("max_tokens huge float", say("x", max_tokens=1e100), 400, "invalid_value", "max_tokens"),
     Bad("n of 2", say("x", n=2), 400, "invalid_value", "n"),
-    Bad("five stop strings", say("x", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value", "stop"),
+    Bad("five stop strings", say("x", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value", "stop",
+        words="at most 4 stop sequences; got 5"),
     Bad("stop a number", say("x", stop=5), 400, "invalid_value", "stop"),
     Bad("stream a list", say("x", stream=[1]), 400, "invalid_value", "stream"),
     Bad("stream_options a string", say("x", stream_options="x"), 400, "invalid_value", "stream_options"),
     Bad("repetition_penalty zero", say("x", repetition_penalty=0), 400, "invalid_value", "repetition_penalty"),
     Bad("seed a word", say("x", seed="abc"), 400, "invalid_value", "seed"),
+    Bad("seed 2^64", say("x", seed=2**64, temperature=1.0), 400, "invalid_value", "seed"),
+    Bad("seed 10^100", say("x", seed=10**100, temperature=1.0), 400, "invalid_value", "seed"),
+    Bad("top_k 2^63", say("x", top_k=2**63, temperature=1.0), 400, "invalid_value", "top_k"),
+    Bad("lone surrogate in the content", raw('{"messages": [{"role": "user", "content": "a\\ud800b"}]}'), 400,
+        "invalid_value", "messages[0].content", words="surrogate"),
+    Bad("lone surrogate, streamed", raw('{"messages": [{"role": "user", "content": "\\udfff"}], "stream": true}'),
+        400, "invalid_value", "messages[0].content", words="surrogate"),
+    Bad("lone surrogate in a text part", raw('{"messages": [{"role": "user", "content": [{"type": "text", '
+                                             '"text": "x\\udc00"}]}]}'), 400, "invalid_value",
+        "messages[0].content[0].text", words="surrogate"),
+    Bad("lone surrogate in a stop string", raw('{"messages": [{"role": "user", "content": "x"}], '
+                                              '"stop": ["\\ud801"]}'), 400, "invalid_value", "stop[0]"),
     Bad("presence_penalty above 2", say("x", presence_penalty=2.5), 400, "invalid_value", "presence_penalty"),
     Bad("frequency_penalty below -2", say("x", frequency_penalty=-3), 400, "invalid_value", "frequency_penalty"),
     Bad("frequency_penalty a word", say("x", frequency_penalty="lots"), 400, "invalid_value", "frequency_penalty"),
@@ -130,13 +170,33 @@ TABLE = [
     Bad("3000x2000 over MAX_IMAGE_PIXELS", image("data:image/png;base64," + b64(png_header_only(3000, 2000))), 400,
         "image_too_many_pixels", "messages[0].content[0]"),
     Bad("aspect ratio over 200", image(b64(png_bytes((600, 2)))), 400, "invalid_image_size",
-        "messages[0].content[0]"),
+        "messages[0].content[0]", words="aspect ratio"),
+    Bad("max_pixels 3136 on a 199:1 image", _thin((28 * 199, 28), 3136), 400, "invalid_image_size",
+        "messages[0].content[0]", words="raise max_pixels or crop"),
+    Bad("max_pixels 100000 on a 166:1 image", _thin((5000, 30), 100_000), 400, "invalid_image_size",
+        "messages[0].content[0]", words="5000x30"),
+    Bad("max_pixels 50000 on a tall 190:1 image", _thin((20, 3800), 50_000), 400, "invalid_image_size",
+        words="max_pixels"),
+    Bad("51 messages (limit 50)", {"messages": [{"role": "user", "content": "x"}] * 51}, 400, "too_many_messages",
+        "messages", words="at most 50"),
+    Bad("40,000 messages, refused unparsed", raw('{"messages": [' + ",".join(['{"role":"user","content":"a"}'] * 40_000)
+                                                    + "]}"), 400, "too_many_messages", "messages"),
+    Bad("61 content parts (limit 60)", say([{"type": "text", "text": "x"}] * 61), 400, "too_many_content_parts",
+        "messages", words="at most 60"),
+    Bad("parts over the limit across messages", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x"}] * 31}] * 2}, 400, "too_many_content_parts"),
     # ---- image data
     Bad("image not base64", image("%%%"), 400, "invalid_image", "messages[0].content[0]"),
     Bad("base64 of text", image(b64(b"these bytes are not an image")), 400, "invalid_image"),
     Bad("data URL without base64", image("data:image/png,rawdata"), 400, "invalid_image"),
     Bad("data URL with bad base64", image("data:image/png;base64,@@@@"), 400, "invalid_image"),
     Bad("truncated PNG", image(b64(TRUNCATED)), 400, "invalid_image"),
+    Bad("3 KB JPEG declaring 1990x1990", image(b64(_truncated_jpeg(1990))), 400, "invalid_image",
+        "messages[0].content[0]", words="truncated"),
+    Bad("damaged base64 JPEG (starts with /9j/)", image(_damaged_jpeg_base64()), 400, "invalid_image",
+        words="base64", not_words=("local file",)),
+    Bad("image declaring more than Pillow's own limit", image(b64(png_header_only(20000, 20000))), 400,
+        "image_too_many_pixels", words="MAX_IMAGE_PIXELS"),
     Bad("empty image", image(""), 400, "invalid_image"),
     Bad("local path", image("/etc/passwd"), 400, "unsupported_image_source", "messages[0].content[0]"),
     Bad("file URL", image("file:///etc/passwd"), 400, "unsupported_image_source"),
@@ -170,6 +230,8 @@ TABLE = [
     Bad("404", url("{host}/missing.png"), 400, "image_fetch_failed"),
     Bad("nothing listening", url("http://127.0.0.1:1/img.png"), 400, "image_fetch_failed"),
     Bad("slow server", url("{host}/slow.png"), 400, "image_fetch_failed"),
+    Bad("server sending its headers slowly", url("{host}/slow-headers.png"), 400, "image_fetch_failed",
+        words="IMAGE_FETCH_TIMEOUT"),
     Bad("URL body over MAX_IMAGE_BYTES", url("{host}/big.png"), 400, "image_too_large"),
     Bad("unsized URL body over MAX_IMAGE_BYTES", url("{host}/big-unsized.png"), 400, "image_too_large"),
     Bad("URL to a decompression bomb", url("{host}/bomb.png"), 400, "image_too_many_pixels"),
@@ -221,6 +283,9 @@ def test_bad_request(servers, image_server, row):
     assert error["code"] == row.code and error["type"] == TYPES[row.status] and error["message"]
     if row.param is not None:
         assert error["param"] == row.param
+    if row.words is not None:
+        assert row.words in error["message"], error["message"]
+    assert not any(w in error["message"] for w in row.not_words + LIBRARY_TEXT), error["message"]
     if row.status == 503:
         assert response.headers["Retry-After"]
     assert response.headers.get("X-Request-Id") or row.status == 413

@@ -53,6 +53,19 @@ def test_unreachable_hub_model_names_model_and_remedies():
     message = str(info.value)
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in message
     assert "--model /path/to" in message and "--model demo" in message
+    # said as it is: the hub cannot be reached (not the hub client's "no files ... found in repo")
+    assert "hub at https://" in message and "is unreachable from this machine" in message
+    assert "found in repo" not in message
+
+
+def test_a_reachable_hub_without_the_model_says_check_the_id(monkeypatch):
+    from serving import download
+
+    monkeypatch.setattr(download, "probe", lambda url, timeout=None: None)  # as if the hub answered
+    with pytest.raises(ModelLoadError) as info:
+        load_model(Settings(model="Qwen/No-Such-Model", hub="aistudio"))
+    message = str(info.value)
+    assert "Check the model id" in message and "unreachable" not in message
 
 
 def test_api_py_fails_cleanly_offline(tmp_path):

@@ -52,7 +52,7 @@ def test_logprobs_in_openai_shape(settings):
     assert r.status_code == 200, r.json
     choice = r.json["choices"][0]
     assert choice["message"]["content"] == "Hello!"
-    assert choice["logprobs"] == {"content": expected_content(2)}
+    assert choice["logprobs"] == {"content": expected_content(2), "refusal": None}
 
 
 def test_logprobs_are_null_unless_asked(settings):
@@ -60,7 +60,7 @@ def test_logprobs_are_null_unless_asked(settings):
     assert client.post(CHAT, json=say()).json["choices"][0]["logprobs"] is None
     assert client.post(CHAT, json=say(logprobs=False)).json["choices"][0]["logprobs"] is None
     without_alternatives = client.post(CHAT, json=say(logprobs=True)).json["choices"][0]["logprobs"]
-    assert without_alternatives == {"content": expected_content(0)}
+    assert without_alternatives == {"content": expected_content(0), "refusal": None}
     streamed = events_of(client.post(CHAT, json=say(stream=True)))
     assert all(e["choices"][0]["logprobs"] is None for e in streamed)
 
@@ -157,7 +157,8 @@ def test_an_error_mid_stream_is_the_streams_last_event(settings):
     assert r.status_code == 200
     lines = [line[6:] for line in r.get_data(as_text=True).split("\n") if line.startswith("data: ")]
     assert json.loads(lines[1])["choices"][0]["delta"]["content"] == "Hel"
-    assert json.loads(lines[-1]) == {"error": {"message": "generation failed: boom", "type": "server_error",
+    assert lines[-1] == "[DONE]"  # after the error event, so every client sees the stream end
+    assert json.loads(lines[-2]) == {"error": {"message": "generation failed: boom", "type": "server_error",
                                                "param": None, "code": None}}
 
 

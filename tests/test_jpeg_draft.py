@@ -29,5 +29,17 @@ def test_small_jpeg_and_png_are_decoded_as_they_are():
     small = big_jpeg((640, 480))
     assert decode_image_bytes(small, param="p", target_pixels=1003520).size == (640, 480)
     buf = io.BytesIO()
-    Image.new("RGB", (3000, 2000)).save(buf, "PNG")
-    assert decode_image_bytes(buf.getvalue(), param="p", target_pixels=1003520).size == (3000, 2000)
+    Image.new("RGB", (1200, 900)).save(buf, "PNG")
+    assert decode_image_bytes(buf.getvalue(), param="p", target_pixels=1003520).size == (1200, 900)
+
+
+def test_large_png_is_shrunk_by_a_whole_factor_never_below_the_final_size():
+    """Not JPEG, so no draft: decoded whole, then reduced at once, before any copy in another mode."""
+    for mode, size in (("RGB", (3000, 2000)), ("1", (7000, 7000)), ("P", (4100, 3000)), ("RGBA", (3000, 3000))):
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, "PNG")
+        shrunk = decode_image_bytes(buf.getvalue(), param="p", target_pixels=1003520)
+        assert shrunk.mode == "RGB" and shrunk.size[0] < size[0] and shrunk.size[0] * shrunk.size[1] >= 1003520, mode
+        full = decode_image_bytes(buf.getvalue(), param="p")
+        assert full.size == size
+        assert fit_pixels(shrunk, 3136, 1003520).size == fit_pixels(full, 3136, 1003520).size, mode

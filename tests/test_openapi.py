@@ -23,7 +23,7 @@ def test_spec_comes_from_the_request_models(settings):
     schemas = spec["components"]["schemas"]
     request = protocol.ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     assert schemas["ChatCompletionRequest"] == {k: v for k, v in request.items() if k != "$defs"}
-    for name in ("Message", "TextPart", "ImageURLPart", "ImagePart", "ChatCompletion", "ChatCompletionChunk",
+    for name in ("SystemMessage", "UserMessage", "AssistantMessage", "ToolMessage", "TextPart", "ImageURLPart", "ImagePart", "ChatCompletion", "ChatCompletionChunk",
                  "ErrorResponse", "ModelList", "Health"):
         assert name in schemas
     chat = spec["paths"]["/v1/chat/completions"]["post"]

@@ -137,6 +137,24 @@ def test_api_out_of_sync_with_its_notebook(folder):
     assert result.status == FAIL and "exporter missing" in result.detail
 
 
+def test_api_sync_works_without_nbformat(tmp_path):
+    """Right after `bash build_env.sh` (no --dev: no nbformat, no nbconvert), as the deployment guide runs it."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    python = str(bare / "bin" / "python")
+    assert subprocess.run([python, "-c", "import nbformat"], capture_output=True).returncode != 0
+    result = pf.check_api_sync(ctx(ROOT, python=python))
+    assert result.status == PASS, result
+
+
+def test_api_sync_names_a_missing_module(folder):
+    export = folder / "serving" / "export.py"
+    export.write_text(export.read_text().replace("import argparse\n", "import argparse\nimport no_such_module_here\n", 1))
+    result = pf.check_api_sync(ctx(folder))
+    assert result.status == FAIL and "'no_such_module_here' is not installed" in result.detail
+    assert "differs" not in result.detail and "build_env.sh" in result.fix
+
+
 def test_token_in_a_file(folder):
     (folder / "notes.txt").write_text("deploy notes\nAISTUDIO_ACCESS_TOKEN=" + FAKE_TOKEN + "\n")
     nb = json.loads((folder / "notebooks" / "04_serve_api.ipynb").read_text())

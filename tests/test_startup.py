@@ -1,0 +1,64 @@
+"""A first start without surprises: the libraries' known noise is silenced (our own warnings stay), and the 503s
+of a normal start-up (the model still loading) are not logged as errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+from conftest import ROOT
+from fake_engine import FakeEngine
+from serving.app import create_app
+
+NOISE = ("PyTorch was not found", "No ccache found", "Setuptools is replacing distutils",
+         "Due to potential compatibility issues between PaddlePaddle and PyTorch",
+         "is now loaded as a fast processor")
+
+
+def test_library_noise_is_silenced_and_our_warnings_stay():
+    code = (
+        "import logging, warnings\n"
+        "import serving\n"
+        "import paddle, paddleformers.transformers\n"
+        "import distutils.core\n"  # setuptools' shim speaks on this import
+        "from serving.config import Settings\n"
+        "from serving.model import load_model\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "load_model(Settings(model='demo'))\n"
+        "warnings.warn('our own warning stays')\n"
+        "logging.getLogger('PaddleFormers').warning('a PaddleFormers warning of another kind stays')\n"
+    )
+    env = {k: os.environ[k] for k in ("QWENVL_CACHE", "HOME", "PATH", "VIRTUAL_ENV", "TMPDIR") if k in os.environ}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(env, PYTHONUNBUFFERED="1"))  # no PYTHONWARNINGS or pytest filters: as api.py runs
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    for noise in NOISE:
+        assert noise not in output, noise
+    assert "our own warning stays" in output
+    assert "a PaddleFormers warning of another kind stays" in output
+    assert "serving the DEMO model" in output  # our own log lines are kept
+
+
+def _levels(caplog, path):
+    return [r.levelno for r in caplog.records if r.name == "serving.app" and f" {path} status=" in r.getMessage()]
+
+
+def test_loading_503s_are_info_not_errors(settings, caplog):
+    client = create_app(settings, None).test_client()  # no engine yet: the model is loading
+    with caplog.at_level(logging.INFO, logger="serving.app"):
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json["error"]["code"] == "model_loading"
+    assert _levels(caplog, "/health") == [logging.INFO]
+    assert _levels(caplog, "/v1/chat/completions") == [logging.INFO]
+
+
+def test_an_engine_that_cannot_serve_is_still_an_error(settings, caplog):
+    client = create_app(replace(settings), FakeEngine(health=(False, "the model worker stopped"))).test_client()
+    with caplog.at_level(logging.INFO, logger="serving.app"):
+        assert client.get("/health").status_code == 503
+    assert _levels(caplog, "/health") == [logging.ERROR]
