@@ -284,8 +284,8 @@ def classic_notes(plan) -> list:
         "(e) Time to first token includes the prompt's prefill: with an image, the vision tower and "
         "~300 prompt tokens; text only, ~30 prompt tokens.",
         "Overhead: requests through our HTTP API (serving.app + waitress, serving the benchmark process's own "
-        "engine on a loopback port) against direct calls to that engine (serving.images + Engine.build_prompt "
-        "+ Engine.generate), alternating; overhead = (HTTP - direct) / HTTP. results.json also has the same "
+        "engine on a loopback port) against direct calls of the pipeline the server runs (serving.chat.ChatService: "
+        "image intake + engine.start, read to the end), alternating; overhead = (HTTP - direct) / HTTP. results.json also has the same "
         "against the separate server process (overhead_server_process), which adds the variation between two "
         "processes on a shared 2-core machine.",
         "Both servers load the model through serving.model.load_model, which applies "
