@@ -77,8 +77,8 @@ class Settings:
     max_request_bytes: int = field(default=32 * 1024 * 1024, metadata={
         "help": "largest request body in bytes (413 above it)"})
     image_fetch_timeout: float = field(default=10.0, metadata={
-        "help": "seconds an http(s) image URL may take, every phase included: resolving, connecting, TLS, the "
-                "response headers and the body"})
+        "help": "seconds an http(s) image URL may take, every phase included: resolving, connecting, the "
+                "response headers and the body (a TLS handshake: each of its reads)"})
     allow_image_urls: bool = field(default=True, metadata={
         "help": "fetch http(s) image URLs (false: only inline base64 images)", "type": _bool})
     image_url_allow_hosts: tuple = field(default=(), metadata={

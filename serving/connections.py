@@ -33,6 +33,7 @@ from .waitress_errors import JSONErrorChannel
 log = logging.getLogger(__name__)
 
 SPARE_FILES = 256  # open files kept free beside the connections (model files, image fetches, logs)
+REPORT_SECONDS = 60  # connections cut off are summed up in the log this often, not logged one by one
 
 
 class GuardedParser(HTTPRequestParser):
@@ -66,6 +67,8 @@ class GuardedServer(TcpWSGIServer):
     def __init__(self, application, *, limits, **kwargs):
         self.max_connections, self.idle_timeout, self.header_timeout, self.body_timeout = limits
         self.closed_idle = self.closed_slow = self.evicted = 0  # counts, for logs and tests
+        self._reported = (0, 0)  # (slow, evicted) at the last summary in the log
+        self._report_at = time.monotonic() + REPORT_SECONDS
         super().__init__(application, **kwargs)
 
     def readable(self):
@@ -101,6 +104,14 @@ class GuardedServer(TcpWSGIServer):
                 self.closed_idle += 1
                 log.debug("closing the connection from %s: idle for %.1f s", _peer(channel), now - channel.last_activity)
                 self._close(channel, None)
+        if mono >= self._report_at:  # one line a minute at most, however many there were (an attack is many)
+            self._report_at = mono + REPORT_SECONDS
+            slow, evicted = self.closed_slow - self._reported[0], self.evicted - self._reported[1]
+            if slow or evicted:
+                log.warning("in the last %d s: %d connections cut off for sending too slowly (HEADER_TIMEOUT, "
+                            "BODY_TIMEOUT), %d closed to make room past MAX_CONNECTIONS (%d open now)",
+                            REPORT_SECONDS, slow, evicted, len(self.active_channels))
+            self._reported = (self.closed_slow, self.evicted)
 
     def _evict_one(self) -> bool:
         """Close the connection idle longest that runs no request; False when every one is busy."""
@@ -109,10 +120,10 @@ class GuardedServer(TcpWSGIServer):
             return False
         victim = min(idle, key=lambda c: c.last_activity)
         self.evicted += 1
-        if self.evicted == 1 or self.evicted % 1000 == 0:
-            log.warning("%d open connections, more than MAX_CONNECTIONS (%d): closing the ones idle longest "
-                        "(%d so far)", len(self.active_channels), self.max_connections, self.evicted)
-        self._close(victim, None)
+        if self.evicted == 1:
+            log.warning("%d open connections, more than MAX_CONNECTIONS (%d): closing the ones idle longest to "
+                        "make room", len(self.active_channels), self.max_connections)
+        self._close(victim, "closed to make room past MAX_CONNECTIONS")
         return True
 
     @staticmethod
@@ -121,7 +132,7 @@ class GuardedServer(TcpWSGIServer):
         here, while poll() results are being handled, could free its descriptor for a connection accepted
         in the same round, which a stale event for the old one would then close (a reset for a new client)."""
         if why:
-            log.info("closing the connection from %s: %s", _peer(channel), why)
+            log.debug("closing the connection from %s: %s", _peer(channel), why)
         channel.will_close = True
 
 

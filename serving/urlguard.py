@@ -5,8 +5,9 @@ public (loopback, private, link-local, multicast, reserved, unspecified, shared,
 hidden inside IPv6 forms); the connection goes to the vetted address itself, so a second DNS
 answer cannot swap it (rebinding); every redirect is vetted again, a few at most; the body is
 read with a size cap. The time limit covers the whole fetch, every phase of it: resolving, connecting,
-the TLS handshake, the response headers and the body (a server that sends its headers a byte a second
-is cut off like one that sends nothing: a watchdog shuts the socket down at the deadline). Hosts listed in `allow_hosts`
+the response headers and the body (a server that sends its headers a byte a second is cut off like one
+that sends nothing: a watchdog shuts the socket down at the deadline); a TLS handshake is bounded by
+the time limit of each of its reads. Hosts listed in `allow_hosts`
 skip the address check (an internal image store, or a test server on 127.0.0.1).
 """
 
@@ -306,6 +307,10 @@ class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
 
 
 class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    """The same over TLS. The TLS socket replaces the plain one (detached, so shutting that down does
+    nothing): it joins the watch once the handshake is done; the handshake itself is bounded by the
+    connect time limit of each of its reads."""
+
     def __init__(self, *args, watch: _Watch, **kwargs):
         super().__init__(*args, **kwargs)
         self._watch = watch
@@ -314,3 +319,7 @@ class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
         sock = super()._new_conn()
         self._watch.add(sock)
         return sock
+
+    def connect(self):
+        super().connect()
+        self._watch.add(self.sock)
