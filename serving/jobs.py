@@ -105,20 +105,27 @@ class Job:
     def until(self, deadline: Optional[float]) -> Iterator:
         """Text deltas, then Finished. Ends early, without Finished, once the job is cancelled;
         raises TimeoutError when `deadline` (time.perf_counter()) passes first."""
-        while True:
-            wait = POLL_SECONDS
-            if deadline is not None:
-                wait = min(wait, deadline - time.perf_counter())
-                if wait <= 0:
-                    raise TimeoutError("the job's deadline passed")
-            try:
-                event = self.events.get(timeout=wait)
-            except queue.Empty:
-                if self.cancelled.is_set():
-                    return
-                continue
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, Finished):
+        return read_events(self.events, self.cancelled, deadline)
+
+
+def read_events(events: queue.Queue, cancelled: threading.Event, deadline: Optional[float]) -> Iterator:
+    """A generation's events from its queue until Finished (an exception on the queue is raised); ends
+    without Finished once `cancelled` is set; TimeoutError when `deadline` (time.perf_counter()) passes.
+    Reads never block longer than a short poll, so a stuck engine cannot hold the reader past its deadline."""
+    while True:
+        wait = POLL_SECONDS
+        if deadline is not None:
+            wait = min(wait, deadline - time.perf_counter())
+            if wait <= 0:
+                raise TimeoutError("the generation's deadline passed")
+        try:
+            event = events.get(timeout=wait)
+        except queue.Empty:
+            if cancelled.is_set():
                 return
+            continue
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+        if isinstance(event, Finished):
+            return

@@ -54,7 +54,7 @@ from requests.adapters import HTTPAdapter
 
 from .engine_api import ModelInfo
 from .errors import InvalidRequest, NotReady, RequestTimeout, ServerBusy, ServiceError, UpstreamError
-from .jobs import POLL_SECONDS, Finished, SamplingParams, TextDelta, TokenLogprob, TopLogprob
+from .jobs import Finished, SamplingParams, TextDelta, TokenLogprob, TopLogprob, read_events
 from .video import Video
 
 log = logging.getLogger(__name__)
@@ -461,23 +461,7 @@ class UpstreamCall:
         return self.until(None)
 
     def until(self, deadline: Optional[float]) -> Iterator:
-        while True:
-            wait = POLL_SECONDS
-            if deadline is not None:
-                wait = min(wait, deadline - time.perf_counter())
-                if wait <= 0:
-                    raise TimeoutError("the call's deadline passed")
-            try:
-                event = self.events.get(timeout=wait)
-            except queue.Empty:
-                if self.cancelled.is_set():
-                    return
-                continue
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, Finished):
-                return
+        return read_events(self.events, self.cancelled, deadline)
 
     def cancel(self) -> None:
         """Stop now: the upstream connection is shut down, so the upstream sees the client leave."""
