@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.load import Server, _is_loopback  # noqa: E402  (the server under test: started here or at a URL)
 from bench.process import ServerProcess  # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -61,56 +62,6 @@ SIZES = {
                   messages=1_000_000, messages_clients=2, bombs=2, memory_images=4),
 }
 ATTACKS = ("idle", "slowloris", "slow_image", "costly", "bombs", "mistakes", "expect", "memory", "shutdown")
-
-
-# ---------------------------------------------------------------- the server attacked
-
-class Server:
-    """A server this tool started (`proc`, a bench.process.ServerProcess) or one at a loopback URL."""
-
-    def __init__(self, url, proc=None, pid=None, api_key=""):
-        self.url, self.proc = url.rstrip("/"), proc
-        self.pid = pid or (proc.process.pid if proc else None)
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-    def stop(self):
-        if self.proc is not None:
-            self.proc.stop()
-
-    def rss_mb(self):
-        """The server's resident memory (MB): from its process, else from its /metrics."""
-        if self.pid:
-            import psutil
-
-            return psutil.Process(self.pid).memory_info().rss / 2**20
-        value = self.metric("process_resident_memory_bytes")
-        return value / 2**20 if value is not None else None
-
-    def metric(self, name, **labels):
-        """The sum of a Prometheus metric's samples with these labels, from /metrics."""
-        import re
-
-        total = None
-        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
-            match = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
-            if match and match.group(1) == name:
-                found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-                if all(found.get(k) == v for k, v in labels.items()):
-                    total = (total or 0) + float(match.group(3))
-        return total
-
-
-def _is_loopback(url) -> bool:
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------- what one attack reports

@@ -49,25 +49,18 @@ class Prefill:
         inner = model.model
         ids = paddle.to_tensor(arrays["input_ids"])
         embeds = inner.get_input_embeddings()(ids)
-        grid = None
+        if image_keys_setter is not None:  # the vision cache's keys for this prompt's images and videos
+            image_keys_setter()
+        grid = video_grid = seconds = None
         if "pixel_values" in arrays:
             grid = paddle.to_tensor(arrays["image_grid_thw"])
-            if image_keys_setter is not None:
-                image_keys_setter()
-            image_embeds = inner.get_image_features(paddle.to_tensor(arrays["pixel_values"]), grid)
-            image_embeds = paddle.concat(list(image_embeds), axis=0).astype(embeds.dtype)
-            image_mask, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image_embeds)
-            embeds = embeds.masked_scatter(image_mask, image_embeds)
-        video_grid = seconds = None
+            features = inner.get_image_features(paddle.to_tensor(arrays["pixel_values"]), grid)
+            embeds = _put_media(inner, ids, embeds, "image", features)
         if "pixel_values_videos" in arrays:  # as the model's forward does it, after the images
             video_grid = paddle.to_tensor(arrays["video_grid_thw"])
             seconds = paddle.to_tensor(arrays["second_per_grid_ts"])  # seconds per temporal patch: time positions
-            if image_keys_setter is not None:
-                image_keys_setter()
-            video_embeds = inner.get_video_features(paddle.to_tensor(arrays["pixel_values_videos"]), video_grid)
-            video_embeds = paddle.concat(list(video_embeds), axis=0).astype(embeds.dtype)
-            _, video_mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds, video_features=video_embeds)
-            embeds = embeds.masked_scatter(video_mask, video_embeds)
+            features = inner.get_video_features(paddle.to_tensor(arrays["pixel_values_videos"]), video_grid)
+            embeds = _put_media(inner, ids, embeds, "video", features)
         mask = paddle.ones(ids.shape, dtype="int64")
         positions, _ = inner.get_rope_index(ids, grid, video_grid, seconds, attention_mask=mask)  # [3, 1, n]
         self.embeds = embeds
@@ -177,6 +170,13 @@ class RunningBatch:
 
     def set_next(self, tokens: list[int]) -> None:
         self.last_tokens = list(tokens)
+
+
+def _put_media(inner, ids, embeds, kind: str, features):
+    """The vision tower's output (one tensor per image or video) in place of the prompt's placeholder tokens."""
+    features = _paddle().concat(list(features), axis=0).astype(embeds.dtype)
+    image_mask, video_mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds, **{f"{kind}_features": features})
+    return embeds.masked_scatter(image_mask if kind == "image" else video_mask, features)
 
 
 def _pad_left(tensor, width: int, axis: int):

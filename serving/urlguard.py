@@ -293,8 +293,8 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
-class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
-    """A connection whose socket joins its fetch's watch as soon as it exists."""
+class _Watched:
+    """Mixed into a urllib3 connection: its socket joins its fetch's watch as soon as it exists."""
 
     def __init__(self, *args, watch: _Watch, **kwargs):
         super().__init__(*args, **kwargs)
@@ -306,19 +306,14 @@ class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
         return sock
 
 
-class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+class _WatchedHTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
     """The same over TLS. The TLS socket replaces the plain one (detached, so shutting that down does
     nothing): it joins the watch once the handshake is done; the handshake itself is bounded by the
     connect time limit of each of its reads."""
-
-    def __init__(self, *args, watch: _Watch, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._watch = watch
-
-    def _new_conn(self):
-        sock = super()._new_conn()
-        self._watch.add(sock)
-        return sock
 
     def connect(self):
         super().connect()
