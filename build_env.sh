@@ -217,8 +217,8 @@ cuda_tag_for() {
 # ---------------------------------------------------------------------------
 if [ "$ENGINE" = "fastdeploy" ]; then
 step "PaddlePaddle and FastDeploy for this GPU"
-# serving/fastdeploy_env.py (standard library only) decides: GPU compute capability, CUDA >= 12.3
-FD_PLAN="$("$PYTHON" "$SCRIPT_DIR/serving/fastdeploy_env.py" --shell)" \
+# serving/deploy/fastdeploy_env.py (standard library only) decides: GPU compute capability, CUDA >= 12.3
+FD_PLAN="$("$PYTHON" "$SCRIPT_DIR/serving/deploy/fastdeploy_env.py" --shell)" \
     || die "FastDeploy cannot be installed here (see the reason above)"
 fd_value() { echo "$FD_PLAN" | sed -n "s/^$1=//p" | tr -d "'"; }
 FD_PADDLE_VERSION="${BUILD_ENV_FD_PADDLE_VERSION:-3.2.0}"

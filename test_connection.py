@@ -308,7 +308,7 @@ def format_stats(result: dict) -> str:
     return ", ".join(parts)
 
 
-# ---------------------------------------------------------------- grounding (a standalone copy of serving/grounding.py)
+# ---------------------------------------------------------------- grounding (a standalone copy of serving/notebook/grounding.py)
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _BOX_OBJECT = re.compile(r"\{[^{}]*\"bbox_2d\"[^{}]*\}")

@@ -33,8 +33,9 @@ from bench import report, workloads  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
 
-SECTIONS = ("classic", "staggered", "join", "memory")
+SECTIONS = ("classic", "staggered", "join", "memory", "gateway")
 NEEDS_BASELINE = {"classic", "staggered"}  # join and memory are ours only: the baseline cannot stream
+OWN_SERVERS = {"gateway"}  # starts its own upstream and gateway, after the servers above have stopped
 
 
 def say(message: str) -> None:
@@ -44,18 +45,20 @@ def say(message: str) -> None:
 def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
     started = time.perf_counter()
     load_before = report.load_average()
-    from serving import demo
+    from serving.model import demo
 
     if demo.is_demo_name(plan.model):
         say(f"demo checkpoint {plan.model}: {demo.demo_path(plan.model)}")  # built once, before two servers race
 
+    w, parameters = {}, None
     with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
         servers = {}
         try:
+            if not set(sections) - OWN_SERVERS:
+                raise _NothingShared
             servers = start_servers(plan.model, Path(tmp), baseline=bool(NEEDS_BASELINE & set(sections)))
             urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
             warm_up(urls, ImageFactory(*plan.image_size, seed=1))
-            w, parameters = {}, None
             if "classic" in sections:
                 parameters = classic(plan, urls, w)
             if "staggered" in sections:
@@ -64,9 +67,13 @@ def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
                 w["join"] = join(plan, urls["ours"])
             if "memory" in sections:
                 w["memory"] = memory(plan, servers["ours"])
+        except _NothingShared:
+            pass
         finally:
             for server in servers.values():
                 server.stop()
+    if "gateway" in sections:
+        w["gateway"] = gateway(plan, quick)
 
     results = {
         "schema": 2,
@@ -197,6 +204,23 @@ def staggered_ratios(result: dict) -> dict:
     return out
 
 
+class _NothingShared(Exception):
+    """Only sections that start their own servers were asked for."""
+
+
+def gateway(plan, quick: bool) -> dict:
+    """(i) The gateway's overhead: bench.gateway's run, on the same model (its own two servers)."""
+    from bench import gateway as gw
+
+    gplan = dataclasses.replace(gw.QUICK if quick else gw.Plan(), model=plan.model)
+    say(f"(i) gateway overhead: --backend openai in front of an upstream against the upstream directly, "
+        f"1 and {gplan.clients} clients")
+    result = gw.run(gplan)
+    for line in gw.report(result).splitlines():
+        say("(i) " + line.strip())
+    return result
+
+
 def join(plan, url: str) -> dict:
     """(g) The join delay, on our server only (the baseline cannot stream)."""
     say(f"(g) join delay: a {plan.join_short_tokens}-token streamed request, idle and {plan.join_after_s:g} s "
@@ -227,8 +251,8 @@ def memory(plan, server: ServerProcess) -> dict:
 
 def checkpoint_parameters(model: str):
     """The parameter count from the checkpoint's safetensors headers (when the engine was not loaded here)."""
-    from serving import demo
-    from serving.download import verify_checkpoint
+    from serving.model import demo
+    from serving.model.download import verify_checkpoint
 
     folder = demo.demo_path(model) if demo.is_demo_name(model) else Path(model)
     return verify_checkpoint(folder).parameters if folder.is_dir() else None
@@ -264,6 +288,15 @@ def notes(plan, sections) -> list:
             f"after {plan.memory_requests} requests of bench/load.py's mix (text and images, streamed and not, "
             f"max_tokens {'/'.join(map(str, plan.memory_token_mix))}, bad inputs, streams hung up on) from "
             f"{plan.memory_clients} clients, read while no request is in flight.")
+    if "gateway" in sections:
+        out.append(
+            "(i) Two `api.py` processes of ours on loopback: an upstream (the built-in engine, no image cache) and "
+            "a gateway in front of it (--backend openai); the same requests (a new 448x448 JPEG and a question, "
+            "greedy) alternate between the gateway and the upstream directly, one at a time and from 8 clients. "
+            "Overhead, decomposed: the time the hop costs (client latency minus the upstream's own time, from "
+            "its /metrics) through the gateway minus directly, over the gateway's latency; at 8 clients plus "
+            "the gateway's CPU per request over the upstream's (from /proc), since both share the 2 cores. "
+            "The plain A/B figure is in results.json.")
     return out
 
 
@@ -283,13 +316,13 @@ def classic_notes(plan) -> list:
         "bytes to model input tensors, each server's own code path, in this process.",
         "(e) Time to first token includes the prompt's prefill: with an image, the vision tower and "
         "~300 prompt tokens; text only, ~30 prompt tokens.",
-        "Overhead: requests through our HTTP API (serving.app + waitress, serving the benchmark process's own "
+        "Overhead: requests through our HTTP API (serving.web.app + waitress, serving the benchmark process's own "
         "engine on a loopback port) against direct calls of the pipeline the server runs (serving.chat.ChatService: "
         "image intake + engine.start, read to the end), alternating; overhead = (HTTP - direct) / HTTP. results.json also has the same "
         "against the separate server process (overhead_server_process), which adds the variation between two "
         "processes on a shared 2-core machine.",
-        "Both servers load the model through serving.model.load_model, which applies "
-        "serving/paddle_fixes.py: both decode with the KV cache.",
+        "Both servers load the model through serving.model.loader.load_model, which applies "
+        "serving/model/paddle_fixes.py: both decode with the KV cache.",
     ]
 
 # flag: (Plan field, parser, help); each overrides the plan chosen by --quick

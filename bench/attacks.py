@@ -448,7 +448,7 @@ def attack_memory(server, size, config) -> Result:
     r.figures["RSS growth apart from the caches"] = f"{apart:.0f} MB"
     r.check(r.by_status.get(200, 0) == n, "every request answered 200")
     r.check(apart < 256, f"RSS grew {apart:.0f} MB apart from the image caches (less than 256 MB; it was ~1,450 MB "
-                         "after 120 images before serving.memory)")
+                         "after 120 images before serving.engines.builtin.memory)")
     return r
 
 

@@ -15,7 +15,7 @@ What the tutorial's `api.py` does, kept as it is:
 
 What differs, each for a fair comparison, not to speed it up:
 - the model comes from PaddleFormers through this project's loader
-  (`serving.model.load_model`), so both servers run the same weights (the tutorial used
+  (`serving.model.loader.load_model`), so both servers run the same weights (the tutorial used
   PaddleMIX, which PyPI does not carry);
 - it reads `max_tokens` (the tutorial always generates up to 256 tokens) and, for
   temperature 0, asks for greedy decoding (the tutorial passes temperature straight through);
@@ -144,11 +144,11 @@ def create_app(model, processor) -> Flask:
 def load(model_name: str):
     """The model and processor, through the same loader as our server, with the tutorial's pixel budget."""
     from serving.config import Settings
-    from serving.model import load_model
+    from serving.model.loader import load_model
 
     loaded = load_model(Settings(model=model_name))
     tutorial_pixels(loaded.processor)
-    return loaded  # with serving.paddle_fixes applied by the loader, as in our server
+    return loaded  # with serving.model.paddle_fixes applied by the loader, as in our server
 
 
 def tutorial_pixels(processor):

@@ -21,7 +21,7 @@ PATCH = 14  # Qwen2.5-VL's vision patch side: an image's grid is (1, height / 14
 def load_engine(model: str):
     """Our engine, built exactly as our server builds it (default settings)."""
     from serving.config import Settings
-    from serving.server import build_engine
+    from serving.web.server import build_engine
 
     settings = Settings(model=model)
     return build_engine(settings), settings
@@ -46,8 +46,8 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
     """The same requests through our server's HTTP API and as direct engine calls, alternating
     so that drift on the machine hits both alike.
 
-    url None: serve the in-process engine with our app and waitress (serving.app.create_app,
-    serving.server.BackgroundServer) on a free loopback port, so both sides share one process and
+    url None: serve the in-process engine with our app and waitress (serving.web.app.create_app,
+    serving.web.server.BackgroundServer) on a free loopback port, so both sides share one process and
     one engine; each side then gets its own images (the engine's caches would otherwise serve
     the second side). With a url (a separate server process), each image goes to both.
     """
@@ -58,8 +58,8 @@ def overhead(engine, settings, url: str, images: list, *, max_tokens: int) -> di
     if url is None:  # images: 2n + 2
         from dataclasses import replace
 
-        from serving.app import create_app
-        from serving.server import BackgroundServer
+        from serving.web.app import create_app
+        from serving.web.server import BackgroundServer
 
         local = BackgroundServer(create_app(settings, engine), replace(settings, port=0))
         url = local.start().base_url + "/v1/chat/completions"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from serving.server import free_port
+from serving.web.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -84,7 +84,21 @@ def summary_rows(w: dict, plan) -> list:
         _join_rows(w["join"], row)
     if "memory" in w:
         _memory_rows(w["memory"], row)
+    if "gateway" in w:
+        _gateway_rows(w["gateway"], row)
     return rows
+
+
+def _gateway_rows(i: dict, row) -> None:
+    one, eight, target, n = i["one_client"], i["eight_clients"], i["target_percent"], i["plan"]["clients"]
+    row("(i) 1 client, asking the upstream directly: median latency", "s", None, one["direct_median_s"])
+    row("(i) 1 client, through the gateway (--backend openai): median latency", "s", None, one["gateway_median_s"])
+    row("(i) gateway overhead, 1 client (decomposed: the hop's added cost / latency)", "%", None,
+        one["overhead_percent"], target=f"<= {target:g}%", met=one["overhead_percent"] <= target)
+    row(f"(i) {n} clients, asking the upstream directly: throughput", "requests/s", None, eight["direct_requests_per_s"])
+    row(f"(i) {n} clients, through the gateway: throughput", "requests/s", None, eight["gateway_requests_per_s"])
+    row(f"(i) gateway overhead, {n} clients (decomposed: added latency + the gateway's CPU)", "%", None,
+        eight["overhead_percent"], target=f"<= {target:g}%", met=eight["overhead_percent"] <= target)
 
 
 def _classic_rows(w: dict, plan, row) -> None:

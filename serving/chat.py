@@ -9,7 +9,7 @@ The HTTP app, the notebook chat widget and the benchmark all go through it:
 
 It owns the request limits (each read from Settings, their one owner), the image intake (data URLs,
 base64 or guarded URLs, decoded in memory, each image sized within its pixel budget) and the time
-limit. The engine (serving.engine_api.Engine) sees only chat turns whose images are sized PIL
+limit. The engine (serving.engines.base.Engine) sees only chat turns whose images are sized PIL
 images, and SamplingParams.
 """
 
@@ -23,19 +23,21 @@ from typing import Iterator, Optional
 
 from PIL import Image
 
-from . import images, limits, protocol, video
-from .errors import ImageError, InvalidRequest, NotReady, RequestTimeout
-from .membudget import MemoryBudget
-from .jobs import Finished, SamplingParams
+from serving import limits, protocol
+from serving.intake import images
+from serving.intake import video
+from serving.errors import ImageError, InvalidRequest, NotReady, RequestTimeout
+from serving.intake.membudget import MemoryBudget
+from serving.jobs import Finished, SamplingParams
 
 RETRY_SECONDS = 5  # what a client told "not ready" should wait before trying again
 
 
 class ChatService:
     def __init__(self, engine, settings, metrics=None):
-        self.engine = engine  # None while the model loads (serving.app.attach_engine sets it)
+        self.engine = engine  # None while the model loads (serving.web.app.attach_engine sets it)
         self.settings = settings
-        self.metrics = metrics  # serving.metrics.Metrics, or None (the widget, the benchmark)
+        self.metrics = metrics  # serving.web.metrics.Metrics, or None (the widget, the benchmark)
         self.decode_budget = MemoryBudget(settings.image_decode_mb * 2**20)  # images being decoded at once
         self.closing = False  # shutting down (begin_shutdown): no new answers
         self._replies: "weakref.WeakSet[Reply]" = weakref.WeakSet()  # answers being generated (end_all)
@@ -89,7 +91,7 @@ class ChatService:
 
     def load_images(self, turns: list, *, deadline: Optional[float] = None) -> list:
         """Turn every ImageRef of `turns` into a PIL image sized for the model and every VideoRef into a
-        serving.video.Video, in place; images and videos loaded already (the widget's uploads, sized by
+        serving.intake.video.Video, in place; images and videos loaded already (the widget's uploads, sized by
         image_from_bytes / video_from_bytes) stay as they are. `deadline` (time.perf_counter()) bounds decoding."""
         s = self.settings
         count = sum(not isinstance(p, (str, protocol.VideoRef, video.Video)) for t in turns for p in t.parts)

@@ -2,7 +2,7 @@
 
 Each carries a human message, the request field it is about (`param`) and a machine-readable
 `code`. Which HTTP status and OpenAI error type each becomes is decided in one place, the
-table of serving.http_errors; the engines, the chat service and the notebook widget only raise.
+table of serving.web.http_errors; the engines, the chat service and the notebook widget only raise.
 """
 
 from __future__ import annotations

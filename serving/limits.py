@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidRequest
+from serving.errors import InvalidRequest
 
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 _SURROGATE = re.compile("[\ud800-\udfff]")

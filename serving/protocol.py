@@ -16,7 +16,7 @@ from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
-from .errors import InvalidRequest
+from serving.errors import InvalidRequest
 
 
 class _Part(BaseModel):
@@ -51,7 +51,7 @@ class ImagePart(_Part):
 
 
 class _VideoOptions(_Part):
-    """qwen-vl-utils' per-video sampling keys; each is kept within the server's limits (serving.video)."""
+    """qwen-vl-utils' per-video sampling keys; each is kept within the server's limits (serving.intake.video)."""
 
     fps: Optional[float] = Field(default=None, gt=0, le=120)
     max_frames: Optional[int] = Field(default=None, ge=2)

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serving.app import create_app  # noqa: E402
+from serving.web.app import create_app  # noqa: E402
 from serving.config import Settings  # noqa: E402
-from serving.server import BackgroundServer, build_engine, free_port  # noqa: E402,F401
+from serving.web.server import BackgroundServer, build_engine, free_port  # noqa: E402,F401
 
 
 

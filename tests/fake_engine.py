@@ -1,4 +1,4 @@
-"""An engine without a model, implementing serving.engine_api.Engine: for tests of the HTTP layer
+"""An engine without a model, implementing serving.engines.base.Engine: for tests of the HTTP layer
 alone (shaping, errors, time limits), never to prove a feature of the model. Imports no Paddle."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from serving.engine_api import ModelInfo
+from serving.engines.base import ModelInfo
 from serving.jobs import Finished, TextDelta, TokenLogprob, TopLogprob
 
 

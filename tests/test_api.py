@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from serving.app import ROOT_TEXT, create_app
+from serving.web.app import ROOT_TEXT, create_app
 from serving.chat import ChatService
 from serving.protocol import ChatTurn
 

@@ -57,8 +57,13 @@ def test_quick_run_writes_all_outputs(quick_run):
     for key in ("overhead", "overhead_server_process"):
         o = w[key]
         assert o["n"] == 2 and positive(o["median_direct_s"]) and positive(o["median_http_s"]), key
-    for section in ("staggered", "join", "memory"):  # issue 9's sections ride along in the whole run
+    for section in ("staggered", "join", "memory", "gateway"):  # issues 9 and 10's sections ride along
         assert section in w, section
+    g = w["gateway"]  # (i): our gateway in front of an upstream of ours, against the upstream directly
+    assert g["same_greedy_answer"] is True and g["plan"]["model"] == "demo"
+    assert positive(g["one_client"]["direct_median_s"]) and positive(g["one_client"]["gateway_median_s"])
+    assert positive(g["eight_clients"]["direct_requests_per_s"]) and positive(g["eight_clients"]["gateway_requests_per_s"])
+    assert [r["target"] for r in results["summary"] if r["workload"].startswith("(i) gateway overhead")] == ["<= 3%"] * 2
     m = results["machine"]
     assert m["cpu_model"] and positive(m["logical_cores"]) and m["paddlepaddle"] and m["date"]
     assert len(results["summary"]) >= 10

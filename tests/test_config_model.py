@@ -3,7 +3,7 @@
 import pytest
 
 from serving.config import DEFAULT_MODEL, Settings, load_settings
-from serving.model import ModelLoadError, choose_device, choose_dtype, load_model
+from serving.model.loader import ModelLoadError, choose_device, choose_dtype, load_model
 
 
 def test_defaults():
@@ -59,7 +59,7 @@ def test_unreachable_hub_model_names_model_and_remedies():
 
 
 def test_a_reachable_hub_without_the_model_says_check_the_id(monkeypatch):
-    from serving import download
+    from serving.model import download
 
     monkeypatch.setattr(download, "probe", lambda url, timeout=None: None)  # as if the hub answered
     with pytest.raises(ModelLoadError) as info:

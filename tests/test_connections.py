@@ -1,4 +1,4 @@
-"""The HTTP server's connections (serving.connections): idle and slow clients are cut off after their
+"""The HTTP server's connections (serving.web.connections): idle and slow clients are cut off after their
 time limits, a flood of connections never locks anyone out, and Expect: 100-continue over the body
 limit is answered 413 at once. Each on a live server with short limits; bounds are generous."""
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from serving import connections
+from serving.web import connections
 
 CHAT = "/v1/chat/completions"
 SMALL = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 from safetensors.numpy import load_file
 
-from serving import demo
+from serving.model import demo
 
 PUBLISHED_FILES = {"config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
                    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",

@@ -1,6 +1,6 @@
 """Incremental detokenization: characters split over tokens, stop strings, the final flush."""
 
-from serving.detokenize import IncrementalText
+from serving.engines.builtin.detokenize import IncrementalText
 
 
 def ids_of(engine, text):

@@ -1,4 +1,4 @@
-"""serving.download: verification of a checkpoint folder, fast offline failure, resume, the CLI."""
+"""serving.model.download: verification of a checkpoint folder, fast offline failure, resume, the CLI."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 import pytest
 
 from conftest import ROOT
-from serving import download as dl
-from serving.demo import demo_path
-from serving.download import DownloadError, download, probe, verify_checkpoint
-from serving.model import is_hub_id
-from serving.model import ModelLoadError
+from serving.model import download as dl
+from serving.model.demo import demo_path
+from serving.model.download import DownloadError, download, probe, verify_checkpoint
+from serving.model.loader import is_hub_id
+from serving.model.loader import ModelLoadError
 
 HUB_ID = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -165,7 +165,7 @@ def test_real_hubs_fail_fast_when_offline(tmp_path):
             pytest.skip(f"the {hub} hub is reachable from here; this test is about offline machines")
     for hub in dl.HUBS:
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "serving.download", HUB_ID, "--hub", hub,
+        done = subprocess.run([sys.executable, "-m", "serving.model.download", HUB_ID, "--hub", hub,
                                "--to", str(tmp_path / hub)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - started
         assert done.returncode == 1, done.stdout + done.stderr
@@ -231,11 +231,11 @@ def test_complete_folder_needs_no_network(demo_dir, tmp_path, unreachable_hubs):
 
 
 def test_cli_verify(demo_dir, demo_copy):
-    ok = subprocess.run([sys.executable, "-m", "serving.download", "--verify", str(demo_dir)], cwd=ROOT,
+    ok = subprocess.run([sys.executable, "-m", "serving.model.download", "--verify", str(demo_dir)], cwd=ROOT,
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "complete" in ok.stdout
     (demo_copy / shards(demo_copy)[0]).unlink()
-    bad = subprocess.run([sys.executable, "-m", "serving.download", "--verify", str(demo_copy)], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "serving.model.download", "--verify", str(demo_copy)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "is missing" in bad.stdout
 
@@ -243,11 +243,11 @@ def test_cli_verify(demo_dir, demo_copy):
 def test_cli_offline_and_bad_arguments(tmp_path, closed_port):
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port}")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "serving.download", HUB_ID, "--hub", "huggingface",
+    done = subprocess.run([sys.executable, "-m", "serving.model.download", HUB_ID, "--hub", "huggingface",
                            "--to", str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 1
     assert "error: cannot reach the huggingface hub" in done.stderr
     assert time.monotonic() - started < 20
-    bad = subprocess.run([sys.executable, "-m", "serving.download", "./not/a/hub/id"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "serving.model.download", "./not/a/hub/id"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a hub id" in bad.stderr

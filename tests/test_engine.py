@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from serving.engine import Finished
+from serving.engines.builtin.engine import Finished
 from serving.jobs import SamplingParams
 from serving.protocol import ChatTurn
 

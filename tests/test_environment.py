@@ -1,8 +1,8 @@
-"""serving/environment.py: judging made-up machines, and probing this one."""
+"""serving/deploy/environment.py: judging made-up machines, and probing this one."""
 
 from __future__ import annotations
 
-from serving.environment import GB, Facts, Gpu, Row, as_records, check_environment, problems, rows_from, version_tuple
+from serving.deploy.environment import GB, Facts, Gpu, Row, as_records, check_environment, problems, rows_from, version_tuple
 
 
 def machine(**overrides) -> Facts:

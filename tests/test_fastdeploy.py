@@ -1,4 +1,4 @@
-"""--backend fastdeploy: the launcher (serving/fastdeploy.py) against a stand-in `fastdeploy` package.
+"""--backend fastdeploy: the launcher (serving/engines/fastdeploy.py) against a stand-in `fastdeploy` package.
 
 FastDeploy itself needs an SM80+ GPU and is not on PyPI, so it cannot run here. tests/stand_ins/fastdeploy
 takes FastDeploy's flags, checks what its Qwen2.5-VL guide asks for, and serves this project's own server,
@@ -22,13 +22,13 @@ import pytest
 import requests
 
 from conftest import ROOT, b64, png_bytes
-from serving import fastdeploy
-from serving.app import create_app
+from serving.engines import fastdeploy
+from serving.web.app import create_app
 from serving.config import Settings, load_settings
-from serving.demo import demo_path
-from serving.fastdeploy import (FastDeployError, Ports, child_env, command, prepare_model_dir, start_fastdeploy,
+from serving.model.demo import demo_path
+from serving.engines.fastdeploy import (FastDeployError, Ports, child_env, command, prepare_model_dir, start_fastdeploy,
                                 visible_gpus)
-from serving.server import free_port
+from serving.web.server import free_port
 
 STAND_INS = ROOT / "tests" / "stand_ins"
 QUESTION = {"messages": [{"role": "user", "content": [
@@ -130,7 +130,7 @@ def test_the_model_folder_is_prepared_without_touching_the_users(tmp_path):
 # ---------------------------------------------------------------- the child, for real (the stand-in)
 
 def test_fastdeploy_starts_answers_and_stops_with_us(stand_in, engine, settings, caplog):
-    caplog.set_level(logging.INFO, logger="serving.fastdeploy")
+    caplog.set_level(logging.INFO, logger="serving.engines.fastdeploy")
     exits = []
     fd = start_fastdeploy(fd_settings(), on_exit=exits.append, cache_root=None)
     try:
@@ -278,6 +278,22 @@ def test_api_py_exits_non_zero_when_fastdeploy_dies(tmp_path):
         log = log_path.read_text(errors="replace")
         assert "FastDeploy exited with code 7" in log and "simulated crash (illegal memory access)" in log
         assert gone(json.loads((tmp_path / "record.json").read_text())["pid"])
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_sigkill_of_this_server_stops_fastdeploy_too(tmp_path):
+    """No cleanup runs on SIGKILL (or the OOM killer): the kernel's parent-death signal stops the child."""
+    port = free_port()
+    process, _ = start_api(tmp_path, port)
+    try:
+        wait_health(f"http://127.0.0.1:{port}", process)
+        child = json.loads((tmp_path / "record.json").read_text())["pid"]
+        os.kill(child, 0)  # running
+        process.kill()
+        process.wait(10)
+        assert gone(child, timeout=30)
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,4 +1,4 @@
-"""Where FastDeploy can run: serving/fastdeploy_env.py, `build_env.sh --engine fastdeploy` and the preflight.
+"""Where FastDeploy can run: serving/deploy/fastdeploy_env.py, `build_env.sh --engine fastdeploy` and the preflight.
 
 There is no GPU here: a fake `nvidia-smi` on PATH plays each machine (A100, L20, V100, T4, old CUDA),
 and build_env.sh runs for real in --dry-run mode (it prints the pip commands instead of running them).
@@ -13,9 +13,9 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-from serving.fastdeploy_env import Gpu, detect, plan
-from serving.preflight import Context
-from serving.preflight_engine import check_fastdeploy
+from serving.deploy.fastdeploy_env import Gpu, detect, plan
+from serving.deploy.preflight import Context
+from serving.deploy.checks.engine import check_fastdeploy
 
 A100 = "0, NVIDIA A100-SXM4-80GB, 8.0"
 H100 = "1, NVIDIA H100 80GB HBM3, 9.0"

@@ -1,4 +1,4 @@
-"""serving.gpu: the memory estimate (arithmetic on the config), the fit check, the dtype line."""
+"""serving.model.gpu: the memory estimate (arithmetic on the config), the fit check, the dtype line."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from serving import gpu
-from serving.demo import demo_path
-from serving.download import verify_checkpoint
-from serving.gpu import GiB, check_fits, dtype_reason, estimate_model_memory, known_config, parameter_count
-from serving.model import ModelLoadError
+from serving.model import gpu
+from serving.model.demo import demo_path
+from serving.model.download import verify_checkpoint
+from serving.model.gpu import GiB, check_fits, dtype_reason, estimate_model_memory, known_config, parameter_count
+from serving.model.loader import ModelLoadError
 
 
 def test_parameter_count_matches_the_demo_checkpoint_exactly():

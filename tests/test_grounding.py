@@ -1,5 +1,5 @@
 """Grounding: every response says each image's size as sent and as the model saw it (image_sizes), so
-Qwen2.5-VL's boxes map back onto the client's image; serving.grounding and test_connection.py's copy of it
+Qwen2.5-VL's boxes map back onto the client's image; serving.notebook.grounding and test_connection.py's copy of it
 find and map boxes alike; test_connection.py --boxes / --draw-boxes do it against a server."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import ROOT, LiveServer, b64, png_bytes
 from fake_engine import FakeEngine
-from serving import grounding
-from serving.app import create_app
+from serving.notebook import grounding
+from serving.web.app import create_app
 from serving.jobs import Finished, TextDelta
 
 sys.path.insert(0, str(ROOT))

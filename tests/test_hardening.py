@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import requests
 
-from serving import urlguard
-from serving.app import attach_engine, create_app
+from serving.intake import urlguard
+from serving.web.app import attach_engine, create_app
 from serving.errors import ImageError
-from serving.images import decode_image_bytes, load_image
+from serving.intake.images import decode_image_bytes, load_image
 
 from conftest import b64, png_bytes, png_header_only
 
@@ -209,7 +209,7 @@ def test_time_limit_mid_stream_ends_with_an_error_event(serve_app):
 
 
 def test_admission_slot_released_once():
-    from serving.admission import Admission
+    from serving.web.admission import Admission
     from serving.errors import ServerBusy
 
     admission = Admission(2)
@@ -237,7 +237,7 @@ def test_request_id_echoed_or_made(client):
 
 @pytest.mark.parametrize("body", [say(max_tokens=2), say(max_tokens=2, stream=True), {"messages": []}])
 def test_one_log_line_per_request(client, caplog, body):
-    with caplog.at_level(logging.INFO, logger="serving.app"):
+    with caplog.at_level(logging.INFO, logger="serving.web.app"):
         client.post(CHAT, json=body, headers={"X-Request-Id": "one-line"}).get_data()
     lines = [r.getMessage() for r in caplog.records if "one-line" in r.getMessage()]
     assert len(lines) == 1, lines

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import ROOT, b64, png_bytes
 from fake_engine import SCRIPT, FakeEngine
 from serving import errors
-from serving.app import create_app
-from serving.http_errors import TABLE
+from serving.web.app import create_app
+from serving.web.http_errors import TABLE
 from serving.jobs import Finished, TextDelta
 
 CHAT = "/v1/chat/completions"
@@ -244,7 +244,7 @@ def test_the_http_layer_never_imports_paddle():
 import sys
 sys.path.insert(0, "tests")
 from fake_engine import FakeEngine
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.config import Settings
 
 client = create_app(Settings(model="fake"), FakeEngine()).test_client()

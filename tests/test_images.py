@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from serving.errors import ImageError
-from serving.http_errors import problem
-from serving.images import fit_pixels, load_image
+from serving.web.http_errors import problem
+from serving.intake.images import fit_pixels, load_image
 
 from conftest import b64, png_bytes
 
@@ -105,7 +105,7 @@ def test_smart_resize_is_paddleformers_rule():
     """Our copy (images need no Paddle to be sized) gives the sides PaddleFormers' gives, limits included."""
     from paddleformers.transformers.qwen2_vl.vision_process import smart_resize as theirs
 
-    from serving.images import smart_resize
+    from serving.intake.images import smart_resize
 
     sizes = [(1, 1), (10, 10), (27, 29), (28, 28), (64, 96), (333, 500), (480, 640), (1080, 1920), (3000, 4000),
              (4032, 3024), (7, 1400), (12000, 60)]

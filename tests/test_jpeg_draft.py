@@ -4,7 +4,7 @@ import io
 
 from PIL import Image
 
-from serving.images import decode_image_bytes, fit_pixels
+from serving.intake.images import decode_image_bytes, fit_pixels
 
 
 def big_jpeg(size=(4000, 3000)) -> bytes:

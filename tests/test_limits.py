@@ -9,11 +9,13 @@ from dataclasses import replace
 import pytest
 import requests
 
-from serving import limits, memory, protocol, urlguard
-from serving.app import create_app
+from serving import limits, protocol
+from serving.engines.builtin import memory
+from serving.intake import urlguard
+from serving.web.app import create_app
 from serving.chat import ChatService
 from serving.errors import InvalidRequest, RequestTimeout
-from serving.membudget import MemoryBudget
+from serving.intake.membudget import MemoryBudget
 
 from conftest import b64, png_bytes
 
@@ -172,7 +174,7 @@ def test_large_images_are_decoded_small():
     """A 1-bit 7000x7000 PNG (14 KB) used to cost ~300 MB while decoded; a 3 KB JPEG declaring 7000x7000 was
     decoded at full cost into grey: now the first is shrunk right after decoding, the second refused."""
     from serving.errors import ImageError
-    from serving.images import decode_cost, decode_image_bytes
+    from serving.intake.images import decode_cost, decode_image_bytes
 
     img = decode_image_bytes(one_bit_png(7000), param="p", target_pixels=1003520)
     assert img.mode == "RGB" and 1003520 <= img.size[0] * img.size[1] < 4 * 1003520
@@ -190,7 +192,7 @@ def test_large_images_are_decoded_small():
 
 
 def test_upper_case_data_url_is_a_data_url():
-    from serving.images import load_image
+    from serving.intake.images import load_image
 
     assert load_image("DATA:IMAGE/PNG;BASE64," + b64(png_bytes((30, 20))), param="p").size == (30, 20)
 

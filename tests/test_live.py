@@ -85,7 +85,7 @@ def test_test_connection_sends_the_key_in_either_scheme(engine, settings, tmp_pa
     from dataclasses import replace
 
     from conftest import LiveServer
-    from serving.app import create_app
+    from serving.web.app import create_app
 
     keyed = LiveServer(create_app(replace(settings, api_key=("s3cret",)), engine),
                        settings).start()

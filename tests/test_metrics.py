@@ -6,7 +6,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import b64, png_bytes
-from serving.metrics import ENGINE_COUNTERS, ENGINE_GAUGES
+from serving.web.metrics import ENGINE_COUNTERS, ENGINE_GAUGES
 
 CHAT = "/v1/chat/completions"
 

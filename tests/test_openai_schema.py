@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from conftest import b64, png_bytes
-from serving.app import create_app
+from serving.web.app import create_app
 
 VENDORED = json.loads((Path(__file__).parent / "openai" / "schemas.json").read_text(encoding="utf-8"))
 CHAT = "/v1/chat/completions"

@@ -1,5 +1,5 @@
 """The KV cache really carries across decoding steps (the engine's loop, and PaddleFormers' generate with
-serving.paddle_fixes), and gives the answers of full recomputation."""
+serving.model.paddle_fixes), and gives the answers of full recomputation."""
 
 import numpy as np
 import paddle

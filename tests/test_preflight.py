@@ -1,4 +1,4 @@
-"""serving.preflight: every check passes on the repo and fails on a folder crafted to break it;
+"""serving.deploy.preflight: every check passes on the repo and fails on a folder crafted to break it;
 the deployment rehearsal runs end to end and leaves nothing behind."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from serving import preflight as pf
-from serving.demo import demo_path
-from serving.preflight import FAIL, PASS, WARN, Context
+from serving.deploy import preflight as pf
+from serving.model.demo import demo_path
+from serving.deploy.preflight import FAIL, PASS, WARN, Context
 
 # Built from pieces so that this file itself holds no secret-looking string.
 FAKE_TOKEN = "3f9a" + "c0e1b7d4a6f8e9c0" + "b1a2d3e4f5a6b7c8d9e0"
@@ -130,9 +130,9 @@ def test_api_out_of_sync_with_its_notebook(folder):
     (folder / "api.py").write_text((folder / "api.py").read_text() + "\nprint('edited by hand')\n")
     result = pf.check_api_sync(ctx(folder))
     assert result.status == FAIL and "differs" in result.detail and "edited by hand" in result.detail
-    assert "python -m serving.export" in result.fix
+    assert "python -m serving.notebook.export" in result.fix
 
-    (folder / "serving" / "export.py").unlink()
+    (folder / "serving" / "notebook" / "export.py").unlink()
     result = pf.check_api_sync(ctx(folder))
     assert result.status == FAIL and "exporter missing" in result.detail
 
@@ -148,7 +148,7 @@ def test_api_sync_works_without_nbformat(tmp_path):
 
 
 def test_api_sync_names_a_missing_module(folder):
-    export = folder / "serving" / "export.py"
+    export = folder / "serving" / "notebook" / "export.py"
     export.write_text(export.read_text().replace("import argparse\n", "import argparse\nimport no_such_module_here\n", 1))
     result = pf.check_api_sync(ctx(folder))
     assert result.status == FAIL and "'no_such_module_here' is not installed" in result.detail
@@ -228,10 +228,10 @@ def test_weights_meant_to_ship(folder):
 
 
 def test_torch_import_in_a_serving_module(folder):
-    engine = folder / "serving" / "engine.py"
+    engine = folder / "serving" / "engines" / "builtin" / "engine.py"
     engine.write_text(engine.read_text() + "\n\ndef _helper():\n    import torch\n    return torch\n")
     result = pf.check_no_torch(ctx(folder))
-    assert result.status == FAIL and "serving/engine.py:" in result.detail and "imports torch" in result.detail
+    assert result.status == FAIL and "serving/engines/builtin/engine.py:" in result.detail and "imports torch" in result.detail
     assert "PaddlePaddle" in result.fix
 
 
@@ -242,12 +242,12 @@ def test_torch_in_requirements(folder):
 
 
 def test_dependency_missing_from_requirements(folder):
-    app = folder / "serving" / "app.py"
+    app = folder / "serving" / "web" / "app.py"
     app.write_text(app.read_text() + "\n\ndef _extra():\n    import pytest\n    import surely_not_installed_pkg\n"
                    "    try:\n        import another_missing_one\n    except ImportError:\n        pass\n")
     result = pf.check_dependencies(ctx(folder))
     assert result.status == FAIL
-    assert "surely_not_installed_pkg (serving/app.py:" in result.detail
+    assert "surely_not_installed_pkg (serving/web/app.py:" in result.detail
     assert "pytest from pytest" in result.detail  # installed here, but only by requirements-dev.txt
     assert "another_missing_one" not in result.detail  # optional: guarded by except ImportError
 
@@ -283,7 +283,7 @@ def test_model_checks(folder, tmp_path):
 
 
 def test_folder_size_warns(folder, monkeypatch):
-    monkeypatch.setattr("serving.preflight_files.FOLDER_WARN_BYTES", 1024)  # where the check reads it
+    monkeypatch.setattr("serving.deploy.checks.files.FOLDER_WARN_BYTES", 1024)  # where the check reads it
     result = pf.check_folder_size(ctx(folder))
     assert result.status == WARN and "serving" in result.detail
 
@@ -302,7 +302,7 @@ def test_a_check_that_crashes_is_a_failure_not_a_crash(folder):
 def test_cli_table_and_exit_status(folder):
     (folder / "build_env.sh").write_text("if then\n")
     (folder / "数据.txt").write_text("x")
-    done = subprocess.run([sys.executable, "-m", "serving.preflight", "--root", str(folder), "--model", "demo"],
+    done = subprocess.run([sys.executable, "-m", "serving.deploy.preflight", "--root", str(folder), "--model", "demo"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
@@ -315,7 +315,7 @@ def test_cli_table_and_exit_status(folder):
 
 
 def test_cli_passes_on_a_clean_copy(folder):
-    done = subprocess.run([sys.executable, "-m", "serving.preflight", "--root", str(folder), "--model", "demo"],
+    done = subprocess.run([sys.executable, "-m", "serving.deploy.preflight", "--root", str(folder), "--model", "demo"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert " 0 FAIL" in done.stdout
@@ -342,7 +342,7 @@ def _pids_running(pid_texts):
 def test_rehearsal_end_to_end(folder):
     """Copy, venv (seeing this Python's packages), build_env.sh in it, api.py, two requests, stop, clean up."""
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("qwenvl-rehearsal-*"))
-    done = subprocess.run([sys.executable, "-m", "serving.preflight", "--root", str(folder), "--skip-checks",
+    done = subprocess.run([sys.executable, "-m", "serving.deploy.preflight", "--root", str(folder), "--skip-checks",
                            "--rehearse", "--reuse-site-packages", "--start-timeout", "180"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     out = done.stdout

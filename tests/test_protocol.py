@@ -3,7 +3,7 @@
 import pytest
 
 from serving.errors import InvalidRequest
-from serving.http_errors import problem
+from serving.web.http_errors import problem
 from serving.protocol import ImageRef, normalise_messages, parse_request
 
 

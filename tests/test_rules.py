@@ -15,10 +15,10 @@ import sys
 
 from PIL import Image
 
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.config import Settings
-from serving.server import build_engine
-from serving.widgets import ChatWidget
+from serving.web.server import build_engine
+from serving.notebook.widgets import ChatWidget
 
 settings = Settings(model="demo")
 engine = build_engine(settings)

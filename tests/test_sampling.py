@@ -1,4 +1,4 @@
-"""serving.sampling picks what PaddleFormers' generate would, row by row, with per-row settings and seeds."""
+"""serving.engines.builtin.sampling picks what PaddleFormers' generate would, row by row, with per-row settings and seeds."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from paddleformers.generation.logits_process import TopKProcess, TopPProcess
 
 from serving.jobs import SamplingParams, TokenLogprob
-from serving.model import load_model
-from serving.sampling import (RowSampler, generation_defaults, next_tokens, penalized_logits, sampling_probs,
+from serving.model.loader import load_model
+from serving.engines.builtin.sampling import (RowSampler, generation_defaults, next_tokens, penalized_logits, sampling_probs,
                               token_names)
 
 VOCAB = 3000
@@ -18,7 +18,7 @@ VOCAB = 3000
 
 @pytest.fixture(scope="module")
 def loaded(settings):
-    """The demo model through the project's loader (which applies serving.paddle_fixes)."""
+    """The demo model through the project's loader (which applies serving.model.paddle_fixes)."""
     return load_model(settings)
 
 

@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from serving.engine import Finished
+from serving.engines.builtin.engine import Finished
 from serving.jobs import SamplingParams
 from serving.protocol import ChatTurn
 
@@ -89,7 +89,7 @@ def test_repeated_image_hits_both_caches(engine):
 
 
 def test_cache_is_bounded_lru():
-    from serving.cache import ByteLRU
+    from serving.engines.builtin.cache import ByteLRU
 
     cache = ByteLRU(100)
     cache.put("a", 1, 40)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.chat import FEATURES
 
 CHAT = "/v1/chat/completions"
@@ -106,7 +106,7 @@ def test_fields_that_do_not_change_the_answer_are_accepted(client, name, extra):
 
 
 class WithFeatures:
-    """The demo engine, declaring features the way an upstream engine does (serving.engine_api.ModelInfo)."""
+    """The demo engine, declaring features the way an upstream engine does (serving.engines.base.ModelInfo)."""
 
     def __init__(self, engine, features):
         self._engine = engine

@@ -1,4 +1,4 @@
-"""Stopping api.py with SIGTERM or SIGINT (serving.shutdown): new connections are refused, waiting requests
+"""Stopping api.py with SIGTERM or SIGINT (serving.web.shutdown): new connections are refused, waiting requests
 get 503, running answers finish within SHUTDOWN_GRACE or are ended (a stream with an error event and
 [DONE]), the process exits 0 and never aborts. Start-up errors: one line, exit status 2."""
 
@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import ROOT
-from serving.server import free_port
+from serving.web.server import free_port
 
 CHAT = "/v1/chat/completions"
 LONG = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000, "temperature": 1.0,

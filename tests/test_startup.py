@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from conftest import ROOT
 from fake_engine import FakeEngine
-from serving.app import create_app
+from serving.web.app import create_app
 
 NOISE = ("PyTorch was not found", "No ccache found", "Setuptools is replacing distutils",
          "Due to potential compatibility issues between PaddlePaddle and PyTorch",
@@ -25,7 +25,7 @@ def test_library_noise_is_silenced_and_our_warnings_stay():
         "import paddle, paddleformers.transformers\n"
         "import distutils.core\n"  # setuptools' shim speaks on this import
         "from serving.config import Settings\n"
-        "from serving.model import load_model\n"
+        "from serving.model.loader import load_model\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "load_model(Settings(model='demo'))\n"
         "warnings.warn('our own warning stays')\n"
@@ -44,12 +44,12 @@ def test_library_noise_is_silenced_and_our_warnings_stay():
 
 
 def _levels(caplog, path):
-    return [r.levelno for r in caplog.records if r.name == "serving.app" and f" {path} status=" in r.getMessage()]
+    return [r.levelno for r in caplog.records if r.name == "serving.web.app" and f" {path} status=" in r.getMessage()]
 
 
 def test_loading_503s_are_info_not_errors(settings, caplog):
     client = create_app(settings, None).test_client()  # no engine yet: the model is loading
-    with caplog.at_level(logging.INFO, logger="serving.app"):
+    with caplog.at_level(logging.INFO, logger="serving.web.app"):
         assert client.get("/health").status_code == 503
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.json["error"]["code"] == "model_loading"
@@ -59,6 +59,6 @@ def test_loading_503s_are_info_not_errors(settings, caplog):
 
 def test_an_engine_that_cannot_serve_is_still_an_error(settings, caplog):
     client = create_app(replace(settings), FakeEngine(health=(False, "the model worker stopped"))).test_client()
-    with caplog.at_level(logging.INFO, logger="serving.app"):
+    with caplog.at_level(logging.INFO, logger="serving.web.app"):
         assert client.get("/health").status_code == 503
     assert _levels(caplog, "/health") == [logging.ERROR]

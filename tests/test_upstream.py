@@ -27,9 +27,9 @@ import requests
 from PIL import Image
 
 from conftest import ROOT, LiveServer, b64, png_bytes
-from serving.app import create_app
-from serving.server import build_engine, free_port
-from serving.upstream import UpstreamEngine, normalise_url, parse_error_body, sanitise
+from serving.web.app import create_app
+from serving.web.server import build_engine, free_port
+from serving.engines.upstream import UpstreamEngine, normalise_url, parse_error_body, sanitise
 
 CHAT = "/v1/chat/completions"
 
@@ -561,7 +561,7 @@ def test_urls_and_error_bodies():
 
 
 def test_bad_upstream_settings_are_one_clear_error(settings):
-    from serving.model import ModelLoadError
+    from serving.model.loader import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="at least one upstream"):
         UpstreamEngine.from_settings(replace(settings, backend="openai", upstream=()))
@@ -574,9 +574,9 @@ def test_the_openai_backend_never_imports_paddle(replicas):
     no GPU build, no model and no PaddleFormers."""
     code = f"""
 import sys
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.config import load_settings
-from serving.server import build_engine
+from serving.web.server import build_engine
 
 settings = load_settings(["--backend", "openai", "--upstream", {replicas[0].base_url!r}])
 engine = build_engine(settings)
@@ -585,7 +585,7 @@ r = client.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "c
 assert r.status_code == 200, r.get_data(as_text=True)
 assert client.get("/health").status_code == 200
 import api
-import serving.fastdeploy, serving.fastdeploy_env  # --backend fastdeploy's side of this process: no Paddle either
+import serving.engines.fastdeploy, serving.deploy.fastdeploy_env  # --backend fastdeploy's side of this process: no Paddle either
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("paddle", "paddleformers", "torch"))
 assert not bad, bad[:10]
 engine.close()

@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, b64, png_bytes
-from serving import video
-from serving.app import create_app
+from serving.intake import video
+from serving.web.app import create_app
 from serving.chat import ChatService
 from serving.protocol import ChatTurn
-from serving.video import VideoError, VideoLimits
+from serving.intake.video import VideoError, VideoLimits
 from test_continuous_batching import collect, greedy, reference, wait_idle
 
 av = pytest.importorskip("av")
@@ -309,7 +309,7 @@ def test_decoding_holds_only_the_sampled_frames():
 import sys, threading, time
 sys.path.insert(0, {str(ROOT)!r})
 import numpy
-from serving import video
+from serving.intake import video
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -424,7 +424,7 @@ def test_the_prompts_video_tokens_match_the_frames_grid(engine, clip, video_prom
 
 def test_time_positions_follow_the_sampled_rate(engine, clip, video_prompts):
     """Qwen2.5-VL's time position of a temporal patch is its start in seconds x tokens_per_second."""
-    from serving.decode import Prefill
+    from serving.engines.builtin.decode import Prefill
 
     wait_idle(engine)
     prompt = video_prompts["video"]
@@ -660,7 +660,7 @@ def test_video_settings_are_flags_and_environment_variables():
 # ---------------------------------------------------------------- the chat widget and the client
 
 def test_widget_upload_a_video_and_ask(engine, settings, clips):
-    from serving.widgets import ChatWidget
+    from serving.notebook.widgets import ChatWidget
 
     custom = replace(settings, **SMALL_SETTINGS)
     chat = ChatWidget(engine, custom, temperature=0.0, max_tokens=8)
@@ -689,7 +689,7 @@ def test_widget_upload_a_video_and_ask(engine, settings, clips):
 
 
 def test_widget_refuses_more_videos_than_the_limit(engine, settings, clips):
-    from serving.widgets import ChatWidget
+    from serving.notebook.widgets import ChatWidget
 
     chat = ChatWidget(engine, replace(settings, max_videos=1, **SMALL_SETTINGS), max_tokens=2)
     assert chat.add_upload("a.webm", clips["webm"])
@@ -724,7 +724,7 @@ def test_the_upstream_engine_passes_video_url_on(settings, serve_app, clips):
     import requests
 
     from serving.jobs import SamplingParams
-    from serving.upstream import UpstreamEngine
+    from serving.engines.upstream import UpstreamEngine
 
     replica = serve_app(**SMALL_SETTINGS)
     gateway_settings = replace(settings, backend="openai", upstream=(replica.base_url,), **SMALL_SETTINGS)
@@ -753,7 +753,7 @@ def test_serving_a_video_imports_no_torch():
     code = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from serving import video
+from serving.intake import video
 clip = video.decode(video.encode_mp4(__import__("numpy").zeros((4, 56, 56, 3), "uint8"), 2.0))
 assert len(clip.frames) == 4
 bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))

@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import png_bytes
 from serving.chat import ChatService
-from serving.images import PATCH_FACTOR
-from serving.widgets import ChatWidget
+from serving.intake.images import PATCH_FACTOR
+from serving.notebook.widgets import ChatWidget
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_chat_widget.ipynb"
 
@@ -136,7 +136,7 @@ def test_send_clicked_after_the_box_committed_is_quiet(chat):
 
 
 def test_the_slider_defaults_are_stated_beside_them(chat):
-    from serving.widgets import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    from serving.notebook.widgets import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
     note = chat.defaults_note.value
     assert f"temperature {DEFAULT_TEMPERATURE:g}" in note and f"top_p {DEFAULT_TOP_P:g}" in note
@@ -338,7 +338,7 @@ def test_an_answer_with_boxes_draws_them_on_the_uploaded_image(chat, engine, set
     assert (first.x1, first.y1, first.x2, first.y2) == pytest.approx((28 * sx, 56 * sy, 140 * sx, 168 * sy))
     drawn = chat.boxes_image
     assert drawn.size == (640, 480)  # the uploaded picture, shrunk for the page
-    from serving.grounding import COLOURS
+    from serving.notebook.grounding import COLOURS
 
     # the red square's box is drawn where the mapped box says, in the first box colour
     scale = 640 / 1600

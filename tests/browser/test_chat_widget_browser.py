@@ -32,7 +32,7 @@ ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR") or ROOT / "artifacts")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serving.server import free_port  # noqa: E402
+from serving.web.server import free_port  # noqa: E402
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

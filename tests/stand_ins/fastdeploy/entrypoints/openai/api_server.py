@@ -1,7 +1,7 @@
 """Stand-in for `python -m fastdeploy.entrypoints.openai.api_server` (tests/stand_ins/README.md).
 
 Takes FastDeploy's flags, checks what its Qwen2.5-VL guide asks for, then serves this project's own
-server on --port with --model, so the launcher in serving/fastdeploy.py is tested end to end.
+server on --port with --model, so the launcher in serving/engines/fastdeploy.py is tested end to end.
 """
 
 import argparse
@@ -71,9 +71,9 @@ def main(argv=None):
         held.append(s)
     time.sleep(float(os.environ.get("FASTDEPLOY_STANDIN_DELAY", "0")))
 
-    from serving.app import create_app
+    from serving.web.app import create_app
     from serving.config import Settings
-    from serving.server import configure_logging, serve
+    from serving.web.server import configure_logging, serve
 
     settings = Settings(model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name or "",
                         max_batch_size=args.max_num_seqs, max_images=int(args.limit_mm_per_prompt.get("image", 1)),

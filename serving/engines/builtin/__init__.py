@@ -1,0 +1,1 @@
+"""The built-in engine: PaddleFormers' Qwen2.5-VL driven one step at a time with continuous batching."""

@@ -1,0 +1,68 @@
+"""One request's place in the running batch: its sampler, its text so far, and how it ends.
+
+The scheduler hands each row every token sampled for it; the row turns tokens into text deltas
+for its client at once and decides when it is done (its own eos, stop string, max_tokens, or
+a cancel), without waiting for any other row.
+"""
+
+from __future__ import annotations
+
+import time
+
+from serving.engines.builtin.detokenize import IncrementalText
+from serving.jobs import Finished, Job, TextDelta
+
+
+class Row:
+    def __init__(self, job: Job, sampler, text: IncrementalText, eos_ids: set):
+        self.job, self.sampler, self.text, self.eos_ids = job, sampler, text, eos_ids
+        self.started = time.perf_counter()  # admitted: generation time, not queueing, goes into tokens/s
+        self.count = 0
+        self.done = False
+        self._logprobs: list = []  # TokenLogprob of tokens whose text is not released yet
+
+    @property
+    def reserve(self) -> int:
+        """KV slots this row may come to hold: its prompt and its whole answer."""
+        return self.job.prompt.prompt_tokens + self.job.params.max_tokens
+
+    def add(self, token: int, logprob=None) -> None:
+        """One generated token (and its TokenLogprob when the request asked for logprobs)."""
+        if self.done:
+            return
+        if self.job.cancelled.is_set():
+            self.done = True
+            return
+        self.count += 1
+        self.sampler.accept(token)
+        if token in self.eos_ids:
+            return self.finish("stop")
+        if logprob is not None:
+            self._logprobs.append(logprob)
+        delta = self.text.add(token)
+        if delta:
+            self.job.events.put(TextDelta(delta, self._logprobs))
+            self._logprobs = []
+        if self.text.stopped:
+            self.finish("stop")
+        elif self.count >= self.job.params.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """Release the held-back text and tell the client now."""
+        if self.done:
+            return
+        self.done = True
+        tail = self.text.finish()
+        if tail or self._logprobs:
+            self.job.events.put(TextDelta(tail, self._logprobs))
+            self._logprobs = []
+        if self.text.stopped:
+            reason = "stop"
+        self.job.events.put(Finished(reason, self.job.prompt.prompt_tokens, self.count,
+                                     time.perf_counter() - self.started))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.job.events.put(error)

@@ -1,0 +1,304 @@
+"""The built-in engine: chat turns + images -> prompt tensors -> generated text, with PaddlePaddle.
+
+It implements serving.engines.base.Engine. One model worker thread owns the model and runs the
+continuous-batching loop of serving.engines.builtin.scheduler: requests join the running batch at any decoding
+step and leave it as soon as they end, each with its own sampling settings.
+
+Image and video work is cached by content and size: the preprocessed pixel patches, and the
+vision tower's output (PaddleFormers' `get_image_features` and `get_video_features` are wrapped to
+consult the cache). Videos arrive sampled and sized (serving.intake.video.Video); PaddleFormers' video
+processor patches their frames, and their seconds per temporal patch go to the model's time positions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import re
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from serving.engines.builtin import sampling
+from serving.engines.builtin import vision_cache
+from serving.intake.video import Video
+from serving.engines.builtin.cache import ByteLRU
+from serving.engines.base import ModelInfo
+from serving.errors import InvalidRequest
+from serving.jobs import Completion, Finished, Job, Prompt, SamplingParams, TextDelta  # noqa: F401  (the engine's API)
+from serving.engines.builtin.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
+
+# Budgets when the settings say 0 (auto), by device. A CPU step costs about the same per row as
+# on its own (2 cores are compute-bound), so few rows keep each stream quick; a GPU step costs
+# nearly the same for 1 or 32 rows (measured: an eager loop is launch-bound), so it takes many.
+# KV tokens: Qwen2.5-VL-3B holds 36 KiB per token in bf16 (36 layers x 2 x 2 heads x 128 x 2 B),
+# so 65,536 slots are 2.3 GiB of a GPU; on a CPU the slots are RAM and cost step time too.
+AUTO_BUDGETS = {
+    "cpu": {"max_batch_size": 8, "max_batch_tokens": 16384, "prefill_chunk_tokens": 256},
+    "gpu": {"max_batch_size": 32, "max_batch_tokens": 65536, "prefill_chunk_tokens": 2048},
+}
+
+
+class PaddleEngine:
+    """serving.engines.base.Engine on PaddleFormers' Qwen2.5-VL, in this process."""
+
+    def __init__(self, loaded, *, max_batch_size: int = 0, max_batch_tokens: int = 0, prefill_chunk_tokens: int = 0,
+                 image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.tokenizer = loaded.processor.tokenizer
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.context_length = int(getattr(text_config, "max_position_embeddings", 32768))
+        self.defaults = sampling.generation_defaults(getattr(self.model, "generation_config", None))
+        auto = AUTO_BUDGETS["cpu" if loaded.device == "cpu" else "gpu"]
+        self.max_batch_size = max_batch_size or auto["max_batch_size"]
+        self.max_batch_tokens = max_batch_tokens or auto["max_batch_tokens"]
+        self.prefill_chunk_tokens = prefill_chunk_tokens or auto["prefill_chunk_tokens"]
+        self.info = ModelInfo(name=loaded.name, source=loaded.source, is_demo=loaded.is_demo,
+                              context_length=self.context_length, max_batch_size=self.max_batch_size)
+        self.eos_token_ids = self._eos_ids()
+        self.eos_set = set(self.eos_token_ids)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.eos_token_ids[-1]
+        self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self.cpu_threads = cpu_threads or available_cores()
+        self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
+        self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
+        self._batch_image_keys: list = []
+        self._batch_video_keys: list = []
+        vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys,
+                             lambda: self._batch_video_keys)
+        self.scheduler = Scheduler(self, max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,
+                                   prefill_tokens=self.prefill_chunk_tokens)
+        self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
+        self._worker.start()
+        atexit.register(self.close, 5.0)  # Paddle can abort the process if it exits mid-step
+        log.info("continuous batching: up to %d rows, %d KV tokens, %d prompt tokens prefilled per step",
+                 self.max_batch_size, self.max_batch_tokens, self.prefill_chunk_tokens)
+
+    # ------------------------------------------------------------------ prompts
+
+    def build_prompt(self, turns) -> Prompt:
+        """turns: ChatTurn-like objects whose parts are str, PIL images or serving.intake.video.Video, in order."""
+        messages, images, videos = [], [], []
+        for turn in turns:
+            content = []
+            for part in turn.parts:
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                elif isinstance(part, Video):
+                    content.append({"type": "video"})
+                    videos.append(part)
+                else:
+                    content.append({"type": "image"})
+                    images.append(part)
+            if all(c["type"] == "text" for c in content):
+                content = "".join(c["text"] for c in content)  # plain string, as the template expects
+            messages.append({"role": turn.role, "content": content})
+        chars = sum(len(p) for turn in turns for p in turn.parts if isinstance(p, str))
+        if chars > self.context_length * MAX_CHARS_PER_TOKEN:  # surely too long: refuse before tokenizing
+            raise InvalidRequest(f"the prompt is {chars} characters, far more than the model's context of "
+                                 f"{self.context_length} tokens", param="messages", code="context_length_exceeded")
+        if messages and messages[-1]["role"] == "assistant":
+            raise InvalidRequest("the last message must not be an assistant message", param="messages")
+        _ensure_dynamic_mode()
+        with self._template_lock:
+            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pixels, grids, keys = [], [], []
+        for img in images:
+            key, (pv, grid) = self._preprocess_image(img)
+            pixels.append(pv)
+            grids.append(grid)
+            keys.append(key)
+        video_pixels, video_grids = [], []
+        for clip in videos:
+            pv, grid = self._preprocess_video(clip)
+            video_pixels.append(pv)
+            video_grids.append(grid)
+        # What the processor does for the text: each image or video placeholder becomes one token per
+        # merged 2x2 patch group of that image (of each pair of frames of that video).
+        merge = int(self.processor.image_processor.merge_size) ** 2
+        pieces = re.split(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})", text)
+        pads = pieces[1::2]
+        if pads.count(IMAGE_PAD) != len(images) or pads.count(VIDEO_PAD) != len(videos):
+            raise InvalidRequest("the number of image or video placeholders does not match the images and videos",
+                                 param="messages")
+        expanded, queues = pieces[0], {IMAGE_PAD: iter(grids), VIDEO_PAD: iter(video_grids)}
+        for pad, piece in zip(pads, pieces[2::2]):
+            expanded += pad * (int(np.prod(next(queues[pad]))) // merge) + piece
+        ids = self.encode(expanded)
+        arrays = {"input_ids": np.asarray([ids], dtype=np.int64),
+                  "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        if images:
+            arrays["pixel_values"] = np.concatenate(pixels, axis=0)
+            arrays["image_grid_thw"] = np.concatenate(grids, axis=0).astype(np.int64)
+        if videos:
+            arrays["pixel_values_videos"] = np.concatenate(video_pixels, axis=0)
+            arrays["video_grid_thw"] = np.concatenate(video_grids, axis=0).astype(np.int64)
+            arrays["second_per_grid_ts"] = np.asarray([clip.seconds_per_grid for clip in videos], dtype=np.float32)
+        return Prompt(arrays=arrays, prompt_tokens=len(ids), text=text, image_count=len(images),
+                      image_keys=tuple(keys), video_keys=tuple(clip.key for clip in videos))
+
+    def _preprocess_image(self, img):
+        """(key, (pixel patches, grid)) for one image, from the cache when the same image was seen."""
+        digest = hashlib.blake2b(img.tobytes(), digest_size=16)
+        digest.update(f"{img.size}{img.mode}".encode())
+        key = digest.hexdigest()
+        entry = self.pixel_cache.get(key)
+        if entry is None:  # no lock: the image processor keeps no state between calls (tested from many threads)
+            out = self.processor.image_processor(images=[img], return_tensors="pd")
+            entry = (out["pixel_values"].numpy(), out["image_grid_thw"].numpy().reshape(1, 3))
+            self.pixel_cache.put(key, entry, entry[0].nbytes)
+        return key, entry
+
+    def _preprocess_video(self, clip: Video):
+        """(pixel patches, grid) for one video's sampled frames (already sized: the processor only
+        normalises and patches them), from the cache when the same frames were seen."""
+        entry = self.pixel_cache.get(clip.key)
+        if entry is None:
+            with self._template_lock:
+                out = self.processor.video_processor(videos=[clip.frames], do_resize=False, do_sample_frames=False,
+                                                     return_tensors="pd")
+            entry = (out["pixel_values_videos"].numpy(), out["video_grid_thw"].numpy().reshape(1, 3))
+            self.pixel_cache.put(clip.key, entry, entry[0].nbytes)
+        return entry
+
+    def check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
+        room = self.context_length - prompt.prompt_tokens
+        if room < 1:
+            raise InvalidRequest(f"the prompt is {prompt.prompt_tokens} tokens, more than the model's context of "
+                                 f"{self.context_length}", param="messages", code="context_length_exceeded")
+        params.max_tokens = min(params.max_tokens, room)
+
+    # ------------------------------------------------------------------ generation
+
+    def start(self, turns, params: SamplingParams) -> Job:
+        """The engine protocol's entry (serving.engines.base.Engine): prompt, then a queued job."""
+        return self.submit(self.build_prompt(turns), params)
+
+    def health(self) -> tuple:
+        if not self._worker.is_alive():
+            return False, "the model worker has stopped"
+        return True, "ok"
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"queue_depth": s.queue_depth(), "rows_running": s.rows_running(), "steps": s.steps,
+                "step_seconds": s.step_seconds, "prefill_tokens": s.prefill_tokens_done, "joined": s.joined,
+                "batches": s.batches, "batched_requests": s.requests_run, "caches": self.cache_stats()}
+
+    def submit(self, prompt: Prompt, params: SamplingParams) -> Job:
+        self.check_fits(prompt, params)
+        job = Job(prompt, params)
+        self.scheduler.submit(job)
+        return job
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
+        pieces, finish = [], None
+        for event in self.submit(prompt, params):
+            if isinstance(event, Finished):
+                finish = event
+            else:
+                pieces.append(event)
+        return Completion("".join(pieces), finish)
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator:
+        """Yield text deltas, then one Finished. Closing the iterator cancels the generation."""
+        job = self.submit(prompt, params)
+        try:
+            yield from job
+        finally:
+            job.cancel()
+
+    # ------------------------------------------------------------------ the worker
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the model worker after the jobs already queued (an interpreter exiting with the
+        worker still inside Paddle can abort)."""
+        if self._worker.is_alive():
+            self.scheduler.stop()
+            self._worker.join(timeout)
+
+    def refuse_waiting(self, error: Exception) -> None:
+        """Jobs not yet running (waiting now or submitted later) end with `error`; running ones go on.
+        For a shutdown: serving.web.shutdown answers the waiting requests at once and lets the running finish."""
+        self.scheduler.refuse_waiting(error)
+
+    def queue_depth(self) -> int:
+        """Jobs waiting for the model (not counting the rows running now)."""
+        return self.scheduler.queue_depth()
+
+    def cache_stats(self) -> dict:
+        return {"pixels": self.pixel_cache.stats(), "vision": self.vision_cache.stats()}
+
+    def set_image_keys(self, keys, video_keys=()) -> None:
+        """The content keys of the images and videos the vision tower is about to see (for its cache)."""
+        self._batch_image_keys = list(keys)
+        self._batch_video_keys = list(video_keys)
+
+    def _work(self) -> None:
+        _ensure_dynamic_mode()
+        if self.loaded.device == "cpu":
+            # Paddle sets OMP_NUM_THREADS=1 when imported: the model would use one core of many
+            from paddle.base import core
+
+            core.set_num_threads(self.cpu_threads)
+            log.info("model worker: %d CPU math threads", self.cpu_threads)
+        try:
+            self.scheduler.run()
+        except BaseException:  # the loop itself failed: tell everyone waiting instead of leaving them hanging
+            log.exception("the model worker stopped")
+            raise
+
+    def _eos_ids(self) -> list:
+        ids = []
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id,
+                       self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                       self.tokenizer.convert_tokens_to_ids("<|endoftext|>")):
+            for value in (source if isinstance(source, (list, tuple)) else [source]):
+                if isinstance(value, int) and value >= 0 and value not in ids:
+                    ids.append(value)
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list:
+        """Token ids of `text`, without special tokens. The Rust tokenizer's encode_batch is safe to call
+        from many threads at once (nothing here changes its settings) and releases the GIL while it works,
+        so a long prompt holds up neither other prompts nor the HTTP server's threads; the template lock
+        is only for tokenizers without it."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch"):
+            return backend.encode_batch([text], add_special_tokens=False)[0].ids
+        with self._template_lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _ensure_dynamic_mode() -> None:
+    """Paddle keeps its eager/static mode per thread, and a server thread that existed before
+    paddle was imported starts in static mode, where the processor's tensors cannot be read."""
+    import paddle
+
+    if not paddle.in_dynamic_mode():
+        paddle.disable_static()
+
+

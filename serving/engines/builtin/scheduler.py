@@ -1,0 +1,239 @@
+"""Continuous batching: the model worker's loop, scheduled at every decoding step.
+
+Each turn of the loop:
+1. takes the requests that arrived (without waiting when rows are decoding);
+2. admits waiting requests, oldest first, while the budgets allow: at most `max_rows` rows
+   decoding or prefilling, and at most `max_kv_tokens` KV slots even when every row reaches its
+   max_tokens (rows x the longest prompt + answer, since the cache is one left-padded block);
+3. prefills admitted prompts, oldest first, at most `prefill_tokens` prompt tokens per turn while
+   others are decoding (a prompt's vision-tower work runs in the turn it starts and counts as its
+   image and video tokens) (a long image prompt is spread over several turns instead of stalling every stream;
+   with nobody decoding the whole prompt goes at once); a finished prefill samples its first
+   token and joins the running batch;
+4. runs one decoding step for every running row, samples each row's token with its own
+   settings, and drops finished and cancelled rows at once.
+A request never waits for another request's whole answer, only for steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+
+from serving.engines.builtin import sampling
+from serving.engines.builtin.batch import Row
+from serving.engines.builtin.decode import Prefill, RunningBatch
+from serving.engines.builtin.detokenize import IncrementalText
+from serving.errors import InternalError
+from serving.jobs import Job
+
+log = logging.getLogger(__name__)
+_WAKE = object()  # put on the inbox to make an idle worker look at its state
+
+
+class _Prefilling:
+    def __init__(self, row: Row, prefill: Prefill):
+        self.row, self.prefill = row, prefill
+
+
+class Scheduler:
+    def __init__(self, engine, *, max_rows: int, max_kv_tokens: int, prefill_tokens: int):
+        self.engine = engine
+        self.model = engine.model
+        self.max_rows = max(1, max_rows)
+        self.max_kv_tokens = max_kv_tokens
+        self.prefill_tokens = max(1, prefill_tokens)
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: collections.deque = collections.deque()
+        self.prefilling: list[_Prefilling] = []
+        self.batch = RunningBatch(self.model)
+        self.closing = False
+        self.refusing = None  # an error every job not yet admitted gets instead (refuse_waiting)
+        # numbers for the metrics (read from other threads: plain ints and floats)
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.prefill_tokens_done = 0
+        self.joined = 0  # admitted while other rows were decoding
+        self.batches = 0  # times the batch started from empty
+        self.requests_run = 0
+        self.last_prefill_tokens = 0  # prompt tokens prefilled in the latest turn
+
+    # ------------------------------------------------------------------ from other threads
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(job)
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+
+    def refuse_waiting(self, error: Exception) -> None:
+        """From now on, jobs not yet admitted (waiting now or submitted later) end with `error` instead of
+        running; rows already prefilling or decoding go on (a shutdown's grace period). The worker acts on
+        it at its next turn (an idle one wakes for the marker put here)."""
+        self.refusing = error
+        self.inbox.put(_WAKE)
+
+    def queue_depth(self) -> int:
+        return self.inbox.qsize() + len(self.waiting)
+
+    def rows_running(self) -> int:
+        return len(self.batch) + len(self.prefilling)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        import paddle
+
+        with paddle.no_grad():
+            while True:
+                busy = bool(len(self.batch) or self.prefilling or self.waiting)
+                if not self._take(block=not busy):
+                    return
+                self._drop_cancelled()
+                self._admit()
+                self._prefill()
+                if len(self.batch):
+                    self._decode()
+
+    def _take(self, block: bool) -> bool:
+        """Move arrived jobs to `waiting`; False when closing and no work is left."""
+        while True:
+            try:
+                job = self.inbox.get(block=block and not self.closing, timeout=None)
+            except queue.Empty:
+                break
+            block = False
+            if job is None:
+                self.closing = True
+                continue
+            if job is _WAKE:
+                continue
+            self.waiting.append(job)
+        if self.closing and not (len(self.batch) or self.prefilling or self.waiting):
+            return False
+        return True
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
+        self.prefilling = [p for p in self.prefilling if not p.row.job.cancelled.is_set()]
+        keep = [i for i, row in enumerate(self.batch.rows) if not (row.done or row.job.cancelled.is_set())]
+        self.batch.keep(keep)
+
+    def _admit(self) -> None:
+        if self.refusing is not None:
+            while self.waiting:
+                self.waiting.popleft().events.put(self.refusing)
+        while self.waiting and self.rows_running() < self.max_rows:
+            job = self.waiting[0]
+            reserves = [r.reserve for r in self.batch.rows] + [p.row.reserve for p in self.prefilling]
+            mine = job.prompt.prompt_tokens + job.params.max_tokens
+            if reserves and (len(reserves) + 1) * max(reserves + [mine]) > self.max_kv_tokens:
+                break  # oldest first: later requests do not overtake it
+            self.waiting.popleft()
+            if len(self.batch):
+                self.joined += 1
+            elif not self.prefilling:
+                self.batches += 1
+            self.requests_run += 1
+            engine = self.engine
+            try:
+                sampler = sampling.RowSampler(job.params, engine.defaults,
+                                              job.prompt.arrays["input_ids"][0].tolist())
+                row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set)
+            except Exception as exc:  # this request only; everyone else goes on
+                _report(job, exc)
+                continue
+            self.prefilling.append(_Prefilling(row, None))  # its vision work runs in _prefill, within the budget
+
+    def _prefill(self) -> None:
+        budget = self.prefill_tokens if len(self.batch) else None  # nobody waits on an idle batch
+        spent = 0
+        still, ready = [], []
+        for item in self.prefilling:
+            if budget is not None and spent >= budget:
+                still.append(item)
+                continue
+            if item.prefill is None:  # the vision tower runs now, charged at one token per image or video token
+                try:
+                    item.prefill = self._start_prefill(item.row.job)
+                except Exception as exc:
+                    item.row.fail(_internal(exc))
+                    continue
+                spent += _media_tokens(item.row.job.prompt.arrays)
+                if budget is not None and spent >= budget:
+                    still.append(item)
+                    continue
+            tokens = item.prefill.remaining if budget is None else min(item.prefill.remaining, budget - spent)
+            try:
+                result = item.prefill.run(tokens)
+            except Exception as exc:
+                item.row.fail(_internal(exc))
+                continue
+            spent += tokens
+            if result is None:
+                still.append(item)
+            else:
+                ready.append((item.row, result))
+        self.prefilling = still
+        for row, result in ready:
+            self._join(row, result)
+        self.prefill_tokens_done += spent
+        self.last_prefill_tokens = spent
+
+    def _start_prefill(self, job: Job) -> Prefill:
+        engine = self.engine
+        try:
+            return Prefill(self.model, job.prompt.arrays,
+                           lambda p=job.prompt: engine.set_image_keys(p.image_keys, p.video_keys))
+        finally:
+            engine.set_image_keys(())
+
+    def _join(self, row: Row, result) -> None:
+        """The prompt's first token, then the row joins the running batch (unless already done)."""
+        try:
+            tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer)
+        except Exception as exc:
+            row.fail(_internal(exc))
+            return
+        row.add(tokens[0], logprobs[0])
+        if not row.done:
+            self.batch.add(row, result, tokens[0])
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        rows = self.batch.rows
+        try:
+            logits = self.batch.step()
+            tokens, logprobs = sampling.next_tokens(logits, [row.sampler for row in rows], self.engine.tokenizer)
+        except Exception as exc:  # the batch is lost; the worker and later requests are not
+            log.exception("decoding step failed")
+            for row in rows:
+                row.fail(_internal(exc))
+            self.batch.keep([])
+            return
+        self.batch.set_next(tokens)
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            row.add(token, logprob)
+        self.batch.keep([i for i, row in enumerate(rows) if not row.done])
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - started
+
+
+def _media_tokens(arrays: dict) -> int:
+    """Prompt tokens that stand for image or video patches (each covers a 2x2 group of patches)."""
+    grids = [arrays[k] for k in ("image_grid_thw", "video_grid_thw") if k in arrays]
+    return sum(int(np.prod(grid, axis=-1).sum()) // 4 for grid in grids)
+
+
+def _internal(exc: Exception) -> Exception:
+    log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return InternalError(f"generation failed ({type(exc).__name__}); the server is still up")
+
+
+def _report(job: Job, exc: Exception) -> None:
+    job.events.put(_internal(exc))

@@ -1,0 +1,239 @@
+"""The Flask app: routes, hooks (request ids, API keys, the log line) and errors as OpenAI bodies.
+
+`create_app(settings, engine)` builds it; the engine may be attached later (`attach_engine`), so
+the server can bind its port before the model has loaded. The work of a chat request is the chat
+service's (serving.chat); its wire format is serving.web.responses'; which status each error gets is
+serving.web.http_errors'. Nothing here imports Paddle.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+
+from serving import limits, protocol
+from serving.web import http_errors
+from serving.intake import images
+from serving.web import openapi
+from serving.web import responses
+from serving.web.admission import Admission
+from serving.web.auth import check_api_key
+from serving.chat import ChatService
+from serving.errors import InvalidRequest
+from serving.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ROOT_TEXT = "Qwen2.5-VL API服务正在运行"  # the tutorial's text, which its users check for
+CHAT = "/v1/chat/completions"
+_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+
+api = Blueprint("api", __name__)
+
+
+@dataclass
+class AppState:
+    settings: object
+    service: ChatService
+    metrics: Metrics
+    admission: Admission
+    spec: dict
+    started: int  # when the app was made (the model card's `created`)
+
+
+def create_app(settings, engine=None) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.ensure_ascii = False
+    metrics = Metrics()
+    service = ChatService(engine, settings, metrics)
+    admission = Admission(settings.max_queue)
+    metrics.watch(in_flight=admission.in_flight, engine=lambda: service.engine)
+    app.extensions["qwenvl"] = AppState(settings, service, metrics, admission, openapi.build_spec(settings),
+                                        protocol.now())
+    images.limit_pillow(settings.max_image_pixels)
+    if settings.max_queue >= settings.threads:
+        log.warning("MAX_QUEUE (%d) >= THREADS (%d): excess requests wait for a thread instead of getting 429",
+                    settings.max_queue, settings.threads)
+    app.register_blueprint(api)
+    return app
+
+
+def attach_engine(app: Flask, engine) -> None:
+    app.extensions["qwenvl"].service.engine = engine
+
+
+def _state() -> AppState:
+    return current_app.extensions["qwenvl"]
+
+
+# ---------------------------------------------------------------- hooks
+
+@api.before_app_request
+def _start():
+    client_id = request.headers.get("X-Request-Id", "")
+    g.request_id = client_id if _REQUEST_ID.match(client_id) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+    keys = _state().settings.api_key
+    if request.path.startswith("/v1/") and keys:
+        check_api_key(request.headers.get("Authorization", ""), keys)
+
+
+@api.after_app_request
+def _finish(response):
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    if not response.is_streamed:  # a stream is recorded when it ends
+        # a 503 while the model loads (or the server stops) is normal operation, not a server error: logged at INFO
+        loading = response.status_code == 503 and (_state().service.engine is None or _state().service.closing)
+        _record(response.status_code, error=g.get("error"), completion_tokens=g.get("completion_tokens"),
+                expected=loading, **_request_context())
+    return response
+
+
+@api.app_errorhandler(Exception)
+def _error(exc: Exception):
+    state = _state()
+    problem = http_errors.problem(exc, g.get("request_id"), state.settings.max_request_bytes)
+    g.error = problem
+    state.metrics.rejected.labels(problem.reason).inc()
+    return jsonify(problem.body()), problem.status, problem.headers
+
+
+# ---------------------------------------------------------------- routes
+
+@api.get("/")
+def root():
+    return Response(ROOT_TEXT, content_type="text/plain; charset=utf-8")  # mimetype= would add a second charset
+
+
+@api.get("/health")
+def health():
+    state = _state()
+    engine = state.service.engine
+    if state.service.closing:  # a load balancer stops sending here
+        body = protocol.Health(status="unavailable", model=state.settings.model_name, reason="the server is shutting down")
+        return jsonify(body.model_dump(exclude_none=True)), 503
+    if engine is None:
+        body = protocol.Health(status="loading", model=state.settings.model_name, reason="the model is loading")
+        return jsonify(body.model_dump(exclude_none=True)), 503
+    ready, reason = engine.health()
+    upstreams = engine.upstreams() if hasattr(engine, "upstreams") else None  # the upstream backends
+    if not ready:
+        body = protocol.Health(status="unavailable", model=engine.info.name, reason=reason, upstreams=upstreams)
+        return jsonify(body.model_dump(exclude_none=True)), 503
+    body = protocol.Health(status="ok", model=engine.info.name, demo=engine.info.is_demo,
+                           reason=None if reason == "ok" else reason, upstreams=upstreams)
+    return jsonify(body.model_dump(exclude_none=True))
+
+
+@api.get("/metrics")
+def prometheus():
+    body, content_type = _state().metrics.render()
+    return Response(body, content_type=content_type)
+
+
+@api.get("/openapi.json")
+def openapi_json():
+    return jsonify(_state().spec)
+
+
+@api.get("/v1/models")
+def models():
+    state = _state()
+    info = state.service.ready_engine().info
+    description = ("DEMO model with random weights: its answers are meaningless text"
+                   if info.is_demo else "Qwen2.5-VL served with PaddlePaddle")
+    card = protocol.ModelCard(id=info.name, created=state.started, root=info.source,
+                              max_model_len=info.context_length or None, demo=info.is_demo, description=description)
+    return jsonify(protocol.ModelList(data=[card]).model_dump())
+
+
+@api.post(CHAT)
+def chat_completions():
+    state = _state()
+    state.service.ready_engine()  # 503 while loading, before taking a place in the queue
+    slot = state.admission.enter()  # 429 when MAX_QUEUE requests are in already
+    try:
+        response = _chat(state, slot)
+    except BaseException:
+        slot.release()
+        raise
+    if response.is_streamed:
+        response.call_on_close(slot.release)  # also when the stream is never iterated
+    else:
+        slot.release()
+    return response
+
+
+def _chat(state: AppState, slot) -> Response:
+    req = state.service.parse_request(_json_body())  # the limits that come before validation, then the models
+    if req.model_extra:
+        log.info("request %s: ignoring unknown fields %s", g.request_id, sorted(req.model_extra)[:10])
+    reply = state.service.start_request(req, started=g.started)
+    g.prompt_tokens = reply.prompt_tokens
+    model, logprobs = state.service.engine.info.name, bool(req.logprobs)
+    if req.stream:
+        on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
+        body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
+                                include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": g.request_id}
+        response = Response(body, mimetype="text/event-stream", headers=headers)
+        response.call_on_close(reply.cancel)  # also when the stream is never iterated
+        return response
+    try:
+        completion = responses.completion(reply, model=model, logprobs=logprobs)
+    finally:
+        reply.cancel()
+    g.completion_tokens = completion["usage"]["completion_tokens"]
+    g.prompt_tokens = completion["usage"]["prompt_tokens"]  # an upstream engine knows it only at the end
+    return jsonify(completion)
+
+
+def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
+    if problem is not None:
+        metrics.rejected.labels(problem.reason).inc()
+    slot.release()
+    _record(status, error=problem, completion_tokens=finished.completion_tokens if finished else None,
+            stream=True, **context)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _json_body():
+    data = request.get_data(cache=False)
+    settings = _state().settings
+    limits.check_raw_body(data, max_messages=settings.max_messages, max_parts=settings.max_content_parts)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+
+
+def _request_context() -> dict:
+    """What the log line and the metrics say about the request (read while the request is current)."""
+    # the route, not the raw path, so metrics labels stay few
+    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    return dict(request_id=g.get("request_id"), method=request.method, endpoint=endpoint, path=request.path,
+                started=g.get("started", time.perf_counter()), prompt_tokens=g.get("prompt_tokens"),
+                metrics=_state().metrics)
+
+
+def _record(status, *, request_id, method, endpoint, path, started, metrics, prompt_tokens=None,
+            completion_tokens=None, error=None, stream=False, expected=False) -> None:
+    """The one log line and the metrics of a finished request (`expected`: an answer of normal operation,
+    such as 503 while the model loads, logged at INFO whatever its status)."""
+    seconds = time.perf_counter() - started
+    metrics.requests.labels(endpoint, str(status)).inc()
+    metrics.latency.labels(endpoint).observe(seconds)
+    level = (logging.INFO if expected or status < 400 or status == 499 else logging.WARNING if status < 500
+             else logging.ERROR)
+    log.log(level, "request %s %s %s status=%s latency=%.3fs prompt_tokens=%s completion_tokens=%s%s%s",
+            request_id, method, path, status, seconds, prompt_tokens, completion_tokens,
+            " stream" if stream else "", f" error={error.code}: {error.message}" if error else "")

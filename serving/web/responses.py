@@ -1,0 +1,123 @@
+"""A chat answer in OpenAI's wire format: one chat.completion JSON, or chat.completion.chunk events
+over server-sent events ending with `data: [DONE]`.
+
+A stream is committed to only once the answer's first event has arrived, so an error found before
+generation starts (a bad image, a prompt too long) is still answered as a plain JSON error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Callable, Iterator, Optional
+
+from serving import protocol
+from serving.web import http_errors
+from serving.chat import Reply
+from serving.errors import InternalError
+
+LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
+
+
+def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
+    """The whole answer as a chat.completion body."""
+    answer = reply.collect()
+    finished = answer.finished
+    if finished is None:
+        raise InternalError("the generation ended without a result")
+    tool_calls = finished.tool_calls  # from an upstream engine whose model called tools
+    choice = protocol.Choice(message=protocol.ResponseMessage(content=None if tool_calls and not answer.text
+                                                              else answer.text),
+                             finish_reason=finished.finish_reason,
+                             logprobs=choice_logprobs(answer.logprobs) if logprobs else None)
+    body = protocol.ChatCompletion(id=protocol.new_completion_id(), created=protocol.now(), model=model,
+                                   choices=[choice], usage=protocol.usage(finished.prompt_tokens,
+                                                                          finished.completion_tokens),
+                                   image_sizes=reply.image_sizes or None).model_dump()
+    if tool_calls:
+        body["choices"][0]["message"]["tool_calls"] = tool_calls
+    return body
+
+
+def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
+           on_end: Callable) -> Iterator[str]:
+    """The answer as SSE text, event by event. Waits for the first event here, so errors before it are
+    raised to the caller; after it, an error travels in the stream as its last event. `on_end(status,
+    problem, finished)` is called once when the stream ends (499: the client went away)."""
+    events = iter(reply)
+    try:
+        first = list(itertools.islice(events, 1))
+    except BaseException:
+        reply.cancel()
+        raise
+    chunk = _Chunks(model)
+    return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end)
+
+
+def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> Iterator[str]:
+    status, problem = 200, None
+    try:
+        yield chunk(protocol.Delta(role="assistant", content=""))
+        for event in events:
+            if isinstance(event, str):
+                tokens = getattr(event, "logprobs", ()) if logprobs else None
+                yield chunk(protocol.Delta(content=str(event)),
+                            logprobs=choice_logprobs(tokens) if tokens is not None else None)
+        finished = reply.finished
+        if finished is None:
+            raise InternalError("the generation ended without a result")
+        sizes = reply.image_sizes or None  # on the last chunk, whichever that is (and on the finish chunk)
+        if finished.tool_calls:  # an upstream's model called tools: the calls, whole, in one delta
+            yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(finished.tool_calls)])
+        yield chunk(finish=finished.finish_reason, image_sizes=sizes)
+        if include_usage:
+            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens), choices=False,
+                        image_sizes=sizes)
+        yield "data: [DONE]\n\n"
+    except GeneratorExit:
+        status = 499  # the client went away; cancelling below ends the generation
+        raise
+    except Exception as exc:  # the stream has started: the error is its last event, then [DONE] (as vLLM ends it)
+        problem = http_errors.problem(exc, request_id)
+        status = problem.status
+        yield _event(problem.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        reply.cancel()
+        on_end(status, problem, reply.finished)
+
+
+class _Chunks:
+    """chat.completion.chunk events of one answer: one id, one creation time."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.id, self.created = protocol.new_completion_id(), protocol.now()
+
+    def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
+                 logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True, image_sizes=None,
+                 tool_calls: Optional[list] = None) -> str:
+        choice = protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish, logprobs=logprobs)
+        body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                            choices=[choice] if choices else [], usage=usage,
+                                            image_sizes=image_sizes).model_dump()
+        if tool_calls:
+            body["choices"][0]["delta"]["tool_calls"] = tool_calls
+        return _event(body)
+
+
+def _event(body: dict) -> str:
+    return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+
+
+def choice_logprobs(tokens) -> protocol.ChoiceLogprobs:
+    """serving.jobs.TokenLogprob items -> OpenAI's `logprobs` of a choice."""
+    return protocol.ChoiceLogprobs(content=[
+        protocol.TokenLogprob(token=t.token, logprob=_finite(t.logprob), bytes=t.bytes,
+                              top_logprobs=[protocol.TopLogprob(token=a.token, logprob=_finite(a.logprob),
+                                                                bytes=a.bytes) for a in t.top_logprobs])
+        for t in tokens])
+
+
+def _finite(logprob: float) -> float:
+    return max(float(logprob), LOWEST_LOGPROB)
