@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import attention, sampling, vision_cache
+from . import sampling, speedups, vision_cache
 from .video import Video
 from .cache import ByteLRU
 from .engine_api import ModelInfo
@@ -75,7 +75,7 @@ class PaddleEngine:
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
         self._batch_image_keys: list = []
         self._batch_video_keys: list = []
-        attention.install(self.model)  # ours only: the tutorial's server keeps PaddleFormers' eager attention
+        speedups.install(self.model, loaded.device)  # ours only: the tutorial's server keeps the library's code
         vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys,
                              lambda: self._batch_video_keys)
         self.scheduler = Scheduler(self, max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,

@@ -1,13 +1,16 @@
-"""serving.attention's grouped-query attention equals PaddleFormers' eager attention (repeat_kv) on the
-demo model's real attention modules: decoding rows with left padding, prefill chunks after a cache, and
-the whole language model's logits and greedy tokens."""
+"""serving.speedups' pieces equal PaddleFormers' own code on the demo model's real modules:
+- grouped-query attention = eager attention (repeat_kv): decoding rows with left padding, prefill chunks
+  after a cache, the whole language model's logits and greedy tokens;
+- the vision tower with batched windows = the library's tower (uneven windows, several images, a video);
+- the one-kernel RMSNorm = the library's RMSNorm.
+(The engine's greedy answers against PaddleFormers' generate on the library's code: test_continuous_batching.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving import attention
+from serving import attention, rms_norm, vision_tower
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,52 @@ def test_language_model_logits_and_greedy_tokens(engine, model):
     grouped_tokens, grouped_logits = run(attention.NAME)
     np.testing.assert_allclose(grouped_logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert (grouped_tokens == eager_tokens).all()
+
+
+def _pixels(engine, sizes):
+    from PIL import Image
+
+    images = [Image.new("RGB", size, (40 * i, 200 - 30 * i, 90)) for i, size in enumerate(sizes)]
+    for i, img in enumerate(images):  # some texture, so the patches differ
+        img.putpixel((i, i), (255, 255, 255))
+    out = engine.processor.image_processor(images=images, return_tensors="pd")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+@pytest.mark.parametrize("sizes", [[(448, 448)], [(224, 168)], [(84, 56), (308, 140)]])
+def test_vision_tower_equals_library(engine, model, sizes):
+    import paddle
+
+    visual = model.model.visual
+    pixels, grid = _pixels(engine, sizes)
+    with paddle.no_grad():
+        want = type(visual).forward(visual, pixels, grid).numpy()
+        got = vision_tower.forward(visual, pixels, grid).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_tower_equals_library_on_video(model):
+    """Two temporal patches of one clip: full attention spans each frame pair, windows within it."""
+    import paddle
+
+    visual = model.model.visual
+    grid = paddle.to_tensor(np.array([[2, 8, 12]], dtype="int64"))
+    patch = int(visual.patch_embed.in_channels * visual.patch_embed.temporal_patch_size * visual.patch_size ** 2)
+    pixels = paddle.to_tensor(np.random.default_rng(3).standard_normal((2 * 8 * 12, patch)).astype("float32"))
+    with paddle.no_grad():
+        want = type(visual).forward(visual, pixels, grid).numpy()
+        got = vision_tower.forward(visual, pixels, grid).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_equals_library(model):
+    import paddle
+    from paddleformers.nn.norm import RMSNorm
+
+    norms = [model.model.language_model.layers[0].input_layernorm, model.model.visual.blocks[0].norm1]
+    rng = np.random.default_rng(4)
+    for norm, shape in zip(norms, ([3, 5, norms[0].hidden_size], [7, norms[1].hidden_size])):
+        x = paddle.to_tensor((rng.standard_normal(shape) * 3).astype("float32"))
+        with paddle.no_grad():
+            np.testing.assert_allclose(rms_norm.forward(norm, x).numpy(), RMSNorm.forward(norm, x).numpy(),
+                                       rtol=1e-5, atol=1e-5)
