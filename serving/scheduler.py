@@ -5,7 +5,7 @@ Each turn of the loop:
 2. admits waiting requests, oldest first, while the budgets allow: at most `max_rows` rows
    decoding or prefilling, and at most `max_kv_tokens` KV slots even when every row reaches its
    max_tokens (rows x the longest prompt + answer, since the cache is one left-padded block);
-3. prefills admitted prompts, oldest first, at most `prefill_tokens` prompt tokens per turn while
+3. prefills admitted prompts, streamed ones first (see `prefill_rank`), at most `prefill_tokens` prompt tokens per turn while
    others are decoding (a prompt's vision-tower work runs in the turn it starts and counts as its
    image and video tokens) (a long image prompt is spread over several turns instead of stalling every stream;
    with nobody decoding the whole prompt goes at once); a finished prefill samples its first
@@ -37,8 +37,16 @@ _WAKE = object()  # put on the inbox to make an idle worker look at its state
 
 
 class _Prefilling:
-    def __init__(self, row: Row, prefill: Prefill):
-        self.row, self.prefill = row, prefill
+    def __init__(self, row: Row, prefill: Prefill, rank: int):
+        self.row, self.prefill, self.rank = row, prefill, rank
+
+
+def prefill_rank(admitted: int, stream: bool, lead: int) -> int:
+    """Prefill order (lowest first): admission order, with a streamed prompt counted as admitted `lead`
+    places earlier. A streaming client sees its first token; a non-streamed one only the whole answer,
+    which one prefill more ahead of it hardly changes. A prompt is overtaken by at most `lead` later
+    ones, so none starves."""
+    return admitted - (lead if stream else 0)
 
 
 class Scheduler:
@@ -61,6 +69,7 @@ class Scheduler:
         self.joined = 0  # admitted while other rows were decoding
         self.batches = 0  # times the batch started from empty
         self.requests_run = 0
+        self.admitted = 0  # prompts admitted so far: their prefill order
         self.last_prefill_tokens = 0  # prompt tokens prefilled in the latest turn
 
     # ------------------------------------------------------------------ from other threads
@@ -148,7 +157,10 @@ class Scheduler:
             except Exception as exc:  # this request only; everyone else goes on
                 _report(job, exc)
                 continue
-            self.prefilling.append(_Prefilling(row, None))  # its vision work runs in _prefill, within the budget
+            rank = prefill_rank(self.admitted, job.params.stream, self.max_rows)
+            self.admitted += 1
+            self.prefilling.append(_Prefilling(row, None, rank))  # its vision work runs in _prefill, within the budget
+            self.prefilling.sort(key=lambda item: item.rank)
 
     def _prefill(self) -> None:
         budget = self.prefill_tokens if len(self.batch) else None  # nobody waits on an idle batch
