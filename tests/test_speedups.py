@@ -110,6 +110,12 @@ def _pixels(engine, sizes):
     return out["pixel_values"], out["image_grid_thw"]
 
 
+def _assert_close_to_scale(got, want):
+    """Within fp32 rounding as it grows through the tower's blocks (random weights, outputs in the hundreds)."""
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("sizes", [[(448, 448)], [(224, 168)], [(84, 56), (308, 140)]])
 def test_vision_tower_equals_library(engine, model, sizes):
     import paddle
@@ -119,7 +125,7 @@ def test_vision_tower_equals_library(engine, model, sizes):
     with paddle.no_grad():
         want = type(visual).forward(visual, pixels, grid).numpy()
         got = vision_tower.forward(visual, pixels, grid).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _assert_close_to_scale(got, want)
 
 
 def test_vision_tower_equals_library_on_video(model):
@@ -133,7 +139,7 @@ def test_vision_tower_equals_library_on_video(model):
     with paddle.no_grad():
         want = type(visual).forward(visual, pixels, grid).numpy()
         got = vision_tower.forward(visual, pixels, grid).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _assert_close_to_scale(got, want)
 
 
 def test_rms_norm_equals_library(model):
