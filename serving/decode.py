@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from . import kv_cache
+
 
 def _paddle():
     import paddle
@@ -156,6 +158,7 @@ class RunningBatch:
         """One decoding step for every row: logits [rows, vocab] for each row's next token."""
         paddle = _paddle()
         inner = self.model.model
+        self.cache.layers = [kv_cache.roomy(layer) for layer in self.cache.layers]  # no copy of the cache per step
         tokens = paddle.to_tensor(self.last_tokens, dtype="int64").reshape([-1, 1])
         embeds = inner.get_input_embeddings()(tokens)
         positions = paddle.to_tensor(self.positions, dtype="int64").reshape([1, -1, 1]).expand([3, -1, 1])

@@ -2,7 +2,8 @@
 - grouped-query attention = eager attention (repeat_kv): decoding rows with left padding, prefill chunks
   after a cache, the whole language model's logits and greedy tokens;
 - the vision tower with batched windows = the library's tower (uneven windows, several images, a video);
-- the one-kernel RMSNorm = the library's RMSNorm.
+- the one-kernel RMSNorm = the library's RMSNorm;
+- the KV cache with spare room = DynamicLayer's concatenation, through rows joining and leaving.
 (The engine's greedy answers against PaddleFormers' generate on the library's code: test_continuous_batching.)"""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving import attention, rms_norm, vision_tower
+from serving import attention, decode, kv_cache, rms_norm, vision_tower
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,38 @@ def test_rms_norm_equals_library(model):
         with paddle.no_grad():
             np.testing.assert_allclose(rms_norm.forward(norm, x).numpy(), RMSNorm.forward(norm, x).numpy(),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_roomy_kv_cache_equals_concatenation(engine, model, monkeypatch):
+    """The same decoding logits, bit for bit, as rows join (left padding) and leave, over more than ROOM steps."""
+    import paddle
+
+    from tests.test_continuous_batching import wait_idle
+
+    wait_idle(engine)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(10, 200, size=(1, n)).astype("int64") for n in (30, 70, 12, 55)]
+
+    def run():
+        batch, logits = decode.RunningBatch(model), []
+
+        def join(i):
+            result = decode.Prefill(model, {"input_ids": prompts[i]}).run(10**6)
+            batch.add(i, result, 5)
+
+        join(0)
+        for step in range(kv_cache.ROOM + 10):
+            if step in (3, 6, 25):
+                join({3: 1, 6: 2, 25: 3}[step])
+            if step in (20, 40):
+                batch.keep([1, 2] if step == 20 else [0, 2])
+            out = batch.step()
+            logits.append(out.numpy())
+            batch.set_next(out.argmax(-1).numpy().tolist())
+        return logits
+
+    with paddle.no_grad():
+        roomy = run()
+        monkeypatch.setattr(kv_cache, "roomy", lambda layer: layer)  # PaddleFormers' DynamicLayer as it is
+        plain = run()
+    assert all((a == b).all() for a, b in zip(roomy, plain))
