@@ -3,13 +3,14 @@
 PaddleFormers' tower attends window by window: per block it splits q/k/v into one piece per
 window (64 patches each for a 448x448 image: 16 windows) and runs eager attention on each in a
 Python loop, then concatenates. Here windows of equal length are stacked and attended in one
-batched matmul, and the per-op costs that dominate on a CPU are cut: rotary positions applied
-to q and k at once (cos/sin tiled once per image, not broadcast per block; rotate_half as a matmul), q scaled
-before the matmul instead of the [heads, n, n] scores after it, softmax without a float32 cast
-when already float32, and the patch embedding (a Conv3d whose stride equals its kernel) as the
-matmul it is. Measured in one process on `demo-bench`, a 448x448 image: the library's tower 449 ms,
-this one 314 ms, 247 ms with the one-kernel norm (serving.rms_norm). Norms, MLPs, merger, window order and rotary tables are PaddleFormers' own
-modules and functions; the output equals the library's tower within fp32 rounding (tested).
+batched matmul, and the per-op costs that dominate on a CPU are cut: rotary positions applied to
+q and k at once (cos/sin tiled once per image, not broadcast per block; rotate_half as a matmul),
+q scaled before the matmul instead of the [heads, n, n] scores after it, softmax without a
+float32 cast when already float32, and the patch embedding (a Conv3d whose stride equals its
+kernel) as the matmul it is. Measured in one process on `demo-bench`, a 448x448 image: the
+library's tower 449 ms, this one 314 ms, 247 ms with the one-kernel norm (serving.rms_norm).
+Norms, MLPs, merger, window order and rotary tables are PaddleFormers' own modules and functions;
+the output equals the library's tower within fp32 rounding (tested).
 
 Installed per model instance by serving.speedups (the tutorial's server keeps the library's tower).
 """
