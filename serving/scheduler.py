@@ -5,8 +5,8 @@ Each turn of the loop:
 2. admits waiting requests, oldest first, while the budgets allow: at most `max_rows` rows
    decoding or prefilling, and at most `max_kv_tokens` KV slots even when every row reaches its
    max_tokens (rows x the longest prompt + answer, since the cache is one left-padded block);
-3. prefills admitted prompts, streamed ones first (see `prefill_rank`), at most `prefill_tokens` prompt tokens per turn while
-   others are decoding (a prompt's vision-tower work runs in the turn it starts and counts as its
+3. prefills admitted prompts, streamed ones first (see `prefill_rank`), at most `prefill_tokens`
+   prompt tokens per turn while others are decoding (a prompt's vision-tower work runs in the turn it starts and counts as its
    image and video tokens) (a long image prompt is spread over several turns instead of stalling every stream;
    with nobody decoding the whole prompt goes at once); a finished prefill samples its first
    token and joins the running batch;
