@@ -6,10 +6,10 @@ Each turn of the loop:
    decoding or prefilling, and at most `max_kv_tokens` KV slots even when every row reaches its
    max_tokens (rows x the longest prompt + answer, since the cache is one left-padded block);
 3. prefills admitted prompts, streamed ones first (see `prefill_rank`), at most `prefill_tokens`
-   prompt tokens per turn while others are decoding (a prompt's vision-tower work runs in the turn it starts and counts as its
-   image and video tokens) (a long image prompt is spread over several turns instead of stalling every stream;
-   with nobody decoding the whole prompt goes at once); a finished prefill samples its first
-   token and joins the running batch;
+   prompt tokens per turn while others are decoding (a prompt's vision tower counts as its image
+   and video tokens and, for new images, goes a few blocks per turn: a long image prompt is spread
+   over several turns instead of stalling every stream; with nobody decoding the whole prompt goes
+   at once); a finished prefill samples its first token and joins the running batch;
 4. runs one decoding step for every running row, samples each row's token with its own
    settings, and drops finished and cancelled rows at once.
 A request never waits for another request's whole answer, only for steps.
@@ -170,16 +170,23 @@ class Scheduler:
             if budget is not None and spent >= budget:
                 still.append(item)
                 continue
-            if item.prefill is None:  # the vision tower runs now, charged at one token per image or video token
-                try:
+            try:
+                if item.prefill is None:  # the vision tower runs now (or starts, block by block)
                     item.prefill = self._start_prefill(item.row.job)
-                except Exception as exc:
-                    item.row.fail(_internal(exc))
-                    continue
-                spent += _media_tokens(item.row.job.prompt.arrays)
-                if budget is not None and spent >= budget:
-                    still.append(item)
-                    continue
+                    if not item.prefill.vision_blocks_left:  # it ran at once: one token per image or video token
+                        spent += _media_tokens(item.row.job.prompt.arrays)
+                if item.prefill.vision_blocks_left:  # each block costs its share of the image tokens
+                    cost = _media_tokens(item.row.job.prompt.arrays) / item.prefill.tower_blocks
+                    blocks = item.prefill.vision_blocks_left if budget is None else max(1, int((budget - spent) // cost))
+                    blocks = min(blocks, item.prefill.vision_blocks_left)
+                    item.prefill.advance_vision(blocks)
+                    spent += int(round(blocks * cost))
+            except Exception as exc:
+                item.row.fail(_internal(exc))
+                continue
+            if item.prefill.vision_blocks_left or (budget is not None and spent >= budget):
+                still.append(item)
+                continue
             tokens = item.prefill.remaining if budget is None else min(item.prefill.remaining, budget - spent)
             try:
                 result = item.prefill.run(tokens)
@@ -201,7 +208,8 @@ class Scheduler:
         engine = self.engine
         try:
             return Prefill(self.model, job.prompt.arrays,
-                           lambda p=job.prompt: engine.set_image_keys(p.image_keys, p.video_keys))
+                           lambda p=job.prompt: engine.set_image_keys(p.image_keys, p.video_keys),
+                           vision_cache=engine.vision_cache, image_keys=job.prompt.image_keys)
         finally:
             engine.set_image_keys(())
 

@@ -29,30 +29,51 @@ def install(model) -> None:
 
 def forward(visual, hidden_states, grid_thw):
     """Qwen2_5_VisionTransformerPretrainedModel.forward (inference), window attention batched."""
-    import paddle
+    run = TowerRun(visual, hidden_states, grid_thw)
+    run.advance(run.blocks_left)
+    return run.output()
 
-    hidden_states = _patch_embed(visual.patch_embed, hidden_states)
-    rotary_pos_emb = visual.rot_pos_emb(grid_thw)
-    window_index, cu_window_seqlens = visual.get_window_index(grid_thw)
-    seq_len = int(hidden_states.shape[0])
-    unit = visual.spatial_merge_unit
-    hidden_states = hidden_states.reshape([seq_len // unit, unit, -1])[window_index].reshape([seq_len, -1])
-    rotary_pos_emb = rotary_pos_emb.reshape([seq_len // unit, unit, -1])[window_index].reshape([seq_len, -1])
-    emb = paddle.cat((rotary_pos_emb, rotary_pos_emb), axis=-1)
-    heads = visual.blocks[0].attn.num_heads * 2  # q and k heads, rotated together
-    rotary = (paddle.tile(emb.cos().unsqueeze(-2), [1, heads, 1]), paddle.tile(emb.sin().unsqueeze(-2), [1, heads, 1]),
-              _half_rotation(int(emb.shape[-1])))
 
-    grid = np.asarray(grid_thw.numpy() if hasattr(grid_thw, "numpy") else grid_thw).reshape(-1, 3)
-    full = np.concatenate([[0], np.cumsum(np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))])
-    windows = _segments(np.asarray(cu_window_seqlens))
-    segments = {True: _segments(full), False: windows}
-    for layer_num, block in enumerate(visual.blocks):
-        starts_lengths = segments[layer_num in visual.fullatt_block_indexes]
-        hidden_states = hidden_states + _attention(block.attn, block.norm1(hidden_states), starts_lengths, rotary)
-        hidden_states = hidden_states + block.mlp(block.norm2(hidden_states))
-    hidden_states = visual.merger(hidden_states)
-    return hidden_states[paddle.argsort(x=window_index), :]
+class TowerRun:
+    """One pass of the tower over some images, a few blocks at a time: the scheduler spreads a new
+    image's tower over its turns (between decoding steps, behind streamed prompts) instead of one piece."""
+
+    def __init__(self, visual, hidden_states, grid_thw):
+        import paddle
+
+        self.visual = visual
+        hidden_states = _patch_embed(visual.patch_embed, hidden_states)
+        rotary_pos_emb = visual.rot_pos_emb(grid_thw)
+        self.window_index, cu_window_seqlens = visual.get_window_index(grid_thw)
+        seq_len = int(hidden_states.shape[0])
+        unit = visual.spatial_merge_unit
+        self.hidden = hidden_states.reshape([seq_len // unit, unit, -1])[self.window_index].reshape([seq_len, -1])
+        rotary_pos_emb = rotary_pos_emb.reshape([seq_len // unit, unit, -1])[self.window_index].reshape([seq_len, -1])
+        emb = paddle.cat((rotary_pos_emb, rotary_pos_emb), axis=-1)
+        heads = visual.blocks[0].attn.num_heads * 2  # q and k heads, rotated together
+        self.rotary = (paddle.tile(emb.cos().unsqueeze(-2), [1, heads, 1]),
+                       paddle.tile(emb.sin().unsqueeze(-2), [1, heads, 1]), _half_rotation(int(emb.shape[-1])))
+        grid = np.asarray(grid_thw.numpy() if hasattr(grid_thw, "numpy") else grid_thw).reshape(-1, 3)
+        full = np.concatenate([[0], np.cumsum(np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))])
+        self.segments = {True: _segments(full), False: _segments(np.asarray(cu_window_seqlens))}
+        self.block = 0  # blocks done
+
+    @property
+    def blocks_left(self) -> int:
+        return len(self.visual.blocks) - self.block
+
+    def advance(self, blocks: int) -> None:
+        for block in self.visual.blocks[self.block:self.block + blocks]:
+            starts_lengths = self.segments[self.block in self.visual.fullatt_block_indexes]
+            self.hidden = self.hidden + _attention(block.attn, block.norm1(self.hidden), starts_lengths, self.rotary)
+            self.hidden = self.hidden + block.mlp(block.norm2(self.hidden))
+            self.block += 1
+
+    def output(self):
+        """The merged patches, in the images' order (after the last block)."""
+        import paddle
+
+        return self.visual.merger(self.hidden)[paddle.argsort(x=self.window_index), :]
 
 
 def _patch_embed(embed, pixels):

@@ -189,3 +189,27 @@ def test_roomy_kv_cache_equals_concatenation(engine, model, monkeypatch):
         monkeypatch.setattr(kv_cache, "roomy", lambda layer: layer)  # PaddleFormers' DynamicLayer as it is
         plain = run()
     assert all((a == b).all() for a, b in zip(roomy, plain))
+
+
+def test_tower_block_by_block_equals_at_once(engine, model):
+    """A prompt's tower run a few blocks per turn (Prefill.advance_vision) gives the same first logits
+    as the tower at once, and leaves each image's features in the vision cache."""
+    import paddle
+    from PIL import Image
+
+    from serving.cache import ByteLRU
+    from serving.protocol import ChatTurn
+    from tests.test_continuous_batching import wait_idle
+
+    wait_idle(engine)
+    images = [Image.new("RGB", (112, 84), (1, 2, 3)), Image.new("RGB", (56, 140), (200, 9, 9))]
+    prompt = engine.build_prompt([ChatTurn("user", [images[0], images[1], "Compare them."])])
+    cache = ByteLRU(2**26, "test")
+    with paddle.no_grad():
+        at_once = decode.Prefill(model, prompt.arrays).run(10**6).logits.numpy()
+        staged = decode.Prefill(model, prompt.arrays, vision_cache=cache, image_keys=prompt.image_keys)
+        assert staged.vision_blocks_left == len(model.model.visual.blocks)
+        while staged.vision_blocks_left:
+            staged.advance_vision(3)
+        np.testing.assert_allclose(staged.run(10**6).logits.numpy(), at_once, rtol=1e-5, atol=1e-5)
+    assert all(cache.get(key) is not None for key in prompt.image_keys)
