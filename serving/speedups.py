@@ -1,6 +1,8 @@
 """Faster equivalents of PaddleFormers' slowest pieces, installed on the model our engine drives.
 
 - serving.attention: grouped-query attention without copying K/V per query head;
+- serving.attention_layer: the language model's attention layer with its rotary tables prepared once
+  per forward pass;
 - serving.vision_tower: the vision tower's window attention batched instead of a loop of windows;
 - serving.rms_norm: RMSNorm in one Paddle kernel (CPU, float32).
 
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from . import attention, rms_norm, vision_tower
+from . import attention, attention_layer, rms_norm, vision_tower
 
 
 def install(model, device: str) -> None:
     attention.install(model)
+    attention_layer.install(model)
     vision_tower.install(model)
     if device == "cpu":
         rms_norm.install(model)

@@ -3,6 +3,8 @@
   after a cache, the whole language model's logits and greedy tokens;
 - the vision tower with batched windows = the library's tower (uneven windows, several images, a video);
 - the one-kernel RMSNorm = the library's RMSNorm;
+- the language model's attention layer with rotary tables once per pass = the library's layer, and all
+  of serving.speedups together = the library's code, on a prompt with an image;
 - the KV cache with spare room = DynamicLayer's concatenation, through rows joining and leaving.
 (The engine's greedy answers against PaddleFormers' generate on the library's code: test_continuous_batching.)"""
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving import attention, decode, kv_cache, rms_norm, vision_tower
+from serving import attention, decode, kv_cache, rms_norm, speedups, vision_tower
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +215,28 @@ def test_tower_block_by_block_equals_at_once(engine, model):
             staged.advance_vision(3)
         np.testing.assert_allclose(staged.run(10**6).logits.numpy(), at_once, rtol=1e-5, atol=1e-5)
     assert all(cache.get(key) is not None for key in prompt.image_keys)
+
+
+def test_all_speedups_equal_library_code(engine, model):
+    """The whole model, prompt with an image then 5 greedy steps: logits and tokens, ours vs the library's."""
+    import paddle
+    from PIL import Image
+
+    from serving.protocol import ChatTurn
+    from tests.test_continuous_batching import wait_idle
+
+    wait_idle(engine)
+    prompt = engine.build_prompt([ChatTurn("user", [Image.new("RGB", (140, 112), (90, 30, 200)), "What is it?"])])
+    inputs = {k: paddle.to_tensor(v) for k, v in prompt.arrays.items()}
+
+    def run():
+        with paddle.no_grad():
+            tokens = model.generate(**inputs, max_new_tokens=5, decode_strategy="greedy_search", use_cache=True)[0]
+            logits = model(**inputs).logits
+        return tokens.numpy(), logits.numpy()
+
+    ours = run()
+    with speedups.library_code(model):
+        library = run()
+    np.testing.assert_allclose(ours[1], library[1], rtol=1e-4, atol=1e-4)
+    assert (ours[0] == library[0]).all()
