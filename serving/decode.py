@@ -213,7 +213,7 @@ def _can_stage(inner, arrays: dict, cache, keys) -> bool:
     (then the cache serves them at once), and serving.vision_tower installed on this model."""
     if cache is None or "pixel_values_videos" in arrays or len(keys) != len(arrays["image_grid_thw"]):
         return False
-    if all(cache.get(key) is not None for key in keys):
+    if all(key in cache for key in keys):
         return False
     return getattr(inner.visual.forward, "func", None) is vision_tower.forward
 

@@ -177,8 +177,8 @@ class Scheduler:
                         spent += _media_tokens(item.row.job.prompt.arrays)
                 if item.prefill.vision_blocks_left:  # each block costs its share of the image tokens
                     cost = _media_tokens(item.row.job.prompt.arrays) / item.prefill.tower_blocks
-                    blocks = item.prefill.vision_blocks_left if budget is None else max(1, int((budget - spent) // cost))
-                    blocks = min(blocks, item.prefill.vision_blocks_left)
+                    left = item.prefill.vision_blocks_left
+                    blocks = left if budget is None else min(left, max(1, int((budget - spent) // cost)))
                     item.prefill.advance_vision(blocks)
                     spent += int(round(blocks * cost))
             except Exception as exc:
