@@ -34,6 +34,9 @@ from .jobs import Job
 
 log = logging.getLogger(__name__)
 _WAKE = object()  # put on the inbox to make an idle worker look at its state
+# Prompt tokens' worth of prefill time one image token of a new image's tower block by block costs:
+# measured on demo-bench, a 448x448 image's tower (256 image tokens) 227 ms, a 290-token prefill 127 ms.
+TOWER_TOKENS = 2
 
 
 class _Prefilling:
@@ -176,7 +179,7 @@ class Scheduler:
                     if not item.prefill.vision_blocks_left:  # it ran at once: one token per image or video token
                         spent += _media_tokens(item.row.job.prompt.arrays)
                 if item.prefill.vision_blocks_left:  # each block costs its share of the image tokens
-                    cost = _media_tokens(item.row.job.prompt.arrays) / item.prefill.tower_blocks
+                    cost = TOWER_TOKENS * _media_tokens(item.row.job.prompt.arrays) / item.prefill.tower_blocks
                     left = item.prefill.vision_blocks_left
                     blocks = left if budget is None else min(left, max(1, int((budget - spent) // cost)))
                     item.prefill.advance_vision(blocks)
