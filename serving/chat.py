@@ -62,7 +62,7 @@ class ChatService:
 
     def sampling_params(self, *, max_tokens: Optional[int] = None, temperature=None, top_p=None, top_k=None,
                         repetition_penalty=None, presence_penalty=None, frequency_penalty=None, seed=None,
-                        stop=None, logprobs=None, top_logprobs=None,
+                        stop=None, logprobs=None, top_logprobs=None, stream=False,
                         max_tokens_field: str = "max_tokens") -> SamplingParams:
         """SamplingParams within this server's limits. Value ranges (temperature 0..2, ...) are the
         request models' (serving.protocol); the limits that depend on settings are checked here.
@@ -77,14 +77,14 @@ class ChatService:
             max_tokens=max_tokens or self.settings.default_max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty or 0.0,
             frequency_penalty=frequency_penalty or 0.0, seed=seed, stop=list(stop or []),
-            logprobs=bool(logprobs), top_logprobs=top_logprobs or 0)
+            logprobs=bool(logprobs), top_logprobs=top_logprobs or 0, stream=bool(stream))
 
     def params_from_request(self, req: protocol.ChatCompletionRequest) -> SamplingParams:
         return self.sampling_params(
             max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop, logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs,
+            top_logprobs=req.top_logprobs, stream=req.stream,
             max_tokens_field="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
 
     # ------------------------------------------------------------------ images

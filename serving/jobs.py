@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: bool = False  # report each generated token's log probability
     top_logprobs: int = 0  # 0..20 most likely alternatives per token (needs logprobs)
     extra: dict = field(default_factory=dict)  # OpenAI fields passed on to engines whose info.features name them
+    stream: bool = False  # the client reads the answer as it comes: its time to first token shows
 
 
 @dataclass

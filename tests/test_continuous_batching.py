@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving.engines.builtin import speedups
 from serving.jobs import Finished, SamplingParams
 from serving.protocol import ChatTurn
 
@@ -53,7 +54,7 @@ def reference(engine, prompt, max_tokens=N) -> tuple:
 
     wait_idle(engine)  # generate runs in this thread: the worker must not be using the model meanwhile
     inputs = {k: paddle.to_tensor(v) for k, v in prompt.arrays.items()}
-    with paddle.no_grad():
+    with speedups.library_code(engine.model), paddle.no_grad():  # PaddleFormers' own code, not the engine's
         ids, _ = engine.model.generate(**inputs, max_new_tokens=max_tokens, decode_strategy="greedy_search",
                                        eos_token_id=engine.eos_token_ids, pad_token_id=engine.pad_token_id,
                                        repetition_penalty=float(engine.defaults["repetition_penalty"] or 1.0),

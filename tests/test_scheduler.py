@@ -102,3 +102,24 @@ def test_cache_is_bounded_lru():
     assert cache.get("huge") is None
     stats = cache.stats()
     assert stats["hits"] == 3 and stats["misses"] == 2
+
+
+def test_streamed_prompts_prefill_first_and_nobody_starves():
+    from serving.engines.builtin.scheduler import prefill_rank
+
+    streams = [False, True, False] + [True] * 20  # two non-streamed prompts, then a flood of streamed ones
+    ranks = [prefill_rank(i, stream, lead=8) for i, stream in enumerate(streams)]
+    order = sorted(range(len(streams)), key=lambda i: ranks[i])  # stable, as the scheduler's sort
+    assert order.index(1) < order.index(0)  # a streamed prompt goes before an earlier non-streamed one
+    assert order.index(0) <= 8 and order.index(2) <= 10  # each overtaken by at most 8 later prompts
+    assert [i for i in order if streams[i]] == sorted(i for i in order if streams[i])  # streamed: in order
+
+
+def test_the_stream_flag_reaches_the_engine(settings):
+    from serving import protocol
+    from serving.chat import ChatService
+
+    service = ChatService(None, settings)
+    for stream in (True, False):
+        req = protocol.ChatCompletionRequest(model="demo", stream=stream, messages=[{"role": "user", "content": "Hi"}])
+        assert service.params_from_request(req).stream is stream

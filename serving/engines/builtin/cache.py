@@ -38,6 +38,9 @@ class ByteLRU:
                 _, (_, size) = self._items.popitem(last=False)
                 self.bytes -= size
 
+    def __contains__(self, key) -> bool:  # no hit or miss counted, no change of order
+        return key in self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -22,6 +22,9 @@ from typing import Optional
 
 import numpy as np
 
+from serving.engines.builtin import kv_cache, vision_cache
+from serving.engines.builtin.speedups import vision_tower
+
 
 def _paddle():
     import paddle
@@ -38,10 +41,12 @@ class PrefillResult:
 
 
 class Prefill:
-    """One prompt being prefilled, `chunk` tokens at a time. The vision tower runs once, at the start,
-    for the whole prompt's images and videos (its output goes into the prompt's embeddings)."""
+    """One prompt being prefilled, `chunk` tokens at a time. The vision tower runs first for the whole
+    prompt's images and videos (its output goes into the prompt's embeddings): at once, or, given the
+    vision cache and the images' keys (images only, not all cached, our tower installed), a few blocks
+    at a time through `advance_vision`."""
 
-    def __init__(self, model, arrays: dict, image_keys_setter=None):
+    def __init__(self, model, arrays: dict, image_keys_setter=None, vision_cache=None, image_keys=()):
         paddle = _paddle()
         from paddleformers.transformers.cache_utils import DynamicCache
 
@@ -49,14 +54,21 @@ class Prefill:
         inner = model.model
         ids = paddle.to_tensor(arrays["input_ids"])
         embeds = inner.get_input_embeddings()(ids)
-        if image_keys_setter is not None:  # the vision cache's keys for this prompt's images and videos
-            image_keys_setter()
         grid = video_grid = seconds = None
+        self.tower = None  # a vision_tower.TowerRun while the images' tower is under way
         if "pixel_values" in arrays:
             grid = paddle.to_tensor(arrays["image_grid_thw"])
-            features = inner.get_image_features(paddle.to_tensor(arrays["pixel_values"]), grid)
-            embeds = _put_media(inner, ids, embeds, "image", features)
+            if _can_stage(inner, arrays, vision_cache, image_keys):
+                self.tower = vision_tower.TowerRun(inner.visual, paddle.to_tensor(arrays["pixel_values"]), grid)
+                self._grid, self._cache, self._keys, self._ids = grid, vision_cache, tuple(image_keys), ids
+            else:
+                if image_keys_setter is not None:  # the vision cache's keys for this prompt's images and videos
+                    image_keys_setter()
+                features = inner.get_image_features(paddle.to_tensor(arrays["pixel_values"]), grid)
+                embeds = _put_media(inner, ids, embeds, "image", features)
         if "pixel_values_videos" in arrays:  # as the model's forward does it, after the images
+            if image_keys_setter is not None:
+                image_keys_setter()
             video_grid = paddle.to_tensor(arrays["video_grid_thw"])
             seconds = paddle.to_tensor(arrays["second_per_grid_ts"])  # seconds per temporal patch: time positions
             features = inner.get_video_features(paddle.to_tensor(arrays["pixel_values_videos"]), video_grid)
@@ -71,12 +83,36 @@ class Prefill:
         self.cache = DynamicCache(config=inner.language_model.config)
 
     @property
+    def tower_blocks(self) -> int:
+        return len(self.model.model.visual.blocks)
+
+    @property
+    def vision_blocks_left(self) -> int:
+        return 0 if self.tower is None else self.tower.blocks_left
+
+    def advance_vision(self, blocks: int) -> None:
+        """Run up to `blocks` more blocks of the tower; after the last, its output goes into the embeddings
+        and, per image, into the vision cache."""
+        self.tower.advance(blocks)
+        if self.tower.blocks_left:
+            return
+        inner = self.model.model
+        merged = self.tower.output()
+        sizes = (self._grid.prod(-1) // inner.visual.spatial_merge_size ** 2).tolist()
+        features = _paddle().split(merged, sizes)
+        for key, image in zip(self._keys, features):
+            self._cache.put(key, image, vision_cache.nbytes(image))
+        self.embeds = _put_media(inner, self._ids, self.embeds, "image", features)
+        self.tower = self._ids = None
+
+    @property
     def remaining(self) -> int:
         return self.length - self.done
 
     def run(self, tokens: int) -> Optional[PrefillResult]:
         """Prefill up to `tokens` more prompt tokens; the result once the whole prompt is in."""
         paddle = _paddle()
+        assert self.tower is None, "the vision tower has blocks left"
         start, end = self.done, min(self.length, self.done + max(1, tokens))
         hidden = self.model.model.language_model(
             input_ids=None, inputs_embeds=self.embeds[:, start:end], position_ids=self.positions[:, :, start:end],
@@ -156,6 +192,7 @@ class RunningBatch:
         """One decoding step for every row: logits [rows, vocab] for each row's next token."""
         paddle = _paddle()
         inner = self.model.model
+        self.cache.layers = [kv_cache.roomy(layer) for layer in self.cache.layers]  # no copy of the cache per step
         tokens = paddle.to_tensor(self.last_tokens, dtype="int64").reshape([-1, 1])
         embeds = inner.get_input_embeddings()(tokens)
         positions = paddle.to_tensor(self.positions, dtype="int64").reshape([1, -1, 1]).expand([3, -1, 1])
@@ -170,6 +207,16 @@ class RunningBatch:
 
     def set_next(self, tokens: list[int]) -> None:
         self.last_tokens = list(tokens)
+
+
+def _can_stage(inner, arrays: dict, cache, keys) -> bool:
+    """The tower can go block by block: images only, each with a cache key, not all of them cached
+    (then the cache serves them at once), and serving.engines.builtin.speedups.vision_tower installed on this model."""
+    if cache is None or "pixel_values_videos" in arrays or len(keys) != len(arrays["image_grid_thw"]):
+        return False
+    if all(key in cache for key in keys):
+        return False
+    return getattr(inner.visual.forward, "func", None) is vision_tower.forward
 
 
 def _put_media(inner, ids, embeds, kind: str, features):

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from serving.engines.builtin import sampling
+from serving.engines.builtin import sampling, speedups
 from serving.engines.builtin import vision_cache
 from serving.intake.video import Video
 from serving.engines.builtin.cache import ByteLRU
@@ -76,6 +76,7 @@ class PaddleEngine:
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
         self._batch_image_keys: list = []
         self._batch_video_keys: list = []
+        speedups.install(self.model, loaded.device)  # ours only: the tutorial's server keeps the library's code
         vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys,
                              lambda: self._batch_video_keys)
         self.scheduler = Scheduler(self, max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,

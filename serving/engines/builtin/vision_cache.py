@@ -35,11 +35,11 @@ def _cached(original, cache, keys):
             computed = original(paddle.concat([parts[i] for i in missing], axis=0), paddle.to_tensor(grid[missing]))
             for i, embeddings in zip(missing, computed):
                 found[i] = embeddings
-                cache.put(batch_keys[i], embeddings, _nbytes(embeddings))
+                cache.put(batch_keys[i], embeddings, nbytes(embeddings))
         return tuple(found)
 
     return features
 
 
-def _nbytes(tensor) -> int:
+def nbytes(tensor) -> int:
     return int(np.prod(tensor.shape)) * (4 if str(tensor.dtype).endswith("float32") else 2)
