@@ -141,3 +141,18 @@ def test_baseline_keeps_the_tutorial_image_path(tmp_path):
 
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (64, 48)
+
+
+def test_speedups_against_the_library_in_one_process(tmp_path):
+    """python -m bench.speedups --quick: each measurement on both sides, figures and speed-ups written."""
+    out = tmp_path / "speedups.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.speedups", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["plan"]["model"] == "demo" and len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert positive(row["library_ms"]) and positive(row["ours_ms"]), row
+        assert row["speedup"] == round(row["library_ms"] / row["ours_ms"], 2) or abs(
+            row["speedup"] - row["library_ms"] / row["ours_ms"]) < 0.05, row
+    assert "vision tower" in proc.stdout and "decoding step, 8 rows" in proc.stdout

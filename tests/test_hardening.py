@@ -186,7 +186,7 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_place(serve_app):
 
 
 def test_time_limit_non_streaming_is_504(serve_app):
-    server = serve_app(request_timeout=0.5, max_tokens_limit=400)
+    server = serve_app(request_timeout=0.3, max_tokens_limit=400)
     started = time.time()
     r = requests.post(server.base_url + CHAT, json=say("Write a long story.", max_tokens=400, temperature=1.0,
                                                      top_k=0, top_p=1.0, repetition_penalty=1.0, seed=LONG_SEED),
@@ -197,7 +197,7 @@ def test_time_limit_non_streaming_is_504(serve_app):
 
 
 def test_time_limit_mid_stream_ends_with_an_error_event(serve_app):
-    server = serve_app(request_timeout=1.0, max_tokens_limit=400)
+    server = serve_app(request_timeout=0.3, max_tokens_limit=400)
     body = say("Write a long story.", max_tokens=400, stream=True, temperature=1.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, seed=LONG_SEED)
     with requests.post(server.base_url + CHAT, json=body, stream=True, timeout=60) as r:
