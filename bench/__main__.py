@@ -51,27 +51,8 @@ def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
         say(f"demo checkpoint {plan.model}: {demo.demo_path(plan.model)}")  # built once, before two servers race
 
     w, parameters = {}, None
-    with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
-        servers = {}
-        try:
-            if not set(sections) - OWN_SERVERS:
-                raise _NothingShared
-            servers = start_servers(plan.model, Path(tmp), baseline=bool(NEEDS_BASELINE & set(sections)))
-            urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
-            warm_up(urls, ImageFactory(*plan.image_size, seed=1))
-            if "classic" in sections:
-                parameters = classic(plan, urls, w)
-            if "staggered" in sections:
-                w["staggered"] = staggered(plan, urls)
-            if "join" in sections:
-                w["join"] = join(plan, urls["ours"])
-            if "memory" in sections:
-                w["memory"] = memory(plan, servers["ours"])
-        except _NothingShared:
-            pass
-        finally:
-            for server in servers.values():
-                server.stop()
+    if set(sections) - OWN_SERVERS:
+        parameters = shared_servers_sections(plan, sections, w)
     if "gateway" in sections:
         w["gateway"] = gateway(plan, quick)
 
@@ -91,6 +72,30 @@ def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
     results["summary"] = report.summary_rows(w, plan)
     report.write_all(results, out)
     return results
+
+
+def shared_servers_sections(plan, sections, w: dict):
+    """The sections run against one pair of servers (the baseline only when a section needs it), into `w`;
+    returns the parameter count when (classic) loaded the engine in this process."""
+    parameters = None
+    with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
+        servers = {}
+        try:
+            servers = start_servers(plan.model, Path(tmp), baseline=bool(NEEDS_BASELINE & set(sections)))
+            urls = {k: s.url + "/v1/chat/completions" for k, s in servers.items()}
+            warm_up(urls, ImageFactory(*plan.image_size, seed=1))
+            if "classic" in sections:
+                parameters = classic(plan, urls, w)
+            if "staggered" in sections:
+                w["staggered"] = staggered(plan, urls)
+            if "join" in sections:
+                w["join"] = join(plan, urls["ours"])
+            if "memory" in sections:
+                w["memory"] = memory(plan, servers["ours"])
+        finally:
+            for server in servers.values():
+                server.stop()
+    return parameters
 
 
 def start_servers(model: str, tmp: Path, *, baseline: bool) -> dict:
@@ -202,10 +207,6 @@ def staggered_ratios(result: dict) -> dict:
     if "baseline" in result:
         out["throughput_ratio"] = round(ours["requests_per_s"] / result["baseline"]["requests_per_s"], 2)
     return out
-
-
-class _NothingShared(Exception):
-    """Only sections that start their own servers were asked for."""
 
 
 def gateway(plan, quick: bool) -> dict:

@@ -69,29 +69,27 @@ def make_video(seconds=3.0, fps=24, size=(160, 120), fmt="mp4", codec="libx264",
             for packet in stream.encode(frame):
                 container.mux(packet)
         if sound is not None:
-            for k in range(int(seconds * 50)):
-                chunk = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = 48000, k * 960
-                for packet in sound.encode(chunk):
-                    container.mux(packet)
-            for packet in sound.encode():
-                container.mux(packet)
+            mux_silence(container, sound, int(seconds * 50))
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
 
 
+def mux_silence(container, sound, blocks: int) -> None:
+    """`blocks` 20 ms blocks of mono silence at 48 kHz into the audio stream `sound`, then its flush."""
+    for k in range(blocks):
+        chunk = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
+        chunk.sample_rate, chunk.pts = 48000, k * 960
+        for packet in sound.encode(chunk):
+            container.mux(packet)
+    for packet in sound.encode():
+        container.mux(packet)
+
+
 def audio_only(seconds=1.0) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        sound = container.add_stream("aac", rate=48000)
-        for k in range(int(seconds * 50)):
-            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = 48000, k * 960
-            for packet in sound.encode(chunk):
-                container.mux(packet)
-        for packet in sound.encode():
-            container.mux(packet)
+        mux_silence(container, container.add_stream("aac", rate=48000), int(seconds * 50))
     return buf.getvalue()
 
 
@@ -101,14 +99,7 @@ def zero_frames() -> bytes:
     with av.open(buf, "w", format="webm") as container:
         stream = container.add_stream("libvpx-vp9", rate=24)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        sound = container.add_stream("libopus", rate=48000)
-        for k in range(10):
-            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = 48000, k * 960
-            for packet in sound.encode(chunk):
-                container.mux(packet)
-        for packet in sound.encode():
-            container.mux(packet)
+        mux_silence(container, container.add_stream("libopus", rate=48000), 10)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
