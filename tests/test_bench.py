@@ -153,6 +153,9 @@ def test_speedups_against_the_library_in_one_process(tmp_path):
     assert result["plan"]["model"] == "demo" and len(result["rows"]) == 4
     for row in result["rows"]:
         assert positive(row["library_ms"]) and positive(row["ours_ms"]), row
-        assert row["speedup"] == round(row["library_ms"] / row["ours_ms"], 2) or abs(
-            row["speedup"] - row["library_ms"] / row["ours_ms"]) < 0.05, row
+        # The speed-up comes from the unrounded times; the times are printed to 0.1 ms, so the ratio
+        # of the printed times may differ from it by as much as that rounding allows.
+        library, ours = row["library_ms"], row["ours_ms"]
+        low, high = (library - 0.05) / (ours + 0.05), (library + 0.05) / max(ours - 0.05, 1e-9)
+        assert low - 0.005 <= row["speedup"] <= high + 0.005, row
     assert "vision tower" in proc.stdout and "decoding step, 8 rows" in proc.stdout
