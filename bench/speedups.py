@@ -43,16 +43,15 @@ QUICK = Plan(model="demo", repeats=2, steps=2)
 def run(plan: Plan) -> dict:
     import numpy as np
     import paddle
-    from paddle.base import core
 
     from serving.config import Settings
-    from serving.engines.builtin import decode, speedups
+    from serving.engines.builtin import cpu_math, decode, speedups
     from serving.engines.builtin.engine import available_cores
     from serving.model.loader import load_model
 
     loaded = load_model(Settings(model=plan.model))
     model = loaded.model
-    core.set_num_threads(available_cores())  # as the engine's model worker
+    cpu_math.use_threads(available_cores())  # as the engine's model worker
     speedups.install(model, "cpu")
     rng = np.random.default_rng(0)
     vocab = min(int(model.config.vocab_size), 5000)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from serving.engines.builtin import speedups
+from serving.engines.builtin.lanes import PrefillLanes
 from serving.jobs import Finished, SamplingParams
 from serving.protocol import ChatTurn
 
@@ -121,6 +122,32 @@ def test_chunked_prefill_changes_no_token(engine, prompts):
         blocker.cancel()
     assert prompts["two images"].prompt_tokens > 7 * 3
     assert chunked[0] == alone[0] and chunked[1].completion_tokens == alone[1].completion_tokens
+
+
+def test_prompts_prefilled_side_by_side_change_no_token(engine, prompts):
+    """On a CPU, prompts waiting together are prefilled in parallel lanes, one math thread each
+    (serving.engines.builtin.lanes): the same tokens as each alone, for every kind of prompt."""
+    scheduler = engine.scheduler
+    alone = {name: collect(engine.submit(p, greedy())) for name, p in prompts.items()}
+    wait_idle(engine)
+    saved_lanes, saved_budget = scheduler.lanes, scheduler.prefill_tokens
+    scheduler.lanes = PrefillLanes(2)  # two lanes whatever this machine's core count
+    before = engine.stats()["prefilled_side_by_side"]
+    blocker = engine.submit(prompts["text"], greedy(max_tokens=200, stop=[]))
+    next(iter(blocker))  # decoding: the budget applies, so the prompts below take turns, all of them waiting
+    scheduler.prefill_tokens = 9
+    try:
+        jobs = {name: engine.submit(p, greedy()) for name, p in prompts.items()}
+        together = {name: collect(job) for name, job in jobs.items()}
+    finally:
+        scheduler.prefill_tokens = saved_budget
+        blocker.cancel()
+        wait_idle(engine)
+        scheduler.lanes = saved_lanes
+    assert engine.stats()["prefilled_side_by_side"] - before >= 2 * len(prompts)
+    for name in prompts:
+        assert together[name][0] == alone[name][0], name
+        assert together[name][1].completion_tokens == alone[name][1].completion_tokens, name
 
 
 def test_rows_with_different_settings_share_steps(engine, prompts):

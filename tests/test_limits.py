@@ -3,6 +3,7 @@ Unicode, the prompt's characters (before tokenizing), tokenizing off every share
 images decoded at once, and REQUEST_TIMEOUT over the whole request, image intake included."""
 
 import threading
+import os
 import time
 from dataclasses import replace
 
@@ -217,4 +218,53 @@ def test_request_timeout_covers_image_intake(serve_app, image_server):
 
 
 def test_malloc_returns_large_buffers():
-    assert memory.tune_malloc() is True  # glibc on Linux: buffers of 1 MB or more are mapped on their own
+    assert memory.tune_malloc() is True  # glibc on Linux: buffers of 4 MB or more are mapped on their own
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_give_back_returns_the_heaps_free_pages():
+    """Buffers under the mmap threshold come from the heap; freed, they stay in RSS until give_back()."""
+    import ctypes
+
+    assert memory.tune_malloc() is True
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, count = 2 << 20, 64  # 128 MB in 2 MB blocks: below the mmap threshold, from the heap
+    blocks = [libc.malloc(size) for _ in range(count)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)  # touched: resident
+    for block in blocks[0::2]:  # every other one: each freed block lies between live ones, not at the heap's top
+        libc.free(block)
+    held = _rss_bytes()
+    memory.give_back()
+    released = held - _rss_bytes()
+    for block in blocks[1::2]:
+        libc.free(block)
+    assert released > 56 << 20, f"give_back released {released / 2**20:.0f} MB of the 64 MB freed"
+
+
+def test_model_threads_spin_briefly_after_their_work():
+    """Intel OpenMP's helpers would spin 200 ms after each op, taking a core from the HTTP threads and the
+    prefill lanes: a model thread sets its own spin time (serving.engines.builtin.cpu_math)."""
+    import threading
+
+    from serving.engines.builtin import cpu_math
+
+    openmp = cpu_math._intel_openmp()
+    if not openmp:
+        pytest.skip("this Paddle build has no Intel OpenMP")
+    seen = {}
+
+    def model_thread():
+        cpu_math.use_threads(2)
+        seen["blocktime"] = openmp.kmp_get_blocktime()
+
+    thread = threading.Thread(target=model_thread)
+    thread.start()
+    thread.join()
+    assert seen["blocktime"] == cpu_math.SPIN_MS

@@ -71,8 +71,8 @@ class Engine(Protocol):
         """Numbers the metrics read at scrape time. Keys any engine may give (absent ones are skipped):
         queue_depth (requests waiting), rows_running (sequences decoding now), steps (decoding steps
         run), step_seconds (their total time), prefill_tokens (prompt tokens prefilled), joined
-        (requests admitted into a batch that was already decoding), caches ({name: {hits, misses,
-        bytes}})."""
+        (requests admitted into a batch that was already decoding), prefilled_side_by_side (prompt
+        prefill turns run beside another prompt's), caches ({name: {hits, misses, bytes}})."""
         ...
 
     def close(self, timeout: float = 30.0) -> None:

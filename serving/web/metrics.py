@@ -75,6 +75,8 @@ ENGINE_COUNTERS = {
     "step_seconds": ("qwenvl_decode_step_seconds", "time spent in decoding steps"),
     "prefill_tokens": ("qwenvl_prefill_tokens", "prompt tokens prefilled"),
     "joined": ("qwenvl_joined_requests", "requests admitted into a batch that was already decoding"),
+    "prefilled_side_by_side": ("qwenvl_prefilled_side_by_side",
+                               "prompt prefill turns run beside another prompt's (CPU prefill lanes)"),
 }
 
 

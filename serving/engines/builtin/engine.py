@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from serving.engines.builtin import sampling, speedups
+from serving.engines.builtin import cpu_math, sampling, speedups
 from serving.engines.builtin import vision_cache
 from serving.intake.video import Video
 from serving.engines.builtin.cache import ByteLRU
@@ -74,11 +74,10 @@ class PaddleEngine:
         self.cpu_threads = cpu_threads or available_cores()
         self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
-        self._batch_image_keys: list = []
-        self._batch_video_keys: list = []
+        self._media_keys = threading.local()  # per model thread: prompts are prefilled side by side (lanes)
         speedups.install(self.model, loaded.device)  # ours only: the tutorial's server keeps the library's code
-        vision_cache.install(self.model, self.vision_cache, lambda: self._batch_image_keys,
-                             lambda: self._batch_video_keys)
+        vision_cache.install(self.model, self.vision_cache, lambda: getattr(self._media_keys, "images", []),
+                             lambda: getattr(self._media_keys, "videos", []))
         self.scheduler = Scheduler(self, max_rows=self.max_batch_size, max_kv_tokens=self.max_batch_tokens,
                                    prefill_tokens=self.prefill_chunk_tokens)
         self._worker = threading.Thread(target=self._work, name="model-worker", daemon=True)
@@ -196,7 +195,8 @@ class PaddleEngine:
         s = self.scheduler
         return {"queue_depth": s.queue_depth(), "rows_running": s.rows_running(), "steps": s.steps,
                 "step_seconds": s.step_seconds, "prefill_tokens": s.prefill_tokens_done, "joined": s.joined,
-                "batches": s.batches, "batched_requests": s.requests_run, "caches": self.cache_stats()}
+                "prefilled_side_by_side": s.side_by_side, "batches": s.batches, "batched_requests": s.requests_run,
+                "caches": self.cache_stats()}
 
     def submit(self, prompt: Prompt, params: SamplingParams) -> Job:
         self.check_fits(prompt, params)
@@ -243,17 +243,15 @@ class PaddleEngine:
         return {"pixels": self.pixel_cache.stats(), "vision": self.vision_cache.stats()}
 
     def set_image_keys(self, keys, video_keys=()) -> None:
-        """The content keys of the images and videos the vision tower is about to see (for its cache)."""
-        self._batch_image_keys = list(keys)
-        self._batch_video_keys = list(video_keys)
+        """The content keys of the images and videos the vision tower is about to see in this thread (for its cache)."""
+        self._media_keys.images = list(keys)
+        self._media_keys.videos = list(video_keys)
 
     def _work(self) -> None:
         _ensure_dynamic_mode()
         if self.loaded.device == "cpu":
             # Paddle sets OMP_NUM_THREADS=1 when imported: the model would use one core of many
-            from paddle.base import core
-
-            core.set_num_threads(self.cpu_threads)
+            cpu_math.use_threads(self.cpu_threads)
             log.info("model worker: %d CPU math threads", self.cpu_threads)
         try:
             self.scheduler.run()

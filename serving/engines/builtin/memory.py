@@ -6,12 +6,19 @@ allocated by Paddle's CPU allocator with malloc and freed at once (Paddle's "Res
 "Allocated": it caches nothing on a CPU). glibc then kept most of that memory: after freeing a large
 mmap'd block it raises its mmap threshold (up to 32 MB), so the next large buffers come from the heap,
 where freed memory stays mapped. The server's RSS grew ~1.5 GB over 120 distinct images while the
-image caches held ~150 MB; malloc_trim(0) gave 400 MB of 920 back at once.
+image caches held ~150 MB.
 
-`tune_malloc()` fixes the threshold at 1 MB: every buffer of 1 MB or more is its own mapping and goes
-back to the system when freed. Measured: RSS +200 MB after 80 distinct images (caches 134 MB of it)
-instead of +550 MB after 24, at a cost within the noise of the image requests' time (mmap and page
-faults, a few percent at most). Not glibc (musl, macOS): nothing is changed.
+Two measures, both glibc only (musl, macOS: nothing is changed):
+- `tune_malloc()` fixes the mmap threshold at 4 MB: the largest buffers are each their own mapping,
+  returned when freed, and the threshold no longer climbs to 32 MB.
+- `give_back()` (malloc_trim) after each prompt's prefill hands the heap's free pages back: ~3 ms,
+  against 100 ms or more for a prefill.
+Why 4 MB and not lower: every mmap'd buffer is fresh pages, faulted in on first touch. At 1 MB
+(the first version) the tower's many 1-4 MB buffers were all mapped, and on the model worker's
+thread a 448x448 image's tower took 362 ms instead of 229 ms and a 300-token prefill 155 ms instead
+of 112 (demo-bench, 2 cores). Measured with 120 distinct 1000x1000 images (`python -m bench.attacks
+--only memory --memory-images 120`): RSS growth apart from the image caches 90 MB at 1 MB, 318 MB
+at 4 MB alone; see README ("Memory") for the figure with both measures.
 """
 
 from __future__ import annotations
@@ -23,24 +30,37 @@ import sys
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-MMAP_THRESHOLD = 1 << 20
-_done = False
+MMAP_THRESHOLD = 4 << 20
+_libc = None  # glibc, once tune_malloc() found it
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (present in glibc only)
+        libc.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def tune_malloc(threshold: int = MMAP_THRESHOLD) -> bool:
     """Make glibc map every allocation of `threshold` bytes or more on its own (and unmap it when freed),
     once per process. True when applied."""
-    global _done
-    if _done:
+    global _libc
+    if _libc is not None:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None or libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) != 1:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018  (present in glibc only)
-    except (OSError, AttributeError):
-        return False
-    _done = libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
-    if _done:
-        log.debug("malloc: blocks of %d bytes or more are mapped on their own and returned when freed", threshold)
-    return _done
+    _libc = libc
+    log.debug("malloc: blocks of %d bytes or more are mapped on their own and returned when freed", threshold)
+    return True
+
+
+def give_back() -> None:
+    """Return the heap's free pages to the system (after tune_malloc(); otherwise nothing)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)

@@ -9,7 +9,9 @@ Each turn of the loop:
    prompt tokens per turn while others are decoding (a prompt's vision tower counts as its image
    and video tokens and, for new images, goes a few blocks per turn: a long image prompt is spread
    over several turns instead of stalling every stream; with nobody decoding the whole prompt goes
-   at once); a finished prefill samples its first token and joins the running batch;
+   at once); on a CPU, several prompts are worked on side by side, each lane with its own budget
+   (serving.engines.builtin.lanes); a finished prefill samples its first token and joins the
+   running batch;
 4. runs one decoding step for every running row, samples each row's token with its own
    settings, and drops finished and cancelled rows at once.
 A request never waits for another request's whole answer, only for steps.
@@ -22,18 +24,21 @@ import logging
 import queue
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 
-from serving.engines.builtin import sampling
+from serving.engines.builtin import memory, sampling
 from serving.engines.builtin.batch import Row
 from serving.engines.builtin.decode import Prefill, RunningBatch
 from serving.engines.builtin.detokenize import IncrementalText
+from serving.engines.builtin.lanes import UNTOUCHED, PrefillLanes
 from serving.errors import InternalError
 from serving.jobs import Job
 
 log = logging.getLogger(__name__)
 _WAKE = object()  # put on the inbox to make an idle worker look at its state
+_FAILED = object()  # a prompt whose prefill failed (its row has the error)
 # Prompt tokens' worth of prefill time one image token of a new image's tower block by block costs:
 # measured on demo-bench, a 448x448 image's tower (256 image tokens) 227 ms, a 290-token prefill 127 ms.
 TOWER_TOKENS = 2
@@ -63,6 +68,9 @@ class Scheduler:
         self.waiting: collections.deque = collections.deque()
         self.prefilling: list[_Prefilling] = []
         self.batch = RunningBatch(self.model)
+        # on a CPU, prompts are prefilled side by side, the math threads shared among them
+        self.lanes = PrefillLanes(engine.cpu_threads if engine.loaded.device == "cpu" else 1)
+        self._sampling = threading.Lock()
         self.closing = False
         self.refusing = None  # an error every job not yet admitted gets instead (refuse_waiting)
         # numbers for the metrics (read from other threads: plain ints and floats)
@@ -70,6 +78,7 @@ class Scheduler:
         self.step_seconds = 0.0
         self.prefill_tokens_done = 0
         self.joined = 0  # admitted while other rows were decoding
+        self.side_by_side = 0  # prompts worked on in a turn with more than one prefill lane
         self.batches = 0  # times the batch started from empty
         self.requests_run = 0
         self.admitted = 0  # prompts admitted so far: their prefill order
@@ -102,15 +111,18 @@ class Scheduler:
         import paddle
 
         with paddle.no_grad():
-            while True:
-                busy = bool(len(self.batch) or self.prefilling or self.waiting)
-                if not self._take(block=not busy):
-                    return
-                self._drop_cancelled()
-                self._admit()
-                self._prefill()
-                if len(self.batch):
-                    self._decode()
+            try:
+                while True:
+                    busy = bool(len(self.batch) or self.prefilling or self.waiting)
+                    if not self._take(block=not busy):
+                        return
+                    self._drop_cancelled()
+                    self._admit()
+                    self._prefill()
+                    if len(self.batch):
+                        self._decode()
+            finally:
+                self.lanes.close()
 
     def _take(self, block: bool) -> bool:
         """Move arrived jobs to `waiting`; False when closing and no work is left."""
@@ -166,46 +178,64 @@ class Scheduler:
             self.prefilling.sort(key=lambda item: item.rank)
 
     def _prefill(self) -> None:
+        """One turn of prefill work, in prefill order, within the budget (each lane its own share of
+        it); finished prompts join the running batch."""
         budget = self.prefill_tokens if len(self.batch) else None  # nobody waits on an idle batch
-        spent = 0
-        still, ready = [], []
-        for item in self.prefilling:
-            if budget is not None and spent >= budget:
+        items = self.prefilling
+        lanes = self.lanes.count(len(items))
+        outcomes = self.lanes.run(items, budget, self._advance, lanes)
+        if lanes > 1:
+            self.side_by_side += sum(outcome is not UNTOUCHED for outcome in outcomes)
+        still, ready, spent = [], [], 0
+        for item, outcome in zip(items, outcomes):
+            if outcome is UNTOUCHED:
                 still.append(item)
                 continue
-            try:
-                if item.prefill is None:  # the vision tower runs now (or starts, block by block)
-                    item.prefill = self._start_prefill(item.row.job)
-                    if not item.prefill.vision_blocks_left:  # it ran at once: one token per image or video token
-                        spent += _media_tokens(item.row.job.prompt.arrays)
-                if item.prefill.vision_blocks_left:  # each block costs its share of the image tokens
-                    cost = TOWER_TOKENS * _media_tokens(item.row.job.prompt.arrays) / item.prefill.tower_blocks
-                    left = item.prefill.vision_blocks_left
-                    blocks = left if budget is None else min(left, max(1, int((budget - spent) // cost)))
-                    item.prefill.advance_vision(blocks)
-                    spent += int(round(blocks * cost))
-            except Exception as exc:
-                item.row.fail(_internal(exc))
-                continue
-            if item.prefill.vision_blocks_left or (budget is not None and spent >= budget):
+            used, done = outcome
+            spent += used
+            if done is None:
                 still.append(item)
-                continue
-            tokens = item.prefill.remaining if budget is None else min(item.prefill.remaining, budget - spent)
-            try:
-                result = item.prefill.run(tokens)
-            except Exception as exc:
-                item.row.fail(_internal(exc))
-                continue
-            spent += tokens
-            if result is None:
-                still.append(item)
-            else:
-                ready.append((item.row, result))
+            elif done is not _FAILED:
+                ready.append((item.row, *done))
         self.prefilling = still
-        for row, result in ready:
-            self._join(row, result)
+        for row, result, first_token in ready:  # their first tokens are out; now they join the running batch
+            if not row.done:
+                self.batch.add(row, result, first_token)
+        if ready:  # a prefill's large short-lived buffers (the vision tower's above all) are free now
+            memory.give_back()
         self.prefill_tokens_done += spent
         self.last_prefill_tokens = spent
+
+    def _advance(self, item: _Prefilling, allowance: Optional[int]) -> tuple:
+        """Work on one prompt within `allowance` prompt tokens (None: to the end): its vision tower (at
+        once, or block by block), then its prefill; runs in a prefill lane. Returns (tokens spent, outcome):
+        None while not done, _FAILED when it failed (the row has its error), or (PrefillResult, first
+        token) when done, the first token already sent."""
+        spent = 0
+        job = item.row.job
+        try:
+            if item.prefill is None:  # the vision tower runs now (or starts, block by block)
+                item.prefill = self._start_prefill(job)
+                if not item.prefill.vision_blocks_left:  # it ran at once: one token per image or video token
+                    spent += _media_tokens(job.prompt.arrays)
+            if item.prefill.vision_blocks_left:  # each block costs its share of the image tokens
+                cost = TOWER_TOKENS * _media_tokens(job.prompt.arrays) / item.prefill.tower_blocks
+                left = item.prefill.vision_blocks_left
+                blocks = left if allowance is None else min(left, max(1, int((allowance - spent) // cost)))
+                item.prefill.advance_vision(blocks)
+                spent += int(round(blocks * cost))
+            if item.prefill.vision_blocks_left or (allowance is not None and spent >= allowance):
+                return spent, None
+            tokens = item.prefill.remaining if allowance is None else min(item.prefill.remaining, allowance - spent)
+            spent += tokens
+            result = item.prefill.run(tokens)
+        except Exception as exc:
+            item.row.fail(_internal(exc))
+            return spent, _FAILED
+        if result is None:
+            return spent, None
+        token = self._first_token(item.row, result)
+        return spent, (_FAILED if token is None else (result, token))
 
     def _start_prefill(self, job: Job) -> Prefill:
         engine = self.engine
@@ -216,16 +246,17 @@ class Scheduler:
         finally:
             engine.set_image_keys(())
 
-    def _join(self, row: Row, result) -> None:
-        """The prompt's first token, then the row joins the running batch (unless already done)."""
+    def _first_token(self, row: Row, result) -> Optional[int]:
+        """Sample the prompt's first token and send it at once (from the lane that finished the prompt:
+        the client need not wait for the rest of the turn); None when that failed (the row has the error)."""
         try:
-            tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer)
+            with self._sampling:  # unseeded rows share Paddle's generator
+                tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer)
         except Exception as exc:
             row.fail(_internal(exc))
-            return
+            return None
         row.add(tokens[0], logprobs[0])
-        if not row.done:
-            self.batch.add(row, result, tokens[0])
+        return tokens[0]
 
     def _decode(self) -> None:
         started = time.perf_counter()

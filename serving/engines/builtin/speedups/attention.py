@@ -16,6 +16,8 @@ the vision tower and any other model in the process keep PaddleFormers' own atte
 
 from __future__ import annotations
 
+import threading
+
 NAME = "grouped_eager"
 
 
@@ -43,7 +45,9 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
     return out, weights
 
 
-_last_mask: list = [None, None, None]  # (mask given, scores shape, expanded): every layer of a step shares it
+# (mask given, scores shape, expanded): every layer of a pass shares it; per thread, as prompts are
+# prefilled side by side (serving.engines.builtin.lanes)
+_last = threading.local()
 
 
 def _expanded_mask(attention_mask, shape, dtype):
@@ -53,7 +57,7 @@ def _expanded_mask(attention_mask, shape, dtype):
     import paddle
 
     b, kv_heads, group, q_len, length = shape
-    given, shape_then, expanded = _last_mask
+    given, shape_then, expanded = getattr(_last, "mask", (None, None, None))
     if given is attention_mask and shape_then == list(shape):  # a None mask, too: same shape, same causal mask
         return expanded
     if attention_mask is not None:  # [b or 1, 1, q, >= L]
@@ -64,7 +68,7 @@ def _expanded_mask(attention_mask, shape, dtype):
         mask = None
     if mask is not None:
         mask = paddle.expand(mask, list(shape)).contiguous()
-    _last_mask[:] = [attention_mask, list(shape), mask]
+    _last.mask = (attention_mask, list(shape), mask)
     return mask
 
 

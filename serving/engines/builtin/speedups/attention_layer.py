@@ -16,11 +16,14 @@ Installed per model instance by serving.engines.builtin.speedups (the tutorial's
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 
 import numpy as np
 
-_last_tables: list = [None, None]  # (cos given, (cos, sin, rotation) prepared): every layer of a pass shares it
+# (cos given, (cos, sin, rotation) prepared): every layer of a pass shares it; per thread, as prompts are
+# prefilled side by side (serving.engines.builtin.lanes)
+_last = threading.local()
 
 
 def install(model) -> bool:
@@ -63,8 +66,9 @@ def _tables(position_embeddings, mrope_section):
     import paddle
 
     cos, sin = position_embeddings
-    if _last_tables[0] is cos:
-        return _last_tables[1]
+    given, prepared = getattr(_last, "tables", (None, None))
+    if given is cos:
+        return prepared
     sections = list(mrope_section) * 2
     picked = [paddle.cat([m[i % 3] for i, m in enumerate(t.split(sections, axis=-1))], axis=-1).unsqueeze(1)
               for t in (cos, sin)]
@@ -74,5 +78,5 @@ def _tables(position_embeddings, mrope_section):
     rotation[np.arange(half) + half, np.arange(half)] = -1.0
     rotation[np.arange(half), np.arange(half) + half] = 1.0
     tables = (picked[0], picked[1], paddle.to_tensor(rotation, dtype=cos.dtype))
-    _last_tables[:] = [cos, tables]
+    _last.tables = (cos, tables)
     return tables
