@@ -156,7 +156,8 @@ class Settings:
         "help": "seconds between health checks of each upstream (GET /v1/models); an unhealthy one gets no "
                 "requests until a check passes again"})
     upstream_image_format: str = field(default="png", metadata={
-        "help": "how images go to the upstreams, at the size the model sees: png (lossless, uncompressed: the same "
+        "help": "how images intake resized or turned go to the upstreams, at the size the model sees (others go as "
+                "sent): png (lossless, uncompressed: the same "
                 "answers as asking the upstream directly, ~1 ms per image, 3 bytes per pixel) or jpeg (quality 95: "
                 "a fifth of the bytes, for upstreams behind a slow link)", "type": _image_format})
     tensor_parallel: int = field(default=0, metadata={

@@ -123,3 +123,30 @@ def test_the_stream_flag_reaches_the_engine(settings):
     for stream in (True, False):
         req = protocol.ChatCompletionRequest(model="demo", stream=stream, messages=[{"role": "user", "content": "Hi"}])
         assert service.params_from_request(req).stream is stream
+
+
+def test_a_failed_worker_loop_ends_every_request_instead_of_leaving_it_hanging(settings):
+    """A bug in the loop itself (not in one request) stops the model worker: the requests it holds and
+    any sent afterwards get an internal error at once, and health says the worker stopped."""
+    import pytest
+
+    from serving.errors import InternalError
+    from serving.web.server import build_engine
+
+    engine = build_engine(settings)  # its own engine: this one's worker is meant to die
+    prompt = engine.build_prompt([ChatTurn("user", ["Hello there."])])
+    running = engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0, stop=[]))
+    next(iter(running))  # decoding
+
+    def broken(*args):
+        raise RuntimeError("a bug in the scheduler")
+
+    engine.scheduler._admit = broken
+    waiting = engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0))
+    for job in (running, waiting):
+        with pytest.raises(InternalError, match="model worker stopped"):
+            collect(job)
+    engine._worker.join(10)  # it has told everyone; now it ends
+    assert engine.health() == (False, "the model worker has stopped")
+    with pytest.raises(InternalError, match="model worker stopped"):
+        collect(engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0)))

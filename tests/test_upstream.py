@@ -545,6 +545,36 @@ def test_jpeg_images_option(settings):
         up.stop()
 
 
+def test_an_image_intake_leaves_as_it_is_goes_on_as_sent(settings):
+    """An upright RGB picture already at the model's size (sides multiples of 28, within the pixel budget)
+    reaches the upstream as the very bytes the client sent: nothing is encoded again here or decoded
+    from a larger file there. Anything intake changed (here: an EXIF rotation) is encoded at its new size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter
+    buf = io.BytesIO()
+    Image.new("RGB", (112, 84), (20, 120, 40)).save(buf, "JPEG", exif=exif.tobytes())
+    rotated = buf.getvalue()
+    sent = {"image/jpeg": png_bytes((112, 84), (200, 30, 30), fmt="JPEG"),
+            "image/png": png_bytes((112, 84), (20, 90, 200))}
+    up = Scripted(lambda h, b: h.send_events([chunk("ok"), chunk(finish="stop")]))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            for mime, data in list(sent.items()) + [("rotated", rotated)]:
+                body = {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{b64(data)}"}},
+                    {"type": "text", "text": "What is in this picture?"}]}]}
+                r = chat(gw.url, body)
+                assert r.status_code == 200, r.text
+                url = up.bodies[-1]["messages"][0]["content"][0]["image_url"]["url"]
+                if mime == "rotated":
+                    assert url.startswith("data:image/png;base64,")
+                    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (84, 112)
+                else:
+                    assert url == f"data:{mime};base64," + base64.b64encode(data).decode("ascii"), mime
+    finally:
+        up.stop()
+
+
 # ---------------------------------------------------------------- pieces
 
 def test_urls_and_error_bodies():

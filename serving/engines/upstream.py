@@ -55,6 +55,7 @@ from requests.adapters import HTTPAdapter
 from serving.engines.base import ModelInfo
 from serving.errors import InvalidRequest, NotReady, RequestTimeout, ServerBusy, ServiceError, UpstreamError
 from serving.jobs import Finished, SamplingParams, TextDelta, TokenLogprob, TopLogprob, read_events
+from serving.intake import images
 from serving.intake.video import Video
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,11 @@ class UpstreamEngine:
         return message
 
     def data_url(self, img) -> str:
+        """The image as the upstream gets it: the bytes as sent when intake changed nothing (the same
+        pixels, and no encoding work here or decoding of a larger file there), else encoded at its size."""
+        passed = passed_on_bytes(img)
+        if passed is not None:
+            return passed
         if self.image_format == "jpeg":
             buf = io.BytesIO()
             img.convert("RGB").save(buf, "JPEG", quality=95, subsampling=0)
@@ -666,6 +672,15 @@ class UpstreamCall:
     def _deliver(self, event) -> None:
         self._delivered = True
         self.events.put(event)
+
+
+def passed_on_bytes(img) -> Optional[str]:
+    """A data URL of the bytes the image was decoded from, when it is still exactly that picture."""
+    source = img.info.get(images.SOURCE)
+    if source is None or img.mode != "RGB" or tuple(source[2]) != tuple(img.size):
+        return None
+    fmt, data, _ = source
+    return f"data:{images.PASSABLE_FORMATS[fmt]};base64," + base64.b64encode(data).decode("ascii")
 
 
 def stored_png(img) -> bytes:

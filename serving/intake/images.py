@@ -28,6 +28,11 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never holds a col
 PATCH_FACTOR = 28  # patch_size 14 x spatial_merge_size 2: image sides are multiples of this
 MAX_ASPECT_RATIO = 200  # the vision tower's limit (qwen-vl-utils' MAX_RATIO)
 ORIGINAL_SIZE = "original_size"  # key of a decoded image's .info: (width, height) as sent, upright
+# key of a decoded image's .info when decoding changed nothing (an RGB picture, upright, at full size):
+# (format, the bytes as sent, size), so a gateway can pass them on instead of encoding the pixels again
+# (serving.engines.upstream); Pillow copies .info to derived images, hence the size to check against
+SOURCE = "source_bytes"
+PASSABLE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 ORIENTATION_TAG = 0x0112  # EXIF Orientation; 5-8 turn the picture a quarter
 _LIMITS = Settings()  # the defaults of the limits below have one owner: the settings
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse by our own limit, quietly
@@ -113,6 +118,8 @@ def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = _LIMITS.ma
                 rgb = _to_rgb(_transpose(_shrink(img, target_pixels), orientation))
             # the size as sent (upright), which a draft decode above may have reduced: what boxes map back to
             rgb.info[ORIGINAL_SIZE] = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            if rgb is img and orientation == 1 and img.size == (width, height) and img.format in PASSABLE_FORMATS:
+                rgb.info[SOURCE] = (img.format, data, rgb.size)
             return rgb
     except TimeoutError:
         raise RequestTimeout("the request took longer than this server's time limit while waiting for memory to "

@@ -27,7 +27,7 @@ from serving.engines.builtin import vision_cache
 from serving.intake.video import Video
 from serving.engines.builtin.cache import ByteLRU
 from serving.engines.base import ModelInfo
-from serving.errors import InvalidRequest
+from serving.errors import InternalError, InvalidRequest
 from serving.jobs import Completion, Finished, Job, Prompt, SamplingParams, TextDelta  # noqa: F401  (the engine's API)
 from serving.engines.builtin.scheduler import Scheduler
 
@@ -255,8 +255,10 @@ class PaddleEngine:
             log.info("model worker: %d CPU math threads", self.cpu_threads)
         try:
             self.scheduler.run()
-        except BaseException:  # the loop itself failed: tell everyone waiting instead of leaving them hanging
+        except BaseException as exc:  # the loop itself failed: tell everyone waiting instead of leaving them hanging
             log.exception("the model worker stopped")
+            self.scheduler.fail_everyone(InternalError(
+                f"the model worker stopped ({type(exc).__name__}); the server must be restarted"))
             raise
 
     def _eos_ids(self) -> list:

@@ -73,6 +73,7 @@ class Scheduler:
         self._sampling = threading.Lock()
         self.closing = False
         self.refusing = None  # an error every job not yet admitted gets instead (refuse_waiting)
+        self.stopped = None  # the error every job gets once the loop itself has failed (fail_everyone)
         # numbers for the metrics (read from other threads: plain ints and floats)
         self.steps = 0
         self.step_seconds = 0.0
@@ -88,6 +89,26 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         self.inbox.put(job)
+        if self.stopped is not None:  # no loop will take it (the check after the put: none slips between)
+            self._fail_inbox()
+
+    def fail_everyone(self, error: Exception) -> None:
+        """The loop itself failed: every request it holds, and any submitted later, ends with `error`."""
+        self.stopped = error
+        for row in list(self.batch.rows) + [item.row for item in self.prefilling]:
+            row.fail(error)
+        while self.waiting:
+            self.waiting.popleft().events.put(error)
+        self._fail_inbox()
+
+    def _fail_inbox(self) -> None:
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, Job):
+                job.events.put(self.stopped)
 
     def stop(self) -> None:
         self.inbox.put(None)
