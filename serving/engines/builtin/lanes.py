@@ -10,8 +10,9 @@ gets its first tokens sooner, and the machine does more per second.
 
 Each lane takes the next prompt in the scheduler's prefill order and works on it within its own
 share of the turn's prefill budget (the scheduler's `advance`); a prompt is in one lane at a time.
-The lanes run only the prompts' own work (each has its own KV cache and vision tower run); joining
-the running batch and sampling stay on the model worker's thread. State the model's forward pass
+The lanes run only the prompts' own work (each has its own KV cache and vision tower run) and the
+first token of a prompt they finish (sent at once; sampled under a lock, as unseeded rows share
+Paddle's generator); joining the running batch stays on the model worker's thread. State the model's forward pass
 keeps between layers is per thread (serving.engines.builtin.speedups), and so are the vision
 cache's keys (PaddleEngine.set_image_keys).
 """

@@ -10,8 +10,8 @@ Each turn of the loop:
    and video tokens and, for new images, goes a few blocks per turn: a long image prompt is spread
    over several turns instead of stalling every stream; with nobody decoding the whole prompt goes
    at once); on a CPU, several prompts are worked on side by side, each lane with its own budget
-   (serving.engines.builtin.lanes); a finished prefill samples its first token and joins the
-   running batch;
+   (serving.engines.builtin.lanes); a finished prefill sends its first token at once and joins
+   the running batch at the end of the turn;
 4. runs one decoding step for every running row, samples each row's token with its own
    settings, and drops finished and cancelled rows at once.
 A request never waits for another request's whole answer, only for steps.
