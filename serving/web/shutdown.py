@@ -96,7 +96,7 @@ class Shutdown:
         if admission.in_flight() or _busy(server):
             log.warning("shutdown: %d requests did not finish writing in %g s; closing their connections",
                         admission.in_flight(), FLUSH_SECONDS)
-        _in_loop(server, lambda: wasyncore.close_all(server._map))  # ends server.run()
+        _in_loop(server, lambda: wasyncore.close_all(server._map, ignore_all=True))  # ends server.run()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=FLUSH_SECONDS)
 
     def finish(self, timeout: float = 60.0) -> None:
@@ -117,8 +117,14 @@ def _stop_listening(server) -> None:
 
 
 def _in_loop(server, thunk) -> None:
-    """Run `thunk` in the server's I/O thread (its loop owns the sockets)."""
-    server.trigger.pull_trigger(thunk)
+    """Run `thunk` in the server's I/O thread (its loop owns the sockets). When the loop's wake-up pipe is
+    already closed (seen once in CI, right after SIGTERM: the loop is ending), run it from here, as
+    serving.web.server.shutdown does."""
+    try:
+        server.trigger.pull_trigger(thunk)
+    except OSError as exc:
+        log.debug("shutdown: the server loop's wake-up pipe is closed (%s); acting from this thread", exc)
+        thunk()
 
 
 def _busy(server) -> bool:
