@@ -166,13 +166,11 @@ def test_a_closed_wake_up_pipe_does_not_stop_the_shutdown(app, settings):
     asked the server loop to close the connections. The shutdown then does it from its own thread."""
     from dataclasses import replace
 
-    from waitress import wasyncore
-
     from serving.web.server import make_server
-    from serving.web.shutdown import _in_loop
+    from serving.web.shutdown import close_connections
 
     server = make_server(app, replace(settings, host="127.0.0.1", port=free_port()))
     server.trigger.close()
-    _in_loop(server, lambda: wasyncore.close_all(server._map, ignore_all=True))
+    close_connections(server)
     assert not server._map  # every channel closed, the listener included: server.run() would return at once
     server.task_dispatcher.shutdown(timeout=5)

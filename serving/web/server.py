@@ -97,12 +97,9 @@ def shutdown(server, timeout: float = 30.0) -> None:
     waitress keeps serving while any connection is open (clients keep idle ones), so close them
     all from the server's own loop, then stop its worker threads.
     """
-    from waitress import wasyncore
+    from serving.web.shutdown import close_connections
 
-    try:
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
-    except OSError:  # its wake-up pipe is already closed (seen once in a test run): close them from here;
-        wasyncore.close_all(server._map, ignore_all=True)  # the loop ends when its map is empty
+    close_connections(server)
     server.task_dispatcher.shutdown(timeout=timeout)
 
 

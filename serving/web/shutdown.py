@@ -71,13 +71,13 @@ class Shutdown:
             self._run()
         except Exception:  # never leave the process half stopped
             log.exception("shutting down failed; closing every connection")
-            _in_loop(self.server, lambda: wasyncore.close_all(self.server._map))
+            close_connections(self.server)
         finally:
             self.done.set()
 
     def _run(self) -> None:
         server, service, admission = self.server, self.state.service, self.state.admission
-        _in_loop(server, lambda: _stop_listening(server))
+        in_server_loop(server, lambda: _stop_listening(server))
         service.begin_shutdown()
         deadline = time.monotonic() + self.grace
         while admission.in_flight() and time.monotonic() < deadline and not self.hurry.is_set():
@@ -96,7 +96,7 @@ class Shutdown:
         if admission.in_flight() or _busy(server):
             log.warning("shutdown: %d requests did not finish writing in %g s; closing their connections",
                         admission.in_flight(), FLUSH_SECONDS)
-        _in_loop(server, lambda: wasyncore.close_all(server._map, ignore_all=True))  # ends server.run()
+        close_connections(server)  # ends server.run()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=FLUSH_SECONDS)
 
     def finish(self, timeout: float = 60.0) -> None:
@@ -116,10 +116,15 @@ def _stop_listening(server) -> None:
     wasyncore.dispatcher.close(server)  # the listener only; the trigger and the connections stay
 
 
-def _in_loop(server, thunk) -> None:
+def close_connections(server) -> None:
+    """Close every connection of a waitress server and its listener: its loop (server.run()) then ends."""
+    in_server_loop(server, lambda: wasyncore.close_all(server._map, ignore_all=True))
+
+
+def in_server_loop(server, thunk) -> None:
     """Run `thunk` in the server's I/O thread (its loop owns the sockets). When the loop's wake-up pipe is
-    already closed (seen once in CI, right after SIGTERM: the loop is ending), run it from here, as
-    serving.web.server.shutdown does."""
+    already closed (seen in a test run and once in CI right after SIGTERM: the loop is ending), run it
+    from here."""
     try:
         server.trigger.pull_trigger(thunk)
     except OSError as exc:
