@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from serving.model import demo
 from serving.model import gpu
 from serving.model import paddle_fixes
+from serving.model import weights
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,10 @@ def load_model(settings) -> LoadedModel:
     where = f"folder {source}" if is_local else f"hub {settings.hub} ({source})"
     log.info("loading %s from %s on %s as %s", settings.model, where, device, dtype)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype, **hub_args)
+        if streams(device, source):
+            model = _stream_from_folder(source, dtype)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype, **hub_args)
         processor = AutoProcessor.from_pretrained(source, **hub_args)
         _use_generation_config(model, source, hub_args)
     except Exception as exc:  # the hub clients raise many kinds; the user needs one message
@@ -125,6 +129,20 @@ def load_model(settings) -> LoadedModel:
     log.info("model ready in %.1f s: %s parameters, %s, %s",
              loaded.load_seconds, f"{loaded.parameter_count:,}", device, dtype)
     return loaded
+
+
+def streams(device: str, source: str) -> bool:
+    """On a CPU a local safetensors folder is streamed into the model (serving.model.weights): peak
+    memory near the loaded size, and nothing written into the folder. A GPU keeps the library's loader
+    (its host copy is freed once on the device; it was not run here, there being no GPU)."""
+    return device == "cpu" and weights.can_stream(source)
+
+
+def _stream_from_folder(source: str, dtype: str):
+    from paddleformers.transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig.from_pretrained(source)
+    return weights.build_and_load(Qwen2_5_VLForConditionalGeneration, source, config, dtype)
 
 
 def _use_generation_config(model, source: str, hub_args: dict) -> None:
