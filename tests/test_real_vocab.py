@@ -150,6 +150,22 @@ def test_a_dtype_the_cpu_cannot_compute_in_is_refused():
     assert choose_dtype("cpu", "auto") == "float32" == choose_dtype("cpu", "float32")
 
 
+def test_bfloat16_on_a_cpu_is_one_line_and_exit_2():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    demo_path("demo-vocab")  # built already: the refusal comes before any loading
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DTYPE", "PORT", "BACKEND")}
+    done = subprocess.run([sys.executable, "api.py", "--model", "demo-vocab", "--dtype", "bfloat16", "--port",
+                           str(free_port()), "--host", "127.0.0.1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--dtype bfloat16 cannot run on cpu" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_an_engine_that_cannot_generate_never_reports_ready(vocab_engine):
     """The warm-up meets the real failure of a fused norm on a CPU (the library's code, fused_rms_norm on)."""
     from serving.engines.builtin import speedups
