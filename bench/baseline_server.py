@@ -171,7 +171,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     import paddle  # noqa: F401  (on the main thread, which serves every request: threaded=False)
 
-    loaded = load(args.model)
+    from serving.model.loader import ModelLoadError
+
+    try:
+        loaded = load(args.model)
+    except ModelLoadError as exc:  # one line and status 2, as our server says it
+        print(f"baseline: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print(f"baseline: model {args.model} loaded", flush=True)
     app = create_app(loaded.model, loaded.processor)
     app.run(host=args.host, port=args.port, threaded=False)

@@ -55,6 +55,22 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture(scope="session")
+def vocab_settings() -> Settings:
+    """demo-vocab: Qwen's real tokenizer and 151,936-token vocabulary, in the published checkpoint form."""
+    return Settings(model="demo-vocab", host="127.0.0.1", port=0, default_max_tokens=16)
+
+
+@pytest.fixture(scope="session")
+def vocab_engine(vocab_settings):
+    return build_engine(vocab_settings)
+
+
+@pytest.fixture()
+def vocab_client(vocab_settings, vocab_engine):
+    return create_app(vocab_settings, vocab_engine).test_client()
+
+
 def LiveServer(app, settings):
     """The app on a free loopback port (the same BackgroundServer the notebook and benchmark use)."""
     return BackgroundServer(app, replace(settings, port=0))

@@ -27,7 +27,9 @@ def test_bad_setting_value_exits_with_message():
 def test_device_and_dtype_on_cpu():
     assert choose_device("auto") == "cpu"
     assert choose_dtype("cpu") == "float32"
-    assert choose_dtype("cpu", "bfloat16") == "bfloat16"
+    assert choose_dtype("cpu", "float32") == "float32"
+    with pytest.raises(ModelLoadError, match="no bfloat16 matmul kernel"):  # Paddle's CPU build cannot compute in it
+        choose_dtype("cpu", "bfloat16")
     with pytest.raises(ModelLoadError, match="GPU"):
         choose_device("gpu")
     with pytest.raises(ModelLoadError):

@@ -17,11 +17,14 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-DEMO_NAMES = {"demo": "small", "demo-small": "small", "demo-bench": "bench"}
+DEMO_NAMES = {"demo": "small", "demo-small": "small", "demo-bench": "bench",
+              # the published form at real scale (serving.model.published): Qwen's real vocabulary
+              "demo-vocab": "vocab", "demo-3b": "3b"}
 
 # Qwen2.5-VL's chat template, as published in the checkpoint's chat_template.json.
 CHAT_TEMPLATE = (
@@ -98,10 +101,17 @@ def is_demo_name(name: str) -> bool:
 
 def demo_path(name: str = "demo", cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the named demo checkpoint, building it the first time."""
+    from serving.model import published  # it builds on this module's pieces
+
     size_name = DEMO_NAMES[name]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    size = SIZES[size_name]
-    digest = hashlib.sha256(json.dumps([BUILD_VERSION, asdict(size), SEED]).encode()).hexdigest()[:12]
+    if size_name in published.SCALES:
+        scale = published.SCALES[size_name]
+        key, build = [published.BUILD_VERSION, asdict(scale), CHAT_TEMPLATE], partial(published.build_checkpoint, scale=scale)
+    else:
+        size = SIZES[size_name]
+        key, build = [BUILD_VERSION, asdict(size)], partial(build_checkpoint, size=size)
+    digest = hashlib.sha256(json.dumps([*key, SEED]).encode()).hexdigest()[:12]
     target = root / f"qwen2_5_vl_demo_{size_name}_{digest}"
     if (target / "model.safetensors.index.json").exists():
         return target
@@ -110,7 +120,7 @@ def demo_path(name: str = "demo", cache_dir: str | os.PathLike | None = None) ->
     # leaves a half-written checkpoint where the loader would find it.
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
     try:
-        build_checkpoint(tmp, size)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

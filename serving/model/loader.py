@@ -57,18 +57,43 @@ def choose_device(requested: str = "auto") -> str:
 
 
 def choose_dtype(device: str, requested: str = "auto") -> str:
+    """The dtype to load in: --dtype when this device can compute in it, else a clear refusal; auto:
+    float32 on a CPU (whatever torch_dtype the checkpoint's config.json names), bf16/fp16 on a GPU."""
     requested = (requested or "auto").lower()
     if requested != "auto":
         if requested not in DTYPES:
             raise ModelLoadError(f"unknown --dtype {requested!r}: use auto, {', '.join(DTYPES)}")
+        missing = missing_kernel(device, requested)
+        if missing:
+            raise ModelLoadError(
+                f"--dtype {requested} cannot run on {device}: this PaddlePaddle build has no {requested} "
+                f"{missing} kernel there ({'use --dtype float32 or auto' if device == 'cpu' else 'use --dtype auto'})")
         return requested
     if device == "cpu":
-        return "float32"  # half precision on CPU is slow or unsupported in Paddle's kernels
+        return "float32"  # Paddle's CPU build has no bfloat16 or float16 matmul (missing_kernel)
     import paddle
 
     index = int(device.split(":")[1]) if ":" in device else 0
     major, _minor = paddle.device.cuda.get_device_capability(index)
     return "bfloat16" if major >= 8 else "float16"  # bfloat16 needs Ampere (sm_80) or newer
+
+
+def missing_kernel(device: str, dtype: str):
+    """None when a tiny matmul in `dtype` runs on `device`, else the name of the missing kernel. Asked of
+    Paddle itself: Paddle 3.3.1's CPU build has no bfloat16 or float16 matmul, so a model loaded in either
+    would load, then fail every request."""
+    import paddle
+
+    place = paddle.CPUPlace() if device == "cpu" else paddle.CUDAPlace(int(device.split(":")[1]) if ":" in device else 0)
+    try:
+        with paddle.no_grad():
+            a = paddle.to_tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, place=place)
+            paddle.matmul(a, a).numpy()
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        if "not registered" in str(exc) or "not support" in str(exc).lower():
+            return "matmul"
+        raise
+    return None
 
 
 def resolve_source(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
@@ -120,7 +145,7 @@ def load_model(settings) -> LoadedModel:
     except Exception as exc:  # the hub clients raise many kinds; the user needs one message
         raise ModelLoadError(_load_failure_message(settings, source, is_local, exc)) from exc
     model.eval()
-    paddle_fixes.apply(model)
+    paddle_fixes.apply(model, device)  # also the kernel choices of this device (fused RMSNorm off on a CPU)
     loaded = LoadedModel(
         model=model, processor=processor, name=settings.model_name, source=source,
         is_demo=is_demo, device=device, dtype=dtype, load_seconds=time.perf_counter() - started)

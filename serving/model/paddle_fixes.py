@@ -1,4 +1,4 @@
-"""Two fixes to PaddleFormers 1.2.0's Qwen2.5-VL generation, applied to a loaded model.
+"""Fixes to PaddleFormers 1.2.0's Qwen2.5-VL, applied to a loaded model.
 
 1. The KV cache is never carried from one decoding step to the next: `generate` only keeps
    `past_key_values` from outputs of type CausalLMOutputWithPast, and Qwen2.5-VL returns its own
@@ -8,15 +8,38 @@
    idiom, which in Paddle indexes the first row, so the rope deltas lose their batch axis and the
    second decoding step fails once the cache is in use.
 
-Both are instance-level wrappers: the library's own code still does all the work.
+3. Kernel choices follow the device the model runs on, not the checkpoint: PaddleFormers' RMSNorm
+   calls the fused kernel `fused_rms_norm_ext` unless the config says `fuse_rms_norm: false`, and
+   that kernel has no CPU implementation ("kernel fused_rms_norm_ext is not registered" on every
+   request). Published checkpoints do not carry the flag, so on a CPU it is set to false on the
+   loaded config objects (top level, text_config, vision_config and any other a layer holds).
+
+The first two are instance-level wrappers: the library's own code still does all the work.
 """
 
 from __future__ import annotations
 
 
-def apply(model) -> None:
+def apply(model, device: str = "cpu") -> None:
     _carry_kv_cache(model)
     _fix_text_only_rope_index(model)
+    use_device_kernels(model, device)
+
+
+def use_device_kernels(model, device: str) -> list:
+    """Turn fused RMSNorm off on a CPU, in every config object the model and its layers read it from
+    (the norms look it up at each call); returns those configs."""
+    if device != "cpu":
+        return []
+    configs = {}
+    for holder in [model, *model.sublayers()]:
+        config = getattr(holder, "config", None)
+        for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+            if c is not None and hasattr(c, "get"):
+                configs[id(c)] = c
+    for c in configs.values():
+        c.fuse_rms_norm = False
+    return list(configs.values())
 
 
 def _carry_kv_cache(model) -> None:

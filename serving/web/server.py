@@ -41,9 +41,11 @@ def build_engine(settings):
     from serving.model.loader import load_model
 
     tune_malloc()  # the model's large short-lived buffers go back to the system when freed (serving.engines.builtin.memory)
-    return PaddleEngine(load_model(settings), max_batch_size=settings.max_batch_size,
-                        max_batch_tokens=settings.max_batch_tokens, prefill_chunk_tokens=settings.prefill_chunk_tokens,
-                        image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads)
+    engine = PaddleEngine(load_model(settings), max_batch_size=settings.max_batch_size,
+                          max_batch_tokens=settings.max_batch_tokens, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                          image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads)
+    engine.warm_up()  # /health says ok only for an engine that has answered
+    return engine
 
 
 def load_in_background(app, settings, on_failure=None, on_ready=None) -> threading.Thread:

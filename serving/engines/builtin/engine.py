@@ -186,6 +186,23 @@ class PaddleEngine:
         """The engine protocol's entry (serving.engines.base.Engine): prompt, then a queued job."""
         return self.submit(self.build_prompt(turns), params)
 
+    def warm_up(self, max_tokens: int = 2) -> None:
+        """A few greedy tokens of a text-only prompt before the engine is reported ready, so that a model
+        that loads but cannot compute here (a kernel this device lacks) fails the start with one line
+        (ModelLoadError: exit 2) instead of passing /health and answering every request with a 500."""
+        from serving.model.loader import ModelLoadError
+        from serving.protocol import ChatTurn
+
+        try:
+            prompt = self.build_prompt([ChatTurn("user", ["Hi"])])
+            self.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0))
+        except Exception as exc:
+            self.close(5.0)
+            cause = exc.__cause__ or exc  # the model's own error behind the scheduler's InternalError
+            reason = " ".join(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".split())
+            raise ModelLoadError(f"the model loaded but cannot generate on {self.loaded.device} as "
+                                 f"{self.loaded.dtype}: {reason[:300]}") from exc
+
     def health(self) -> tuple:
         if not self._worker.is_alive():
             return False, "the model worker has stopped"

@@ -307,7 +307,9 @@ def _media_tokens(arrays: dict) -> int:
 
 def _internal(exc: Exception) -> Exception:
     log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-    return InternalError(f"generation failed ({type(exc).__name__}); the server is still up")
+    error = InternalError(f"generation failed ({type(exc).__name__}); the server is still up")
+    error.__cause__ = exc  # for the engine's own checks (its warm-up); clients see only the message
+    return error
 
 
 def _report(job: Job, exc: Exception) -> None:
