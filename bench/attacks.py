@@ -12,6 +12,7 @@ server held: what "held" means is written beside each result. Exit status 1 when
 
 The attacks: 1,000 idle connections; 100 slowloris connections (headers a byte a second); image URLs
 whose server sends its headers a byte a second; a million one-letter messages and a 30 MB text;
+megabytes of empty JSON objects, nested or flat;
 1-bit 7000x7000 PNGs and truncated JPEGs declaring 7000x7000; client mistakes that used to be 500s;
 `Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; SIGTERM while
 streams run and requests wait (on a server of its own).
@@ -57,11 +58,12 @@ SERVER = dict(max_queue=16, threads=24, idle_timeout=5, header_timeout=3, body_t
               request_timeout=60, max_tokens_limit=64, image_decode_mb=512, shutdown_grace=2)
 SIZES = {
     "full": dict(idle=1000, idle_seconds=20, slowloris=100, slowloris_seconds=60, slow_images=16,
-                 messages=1_000_000, messages_clients=4, bombs=4, memory_images=300),
+                 messages=1_000_000, messages_clients=4, bombs=4, memory_images=300, json_mb=6, json_clients=2),
     "quick": dict(idle=300, idle_seconds=3, slowloris=40, slowloris_seconds=5, slow_images=8,
-                  messages=1_000_000, messages_clients=2, bombs=2, memory_images=4),
+                  messages=1_000_000, messages_clients=2, bombs=2, memory_images=4, json_mb=3, json_clients=1),
 }
-ATTACKS = ("idle", "slowloris", "slow_image", "costly", "bombs", "mistakes", "expect", "memory", "shutdown")
+ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "mistakes", "expect", "memory",
+           "shutdown")
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -345,6 +347,27 @@ def attack_costly(server, size, config) -> Result:
     growth, bound = r.rss["peak"] - r.rss["before"], 120 * (clients + 1)
     r.check(growth < bound, f"RSS grew {growth:.0f} MB at its peak (less than {bound} MB: 120 MB a request, its "
                             "30 MB body buffered and read once)")
+    _chat_check(r)
+    return r
+
+
+def attack_json_shapes(server, size, config) -> Result:
+    mb, clients = size["json_mb"], size["json_clients"]
+    r = Result("json_shapes", f"{clients} x {mb} MB of empty objects nested 900 deep and {clients} x {mb} MB of them "
+                              "flat, in a field the server ignores, at once")
+    count = mb * 2**20 // 3
+    head = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "x": '
+    nested = head + b"[" * 900 + b",".join([b"{}"] * count) + b"]" * 900 + b"}"
+    flat = head + b"[" + b",".join([b"{}"] * count) + b"]}"
+    out = []
+    measured(server, r, lambda: out.extend(post_all(server, [nested] * clients + [flat] * clients, r)))
+    r.figures["answers"] = [f"{s} {_code(p)} in {t:.2f} s" for s, p, t in out]
+    r.check(all(s == 400 and _code(p) in ("json_too_deep", "json_too_complex") for s, p, _ in out),
+            "each refused 400 json_too_deep / json_too_complex")
+    r.check(max(t for _, _, t in out) < 5, "each refused within 5 s (before the JSON is built)")
+    growth, bound = r.rss["peak"] - r.rss["before"], 3 * 2 * clients * mb + 64
+    r.check(growth < bound, f"RSS grew {growth:.0f} MB at its peak (less than {bound} MB: 3x the bodies + 64 MB; "
+                            "3 MB of the nested kind used to take 2.7 GB)")
     _chat_check(r)
     return r
 
@@ -696,7 +719,8 @@ def parse_args(argv):
 
 
 RUNNERS = {"idle": attack_idle, "slowloris": attack_slowloris, "slow_image": attack_slow_image,
-           "costly": attack_costly, "bombs": attack_bombs, "mistakes": attack_mistakes, "expect": attack_expect,
+           "costly": attack_costly, "json_shapes": attack_json_shapes, "bombs": attack_bombs,
+           "mistakes": attack_mistakes, "expect": attack_expect,
            "memory": attack_memory}
 
 

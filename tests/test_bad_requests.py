@@ -90,7 +90,7 @@ TABLE = [
     # ---- the body is not a JSON object
     Bad("not json", b"{not json", 400, "invalid_json"),
     Bad("empty body", b"", 400, "invalid_json"),
-    Bad("deeply nested", b"[" * 50_000, 400, "invalid_json"),
+    Bad("deeply nested", b"[" * 50_000, 400, "json_too_deep", words="64 levels"),
     Bad("invalid utf-8", b"\xff\xfe\x00garbage", 400, "invalid_json"),
     Bad("array body", b"[1, 2]", 400, "invalid_body"),
     Bad("string body", b'"hello"', 400, "invalid_body"),

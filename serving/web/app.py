@@ -9,7 +9,6 @@ serving.web.http_errors'. Nothing here imports Paddle.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import time
@@ -26,7 +25,6 @@ from serving.web import responses
 from serving.web.admission import Admission
 from serving.web.auth import check_api_key
 from serving.chat import ChatService
-from serving.errors import InvalidRequest
 from serving.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -210,10 +208,9 @@ def _json_body():
     data = request.get_data(cache=False)
     settings = _state().settings
     limits.check_raw_body(data, max_messages=settings.max_messages, max_parts=settings.max_content_parts)
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    text = limits.json_text(data)
+    del data  # the bytes are not needed beside their text: memory for the body and its parse, not three copies
+    return limits.parse_json(text, max_tokens=limits.max_json_tokens(settings.max_messages, settings.max_content_parts))
 
 
 def _request_context() -> dict:
