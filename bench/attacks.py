@@ -12,7 +12,7 @@ server held: what "held" means is written beside each result. Exit status 1 when
 
 The attacks: 1,000 idle connections; 100 slowloris connections (headers a byte a second); image URLs
 whose server sends its headers a byte a second; a million one-letter messages and a 30 MB text;
-megabytes of empty JSON objects, nested or flat;
+megabytes of empty JSON objects, nested or flat; GIFs whose screen makes each tiny frame a huge picture;
 1-bit 7000x7000 PNGs and truncated JPEGs declaring 7000x7000; client mistakes that used to be 500s;
 `Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; SIGTERM while
 streams run and requests wait (on a server of its own).
@@ -58,12 +58,14 @@ SERVER = dict(max_queue=16, threads=24, idle_timeout=5, header_timeout=3, body_t
               request_timeout=60, max_tokens_limit=64, image_decode_mb=512, shutdown_grace=2)
 SIZES = {
     "full": dict(idle=1000, idle_seconds=20, slowloris=100, slowloris_seconds=60, slow_images=16,
-                 messages=1_000_000, messages_clients=4, bombs=4, memory_images=300, json_mb=6, json_clients=2),
+                 messages=1_000_000, messages_clients=4, bombs=4, memory_images=300, json_mb=6, json_clients=2,
+                 video_bombs=4),
     "quick": dict(idle=300, idle_seconds=3, slowloris=40, slowloris_seconds=5, slow_images=8,
-                  messages=1_000_000, messages_clients=2, bombs=2, memory_images=4, json_mb=3, json_clients=1),
+                  messages=1_000_000, messages_clients=2, bombs=2, memory_images=4, json_mb=3, json_clients=1,
+                  video_bombs=1),
 }
-ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "mistakes", "expect", "memory",
-           "shutdown")
+ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes", "expect",
+           "memory", "shutdown")
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -390,6 +392,29 @@ def attack_bombs(server, size, config) -> Result:
     return r
 
 
+def attack_video_bombs(server, size, config) -> Result:
+    k = size["video_bombs"]
+    r = Result("video_bombs", f"{k} GIFs with a 7000x7000 screen and 200 1x1 frames and {k} with a 5000x5000 screen "
+                              "and 400, sent as videos, at once")
+    huge, costly = _gif_bomb(7000, 200), _gif_bomb(5000, 400)
+    bodies = [_video_body(huge)] * k + [_video_body(costly)] * k
+    out, cpu = [], {"before": _cpu_seconds(server)}
+    measured(server, r, lambda: out.extend(post_all(server, bodies, r, timeout=120)))
+    cpu["after"] = _cpu_seconds(server)
+    r.figures["sizes"] = f"{len(huge):,} and {len(costly):,} bytes"
+    r.figures["answers"] = [f"{s} {_code(p)} in {t:.2f} s" for s, p, t in out]
+    if cpu["before"] is not None and cpu["after"] is not None:
+        spent = cpu["after"] - cpu["before"]
+        r.figures["server CPU seconds during the attack"] = f"{spent:.1f}"
+        r.check(spent < 3 + k, f"the server spent {spent:.1f} CPU seconds (less than {3 + k}: nothing decoded; each "
+                               "used to decode until its deadline)")
+    r.check(all(s == 400 and _code(p) in ("video_too_many_pixels", "video_too_costly") for s, p, _ in out),
+            "each refused 400 video_too_many_pixels / video_too_costly")
+    r.check(max(t for _, _, t in out) < 5, "each refused within 5 s (before decoding)")
+    _chat_check(r)
+    return r
+
+
 MISTAKES = [
     # (name, body or raw bytes, status, code, words the message must hold)
     ("seed 2^64", {**SMALL, "seed": 2**64}, 400, "invalid_value", "seed"),
@@ -606,6 +631,38 @@ def _image_body(data: bytes, max_tokens=2, **part) -> dict:
             "max_tokens": max_tokens}
 
 
+def _gif_bomb(side: int, frames: int) -> bytes:
+    """A few KB of GIF: a side x side screen and `frames` 1x1 frames 10 ms apart (FFmpeg paints the whole screen
+    for each)."""
+    import struct
+
+    out = io.BytesIO()
+    out.write(b"GIF89a" + struct.pack("<HHBBB", side, side, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff")
+    for k in range(frames):
+        out.write(b"!\xf9\x04\x00\x01\x00\x00\x00" + b"," + struct.pack("<HHHHB", k % side, 0, 1, 1, 0)
+                  + b"\x02\x02\x44\x01\x00")
+    return out.getvalue() + b";"
+
+
+def _video_body(data: bytes) -> dict:
+    part = {"type": "video", "video": "data:image/gif;base64," + base64.b64encode(data).decode()}
+    return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}],
+            "max_tokens": 2}
+
+
+def _cpu_seconds(server):
+    """The server process's CPU seconds (user + system), or None when it cannot be read."""
+    try:
+        if server.pid:
+            import psutil
+
+            times = psutil.Process(server.pid).cpu_times()
+            return times.user + times.system
+        return server.metric("process_cpu_seconds_total")
+    except Exception:  # noqa: BLE001  (a server of another machine's user, or no /metrics)
+        return None
+
+
 def _one_bit_png(side: int) -> bytes:
     from PIL import Image
 
@@ -720,6 +777,7 @@ def parse_args(argv):
 
 RUNNERS = {"idle": attack_idle, "slowloris": attack_slowloris, "slow_image": attack_slow_image,
            "costly": attack_costly, "json_shapes": attack_json_shapes, "bombs": attack_bombs,
+           "video_bombs": attack_video_bombs,
            "mistakes": attack_mistakes, "expect": attack_expect,
            "memory": attack_memory}
 

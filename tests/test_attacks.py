@@ -23,9 +23,9 @@ def test_every_attack_held(quick_run):
     proc, results = quick_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     names = [a["name"] for a in results["attacks"]]
-    assert names == ["idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "mistakes", "expect", "memory", "shutdown"]
+    assert names == ["idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes", "expect", "memory", "shutdown"]
     assert all(a["held"] and a["checks"] for a in results["attacks"])
-    assert "10 of 10 attacks held" in proc.stdout
+    assert "11 of 11 attacks held" in proc.stdout
 
 
 def test_each_attack_reports_what_was_held(quick_run):
@@ -39,6 +39,7 @@ def test_each_attack_reports_what_was_held(quick_run):
     assert attacks["slow_image"]["by_status"] == {"400": 8}
     assert attacks["costly"]["by_status"] == {"400": 3}
     assert attacks["json_shapes"]["by_status"] == {"400": 2}
+    assert attacks["video_bombs"]["by_status"] == {"400": 2}
     assert attacks["mistakes"]["by_status"].get("500") is None
     assert attacks["expect"]["by_status"] == {"413": 1}
     assert attacks["memory"]["by_status"] == {"200": 4}
