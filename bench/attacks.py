@@ -3,7 +3,7 @@
     python -m bench.attacks                   # every attack, on a demo server it starts on loopback (~5 min)
     python -m bench.attacks --quick           # the short run CI does (tests/test_attacks.py, under a minute)
     python -m bench.attacks --only idle,slowloris --json out.json
-    python -m bench.attacks --url http://127.0.0.1:8080 --pid 1234   # a server of yours (loopback; no shutdown)
+    python -m bench.attacks --url http://127.0.0.1:8080 --pid 1234   # a server of yours (loopback; no shutdown or hangups)
 
 While each attack runs, a prober asks for /health every 0.2 s and for a small chat (2 tokens) every
 second. Printed per attack: the attack's own requests (sent, answered, by status), the probes'
@@ -14,8 +14,8 @@ The attacks: 1,000 idle connections; 100 slowloris connections (headers a byte a
 whose server sends its headers a byte a second; a million one-letter messages and a 30 MB text;
 megabytes of empty JSON objects, nested or flat; GIFs whose screen makes each tiny frame a huge picture;
 1-bit 7000x7000 PNGs and truncated JPEGs declaring 7000x7000; client mistakes that used to be 500s;
-`Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; SIGTERM while
-streams run and requests wait (on a server of its own).
+`Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; clients that hang
+up on long plain answers and SIGTERM while streams run and requests wait (each on a server of its own).
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ SERVER = dict(max_queue=16, threads=24, idle_timeout=5, header_timeout=3, body_t
 SIZES = {
     "full": dict(idle=1000, idle_seconds=20, slowloris=100, slowloris_seconds=60, slow_images=16,
                  messages=1_000_000, messages_clients=4, bombs=4, memory_images=300, json_mb=6, json_clients=2,
-                 video_bombs=4),
+                 video_bombs=4, hangups=16),
     "quick": dict(idle=300, idle_seconds=3, slowloris=40, slowloris_seconds=5, slow_images=8,
                   messages=1_000_000, messages_clients=2, bombs=2, memory_images=4, json_mb=3, json_clients=1,
-                  video_bombs=1),
+                  video_bombs=1, hangups=4),
 }
 ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes", "expect",
-           "memory", "shutdown")
+           "memory", "hangups", "shutdown")
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -500,6 +500,42 @@ def attack_memory(server, size, config) -> Result:
     return r
 
 
+def attack_hangups(size, log_dir: Path) -> Result:
+    """MAX_QUEUE clients ask for long plain (not streamed) answers and hang up after 50 ms (a server of its own,
+    whose MAX_QUEUE is that many and max_tokens may be long)."""
+    n = size["hangups"]
+    r = Result("hangups", f"{n} clients (MAX_QUEUE {n}) ask for 4,000-token plain answers and hang up after 50 ms")
+    server = spawn(log_dir, {"max_queue": n, "max_tokens_limit": 4096}, name="attack-hangups")
+    try:
+        payload = json.dumps(LONG).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        r.rss["before"] = server.rss_mb()
+        socks = [socket.create_connection(_addr(server), timeout=10) for _ in range(n)]
+        for s in socks:
+            s.sendall(request)
+        time.sleep(0.05)
+        for s in socks:
+            s.close()
+        r.sent = n
+        hung_up = time.monotonic()
+        held = [server.metric("qwenvl_requests_in_flight")]
+        while held[-1] and time.monotonic() - hung_up < 60:
+            time.sleep(0.1)
+            held.append(server.metric("qwenvl_requests_in_flight"))
+        freed = time.monotonic() - hung_up
+        out = post_all(server, [SMALL] * n, Result("probe", ""), timeout=30)  # every place taken again at once
+        r.rss["after"] = server.rss_mb()
+    finally:
+        server.stop()
+    r.figures["places held after the hang-ups"] = f"{held[0]:.0f} of {n}, all free after {freed:.1f} s"
+    r.figures["then"] = f"{n} small chats at once: " + ", ".join(f"{s}" for s, _, _ in out)
+    r.check(freed < 3, f"every place free within 3 s of the hang-up ({freed:.1f} s; it used to be held for the whole "
+                       "answer: 214-240 s)")
+    r.check(all(s == 200 for s, _, _ in out), f"then {n} small chats at once all answered 200 (no 429)")
+    return r
+
+
 def attack_shutdown(size, log_dir: Path) -> Result:
     """SIGTERM on a server of its own while 2 streams run and 2 requests wait; grace 1 s."""
     r = Result("shutdown", "SIGTERM while 2 long streams run and 2 more requests wait (MAX_BATCH_SIZE 2, "
@@ -760,7 +796,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller attacks, for CI")
     p.add_argument("--only", default="", help=f"comma-separated attacks: {', '.join(ATTACKS)}")
-    p.add_argument("--url", help="a server already running on this machine (loopback only; no shutdown attack)")
+    p.add_argument("--url", help="a server already running on this machine (loopback only; no shutdown or hangups attack)")
     p.add_argument("--pid", type=int, help="the --url server's process id, for its RSS (else read from /metrics)")
     p.add_argument("--api-key", default=os.environ.get("API_KEY", ""), help="bearer key for --url")
     p.add_argument("--json", help="write the results to this file")
@@ -782,19 +818,23 @@ RUNNERS = {"idle": attack_idle, "slowloris": attack_slowloris, "slow_image": att
            "memory": attack_memory}
 
 
+OWN_SERVER = {"hangups": attack_hangups, "shutdown": attack_shutdown}  # each starts a server of its own
+
+
 def run_attacks(server, *, names=ATTACKS, size="quick", config=None, log_dir=None, show=True) -> list:
     """Run the named attacks on `server` (anything with .url, .headers, .rss_mb(), .metric(): this module's
     Server or bench.load's) and return their Results. `config`: the server's settings that the checks
-    judge by (idle_timeout, header_timeout, image_fetch_timeout; an unknown one is not judged). "shutdown"
-    starts a server of its own (in `log_dir`) and is skipped without one. `size`: "quick", "full" or a dict."""
+    judge by (idle_timeout, header_timeout, image_fetch_timeout; an unknown one is not judged). "hangups" and
+    "shutdown" start servers of their own (in `log_dir`) and are skipped without one. `size`: "quick", "full" or
+    a dict."""
     size = dict(SIZES[size]) if isinstance(size, str) else size
     _raise_file_limit(size["idle"] + size["slowloris"] + 512)
     results = []
     for name in names:
-        if name == "shutdown":
+        if name in OWN_SERVER:
             if log_dir is None:
                 continue
-            results.append(attack_shutdown(size, Path(log_dir)))
+            results.append(OWN_SERVER[name](size, Path(log_dir)))
         else:
             results.append(RUNNERS[name](server, size, config or {}))
         if show:

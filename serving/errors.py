@@ -50,6 +50,12 @@ class RequestTimeout(ServiceError):
     """The request ran past the server's time limit and was cancelled."""
 
 
+class ClientGone(ServiceError):
+    """The client closed its connection before its answer was complete; the answer was cancelled."""
+
+    default_code = "client_closed_request"
+
+
 class InternalError(ServiceError):
     """A failure of the server itself; the next request is served normally."""
 

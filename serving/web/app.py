@@ -24,6 +24,7 @@ from serving.web import openapi
 from serving.web import responses
 from serving.web.admission import Admission
 from serving.web.auth import check_api_key
+from serving.web.disconnects import DisconnectWatch
 from serving.chat import ChatService
 from serving.web.metrics import Metrics
 
@@ -44,6 +45,7 @@ class AppState:
     admission: Admission
     spec: dict
     started: int  # when the app was made (the model card's `created`)
+    disconnects: DisconnectWatch  # answers whose client has gone are cancelled (serving.web.disconnects)
 
 
 def create_app(settings, engine=None) -> Flask:
@@ -55,7 +57,7 @@ def create_app(settings, engine=None) -> Flask:
     admission = Admission(settings.max_queue)
     metrics.watch(in_flight=admission.in_flight, engine=lambda: service.engine)
     app.extensions["qwenvl"] = AppState(settings, service, metrics, admission, openapi.build_spec(settings),
-                                        protocol.now())
+                                        protocol.now(), DisconnectWatch())
     images.limit_pillow(settings.max_image_pixels)
     if settings.max_queue >= settings.threads:
         log.warning("MAX_QUEUE (%d) >= THREADS (%d): excess requests wait for a thread instead of getting 429",
@@ -175,20 +177,28 @@ def _chat(state: AppState, slot) -> Response:
     if req.model_extra:
         log.info("request %s: ignoring unknown fields %s", g.request_id, sorted(req.model_extra)[:10])
     reply = state.service.start_request(req, started=g.started)
+    # a client that hangs up while its answer is generated: the answer is cancelled (499), its place freed
+    unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
     g.prompt_tokens = reply.prompt_tokens
     model, logprobs = state.service.engine.info.name, bool(req.logprobs)
     if req.stream:
         on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
-        body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
-                                include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        try:
+            body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
+                                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        except BaseException:
+            unwatch()
+            raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": g.request_id}
         response = Response(body, mimetype="text/event-stream", headers=headers)
         response.call_on_close(reply.cancel)  # also when the stream is never iterated
+        response.call_on_close(unwatch)
         return response
     try:
         completion = responses.completion(reply, model=model, logprobs=logprobs)
     finally:
         reply.cancel()
+        unwatch()
     g.completion_tokens = completion["usage"]["completion_tokens"]
     g.prompt_tokens = completion["usage"]["prompt_tokens"]  # an upstream engine knows it only at the end
     return jsonify(completion)

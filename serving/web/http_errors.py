@@ -29,6 +29,7 @@ TABLE = {
     errors.UpstreamError: (502, "server_error"),
     errors.NotReady: (503, "service_unavailable"),
     errors.RequestTimeout: (504, "timeout_error"),
+    errors.ClientGone: (499, "client_closed_request"),  # nginx's status: logged, never read by the client
 }
 
 
