@@ -79,3 +79,33 @@ def test_api_py_fails_cleanly_offline(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_folder_is_only_read_while_loading(tmp_path):
+    """PaddleFormers writes flex-ckpt.auto_generated.metadata (under a .lock) into the folder it loads from: a
+    read-only folder could not be served and two servers loading one folder raced. Loaded through a private
+    view, the folder is left exactly as it was (no file added, removed or touched)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from serving.model import demo
+
+    source = demo.demo_path("demo")
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("flex-ckpt*"))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    folder.chmod(0o555)  # as far as the user allows (root ignores it): the check below is what counts
+    try:
+        loaded = load_model(Settings(model=str(folder)))
+    finally:
+        folder.chmod(0o755)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    weights = {}
+    for shard in folder.glob("*.safetensors"):
+        weights.update(load_file(shard))
+    name = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    state = loaded.model.state_dict()
+    loaded_name = next(k for k in state if k.endswith("embed_tokens.weight"))
+    assert np.array_equal(state[loaded_name].numpy(), weights[name])  # the weights did load, from the view

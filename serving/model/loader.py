@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -110,7 +113,8 @@ def load_model(settings) -> LoadedModel:
     where = f"folder {source}" if is_local else f"hub {settings.hub} ({source})"
     log.info("loading %s from %s on %s as %s", settings.model, where, device, dtype)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype, **hub_args)
+        with _load_view(source) if is_local else contextlib.nullcontext(source) as folder:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, **hub_args)
         processor = AutoProcessor.from_pretrained(source, **hub_args)
         _use_generation_config(model, source, hub_args)
     except Exception as exc:  # the hub clients raise many kinds; the user needs one message
@@ -125,6 +129,29 @@ def load_model(settings) -> LoadedModel:
     log.info("model ready in %.1f s: %s parameters, %s, %s",
              loaded.load_seconds, f"{loaded.parameter_count:,}", device, dtype)
     return loaded
+
+
+FLEX_METADATA = "flex-ckpt.auto_generated.metadata"  # what PaddleFormers' loader writes beside the weights
+
+
+@contextlib.contextmanager
+def _load_view(folder: str):
+    """A private temporary folder of symbolic links to `folder`'s files, to load the weights from.
+
+    PaddleFormers (flex_checkpoint, the default format) deletes and writes `flex-ckpt.auto_generated.metadata`,
+    under a `.lock` file, into the folder it loads from, on every load: a read-only model folder could not be
+    served ("Read-only file system"), and two servers loading one folder at once raced (one deleted the file
+    the other had just written: IndexError, or a stall). Through the view it writes into a folder of this load
+    alone; the model folder is only read. A metadata file already in the folder is left out: the loader makes it
+    anew every time anyway."""
+    view = tempfile.mkdtemp(prefix="qwenvl-load-")
+    try:
+        for entry in os.scandir(folder):
+            if not entry.name.startswith(FLEX_METADATA):
+                os.symlink(os.path.abspath(entry.path), os.path.join(view, entry.name))
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
 
 
 def _use_generation_config(model, source: str, hub_args: dict) -> None:
