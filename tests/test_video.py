@@ -795,3 +795,14 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("data", [
+    lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect width="50" height="50"/></svg>',
+    lambda: make_video(seconds=0.5, fps=4, size=(64, 48)).replace(b"avc1", b"zzzz"),  # a fourcc FFmpeg cannot decode
+], ids=["svg", "unknown fourcc"])
+def test_a_stream_ffmpeg_cannot_decode_is_a_400(data):
+    """FFmpeg opens these but has no decoder for their stream (no codec context): it was an AttributeError, a 500."""
+    with pytest.raises(VideoError) as caught:
+        video.decode(data(), SMALL, param="p")
+    assert caught.value.code == "invalid_video" and "no decoder" in caught.value.message

@@ -333,6 +333,9 @@ def _probe(data: bytes, limits: VideoLimits, param: str, deadline) -> _Probe:
     with _open(data, param) as container:
         stream = _video_stream(container, param)
         context = stream.codec_context
+        if context is None:  # FFmpeg has no decoder for it (an SVG, an unknown fourcc)
+            raise VideoError("the file's video stream is in a format FFmpeg has no decoder for here", param=param,
+                             code="invalid_video")
         width, height = int(context.width or 0), int(context.height or 0)
         _check_frame_pixels(width, height, limits, param)
         declared = _declared_seconds(container, stream)
