@@ -433,6 +433,14 @@ MISTAKES = [
     ("image declaring 400 MP", "HUGE_HEADER", 400, "image_too_many_pixels", "MAX_IMAGE_PIXELS"),
     ("max_pixels 3136 on a 199:1 image", "THIN", 400, "invalid_image_size", "max_pixels"),
     ("max_pixels 50000 on a 166:1 image", "THIN166", 400, "invalid_image_size", "max_pixels"),
+    ("repetition_penalty 1e309", b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, '
+                                 b'"repetition_penalty": 1e309}', 400, "invalid_value", "finite"),
+    ("tool_calls on a user message", {"messages": [{"role": "user", "content": "Hi", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}], "max_tokens": 2}, 400,
+     "invalid_value", "only assistant messages"),
+    ("a DDS image", "DDS", 400, "invalid_image", "JPEG, PNG"),
+    ("an SVG sent as a video", "SVG_VIDEO", 400, "invalid_video", "no decoder"),
+    ("a frame list at fps 5e-324", "TINY_FPS", 400, "video_too_long", "limit"),
 ]
 
 
@@ -755,6 +763,18 @@ def _mistake_body(body):
         Image.new("RGB", (64, 64)).save(buf, "JPEG")
         damaged = base64.b64encode(buf.getvalue()).decode()[:-30] + "@@@@"  # starts with /9j/, like a path
         return {"messages": [{"role": "user", "content": [{"type": "image", "image": damaged}]}], "max_tokens": 2}
+    if body == "DDS":
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buf, "DDS")
+        return _image_body(buf.getvalue())
+    if body == "SVG_VIDEO":
+        return _video_body(b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect width="50"/></svg>')
+    if body == "TINY_FPS":
+        frame = base64.b64encode(_png((56, 56))).decode()
+        return {"messages": [{"role": "user", "content": [{"type": "video", "video": [frame] * 4, "fps": 5e-324}]}],
+                "max_tokens": 2}
     if body == "HUGE_HEADER":
         return _image_body(_header_only_png(20000, 20000))
     if body in ("THIN", "THIN166"):

@@ -124,6 +124,20 @@ TABLE = [
     Bad("stream a list", say("x", stream=[1]), 400, "invalid_value", "stream"),
     Bad("stream_options a string", say("x", stream_options="x"), 400, "invalid_value", "stream_options"),
     Bad("repetition_penalty zero", say("x", repetition_penalty=0), 400, "invalid_value", "repetition_penalty"),
+    Bad("repetition_penalty 1e309 (infinity)", b'{"messages": [{"role": "user", "content": "x"}], '
+        b'"repetition_penalty": 1e309}', 400, "invalid_value", "repetition_penalty", words="finite"),
+    Bad("repetition_penalty Infinity", b'{"messages": [{"role": "user", "content": "x"}], '
+        b'"repetition_penalty": Infinity}', 400, "invalid_value", "repetition_penalty"),
+    Bad("tool_calls on a user message", {"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "invalid_value",
+        "messages[0].tool_calls", words="only assistant messages"),
+    Bad("tool_calls on a system message", {"messages": [{"role": "system", "content": "x", "tool_calls": "yes"},
+                                                        {"role": "user", "content": "x"}]}, 400, "invalid_value",
+        "messages[0].tool_calls"),
+    Bad("a tools schema nested 300 deep", say("x", tools=[{"type": "function", "function": {
+        "name": "f", "parameters": json.loads('{"a":' * 300 + "1" + "}" * 300)}}]), 400, "json_too_deep"),
+    Bad("a frame list at fps 5e-324", say([{"type": "video", "video": [b64(png_bytes((56, 56)))] * 4,
+                                            "fps": 5e-324}]), 400, "video_too_long"),
     Bad("seed a word", say("x", seed="abc"), 400, "invalid_value", "seed"),
     Bad("seed 2^64", say("x", seed=2**64, temperature=1.0), 400, "invalid_value", "seed"),
     Bad("seed 10^100", say("x", seed=10**100, temperature=1.0), 400, "invalid_value", "seed"),

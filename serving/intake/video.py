@@ -510,6 +510,7 @@ def from_images(images, limits: VideoLimits = VideoLimits(), *, count: Optional[
                          param=param, code="too_many_frames")
     total = _ceil(given, TEMPORAL_PATCH)
     rate = float(fps or limits.fps)
+    _check_seconds(given / rate, limits, param)  # a tiny fps makes a few frames a very long video
     frames = None
     seen = 0
     for img in images:
