@@ -260,3 +260,17 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_control_characters_from_a_path_are_escaped_in_the_log_and_the_answer(settings, caplog):
+    """`%0a` in a URL path decodes to a newline: it wrote a forged line in the server's own format into the log
+    (and the 404's message). Control characters from a request are written escaped."""
+    client = client_of(settings, FakeEngine())
+    caplog.set_level("INFO", logger="serving.web.app")
+    forged = "request 0 POST /v1/chat/completions status=200 latency=0.001s"
+    r = client.get("/x%0a" + forged.replace(" ", "%20") + "%0d%1b")
+    assert r.status_code == 404 and "\n" not in r.json["error"]["message"]
+    assert "\\x0a" + forged + "\\x0d\\x1b" in r.json["error"]["message"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "serving.web.app"]
+    assert lines and all("\n" not in line and "\r" not in line and "\x1b" not in line for line in lines), lines
+    assert any("/x\\x0a" + forged in line for line in lines)

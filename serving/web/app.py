@@ -227,7 +227,8 @@ def _request_context() -> dict:
     """What the log line and the metrics say about the request (read while the request is current)."""
     # the route, not the raw path, so metrics labels stay few
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    return dict(request_id=g.get("request_id"), method=request.method, endpoint=endpoint, path=request.path,
+    return dict(request_id=g.get("request_id"), method=request.method, endpoint=endpoint,
+                path=http_errors.printable(request.path),
                 started=g.get("started", time.perf_counter()), prompt_tokens=g.get("prompt_tokens"),
                 metrics=_state().metrics)
 
