@@ -274,3 +274,17 @@ def test_control_characters_from_a_path_are_escaped_in_the_log_and_the_answer(se
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "serving.web.app"]
     assert lines and all("\n" not in line and "\r" not in line and "\x1b" not in line for line in lines), lines
     assert any("/x\\x0a" + forged in line for line in lines)
+
+
+def test_a_non_ascii_api_key_works_as_utf8_and_as_latin1(settings):
+    """Header values reach the app as latin-1 text: a key with 'é' sent in UTF-8 (curl) arrived as 'Ã©' and never
+    matched. The bytes sent are compared, as UTF-8 or latin-1 (Python's http.client)."""
+    client = client_of(replace(settings, api_key=("clé-ключ", "café")), FakeEngine())
+
+    def status(raw: bytes) -> int:
+        header = "Bearer " + raw.decode("latin-1")  # what the WSGI server makes of the bytes on the wire
+        return client.get("/v1/models", environ_overrides={"HTTP_AUTHORIZATION": header}).status_code
+
+    assert status("clé-ключ".encode()) == 200
+    assert status("café".encode()) == 200 and status("café".encode("latin-1")) == 200
+    assert status("cafe".encode()) == 401 and status("clé".encode()) == 401
