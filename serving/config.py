@@ -61,6 +61,10 @@ class Settings:
     api_key: tuple = field(default=(), metadata={
         "help": "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer <key>'",
         "type": _keys})
+    allowed_hosts: tuple = field(default=(), metadata={
+        "help": "comma-separated host names (as in the Host header, without the port) this server answers; others "
+                "get 400 (empty: any). Without API keys, set it (127.0.0.1,localhost) so a web page cannot read "
+                "answers from it through DNS rebinding", "type": _keys})
     default_max_tokens: int = field(default=512, metadata={
         "help": "max_tokens when a request gives none"})
     max_tokens_limit: int = field(default=4096, metadata={

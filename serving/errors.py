@@ -28,6 +28,12 @@ class InvalidRequest(ServiceError):
     default_code = "invalid_value"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """The body is not declared as JSON (Content-Type)."""
+
+    default_code = "unsupported_media_type"
+
+
 class ImageError(InvalidRequest):
     """An image could not be read or used; `param` names where it was in the request."""
 

@@ -18,6 +18,7 @@ LIMITS = dict(api_key=("k1", KEY), max_images=2, max_image_bytes=100_000, max_im
               max_request_bytes=2_000_000, image_url_allow_hosts=("127.0.0.1",), image_fetch_timeout=1.0,
               max_tokens_limit=64, default_max_tokens=4, max_messages=50, max_content_parts=60)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found", 405: "invalid_request_error",
+         415: "invalid_request_error",
          413: "invalid_request_error", 503: "service_unavailable"}
 
 
@@ -96,6 +97,13 @@ TABLE = [
     Bad("string body", b'"hello"', 400, "invalid_body"),
     Bad("null body", b"null", 400, "invalid_body"),
     Bad("body over MAX_REQUEST_BYTES", b"{" + b" " * 2_100_000 + b"}", 413, "request_too_large"),
+    # a page in a browser may send these to a local server without a CORS preflight (the "Also" of issue 21)
+    Bad("text/plain body", say("x"), 415, "unsupported_media_type", headers=dict(AUTH, **{"Content-Type": "text/plain"}),
+        words="application/json"),
+    Bad("form body", say("x"), 415, "unsupported_media_type",
+        headers=dict(AUTH, **{"Content-Type": "application/x-www-form-urlencoded"})),
+    Bad("no Content-Type", say("x"), 415, "unsupported_media_type", headers=dict(AUTH, **{"Content-Type": ""}),
+        words="not declared"),
     # ---- schema
     Bad("no messages", {}, 400, "invalid_value", "messages"),
     Bad("empty messages", {"messages": []}, 400, "invalid_value", "messages"),
@@ -279,6 +287,7 @@ def send(server, row, image_server):
     body = row.body(image_server) if callable(row.body) else row.body
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     headers = {"Content-Type": "application/json", **row.headers}
+    headers = {k: v for k, v in headers.items() if v != ""}  # "": the header left out
     return requests.request(row.method, server.base_url + row.path, data=data, headers=headers, timeout=60)
 
 

@@ -288,3 +288,26 @@ def test_a_non_ascii_api_key_works_as_utf8_and_as_latin1(settings):
     assert status("clé-ключ".encode()) == 200
     assert status("café".encode()) == 200 and status("café".encode("latin-1")) == 200
     assert status("cafe".encode()) == 401 and status("clé".encode()) == 401
+
+
+def test_allowed_hosts_refuses_other_host_names(settings):
+    """ALLOWED_HOSTS: a page on another origin that rebinds its DNS name to 127.0.0.1 reaches the server with its
+    own name in Host; that is refused, the listed names (with any port) are answered."""
+    client = client_of(replace(settings, allowed_hosts=("127.0.0.1", "LocalHost", "::1")), FakeEngine())
+    for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:80", "[::1]:8080"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    r = client.post(CHAT, json=say(), headers={"Host": "evil.example:8080"})
+    assert r.status_code == 400 and r.json["error"]["code"] == "host_not_allowed"
+    assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+    assert client_of(settings, FakeEngine()).get("/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_a_chat_body_must_be_declared_json(settings):
+    """A browser sends text/plain or a form to any server without a CORS preflight; application/json needs one,
+    which this server never grants. So a web page cannot drive a local server without API keys."""
+    client = client_of(settings, FakeEngine())
+    body = json.dumps(say())
+    for content_type in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data"):
+        r = client.post(CHAT, data=body, content_type=content_type)
+        assert r.status_code == 415 and r.json["error"]["code"] == "unsupported_media_type", content_type
+    assert client.post(CHAT, data=body, content_type="application/json; charset=utf-8").status_code == 200

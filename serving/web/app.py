@@ -19,6 +19,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from serving import limits, protocol
 from serving.web import http_errors
+from serving.web.http_errors import printable
 from serving.intake import images
 from serving.web import openapi
 from serving.web import responses
@@ -26,6 +27,7 @@ from serving.web.admission import Admission
 from serving.web.auth import check_api_key
 from serving.web.disconnects import DisconnectWatch
 from serving.chat import ChatService
+from serving.errors import InvalidRequest, UnsupportedMediaType
 from serving.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,11 @@ def _start():
     client_id = request.headers.get("X-Request-Id", "")
     g.request_id = client_id if _REQUEST_ID.match(client_id) else uuid.uuid4().hex
     g.started = time.perf_counter()
-    keys = _state().settings.api_key
+    settings = _state().settings
+    if settings.allowed_hosts and _host_name(request.host) not in {h.lower() for h in settings.allowed_hosts}:
+        raise InvalidRequest(f"this server does not answer for the host {printable(request.host)!r} (ALLOWED_HOSTS)",
+                             code="host_not_allowed")
+    keys = settings.api_key
     if request.path.startswith("/v1/") and keys:
         check_api_key(request.headers.get("Authorization", ""), keys)
 
@@ -215,12 +221,26 @@ def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
 # ---------------------------------------------------------------- helpers
 
 def _json_body():
+    if request.mimetype != "application/json":
+        # a web page can make a visitor's browser POST text/plain or a form to a server on their machine without
+        # asking first; application/json needs the browser to ask (CORS preflight), which this server never allows
+        raise UnsupportedMediaType(f"the request body must be sent as JSON with 'Content-Type: application/json' "
+                                   f"(it was {printable(request.mimetype) or 'not declared'})",
+                                   code="unsupported_media_type")
     data = request.get_data(cache=False)
     settings = _state().settings
     limits.check_raw_body(data, max_messages=settings.max_messages, max_parts=settings.max_content_parts)
     text = limits.json_text(data)
     del data  # the bytes are not needed beside their text: memory for the body and its parse, not three copies
     return limits.parse_json(text, max_tokens=limits.max_json_tokens(settings.max_messages, settings.max_content_parts))
+
+
+def _host_name(host: str) -> str:
+    """The Host header's name without its port, lower case ("[::1]:8080" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _request_context() -> dict:

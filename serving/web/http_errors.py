@@ -32,6 +32,7 @@ def printable(text: str) -> str:
 TABLE = {
     errors.InvalidRequest: (400, "invalid_request_error"),
     errors.ImageError: (400, "invalid_request_error"),
+    errors.UnsupportedMediaType: (415, "invalid_request_error"),
     errors.AuthenticationError: (401, "authentication_error"),
     errors.ServerBusy: (429, "rate_limit_error"),
     errors.InternalError: (500, "server_error"),
