@@ -774,3 +774,44 @@ def test_client_mistakes_are_400s_through_the_gateway(settings):
             assert chat(gw.url, {"messages": [{"role": "user", "content": "x"}]}).status_code == 200
     finally:
         up.stop()
+
+
+@pytest.mark.parametrize("events, stream", [
+    ([chunk(role="assistant", content=""), {"object": "chat.completion.chunk", "choices": [{
+        "index": 0, "delta": {"content": "a"}, "finish_reason": None,
+        "logprobs": {"content": [{"token": "a", "logprob": float("nan"), "bytes": [97], "top_logprobs": []}]}}]},
+      chunk(finish="stop")], True),
+    ([chunk(role="assistant", content=""), chunk(content={"text": "a dict"}), chunk(finish="stop")], False),
+    ([chunk(role="assistant", content=""), chunk(content=7), chunk(finish="stop")], True),
+], ids=["NaN logprob", "dict content", "int content"])
+def test_malformed_upstream_values_are_not_passed_on(settings, events, stream):
+    """An upstream's values are checked before they are written (issue 21, 13): a NaN logprob was written as bare
+    NaN (not JSON), a dict or int content as Python's repr text."""
+    up = Scripted(lambda h, body: h.send_events(events))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            body = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": stream}
+            r = chat(gw.url, body)
+            assert "NaN" not in r.text and "a dict" not in r.text
+            if r.headers["Content-Type"].startswith("text/event-stream"):  # the error came after the first event
+                data = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+                assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "upstream_bad_response"
+            else:  # before it: a plain error
+                assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_bad_response"
+    finally:
+        up.stop()
+
+
+def test_an_absurd_usage_count_does_not_reach_the_metrics(settings):
+    events = [chunk(role="assistant", content="hi"), chunk(finish="stop"),
+              {"object": "chat.completion.chunk", "choices": [],
+               "usage": {"prompt_tokens": 10**30, "completion_tokens": 10**30, "total_tokens": 2 * 10**30}}]
+    up = Scripted(lambda h, body: h.send_events(events))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            r = chat(gw.url, {"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] < 1000
+            text = requests.get(gw.url + "/metrics", timeout=10).text
+            assert "e+30" not in text and "1e30" not in text
+    finally:
+        up.stop()
