@@ -3,7 +3,7 @@
     python -m bench.attacks                   # every attack, on a demo server it starts on loopback (~5 min)
     python -m bench.attacks --quick           # the short run CI does (tests/test_attacks.py, under a minute)
     python -m bench.attacks --only idle,slowloris --json out.json
-    python -m bench.attacks --url http://127.0.0.1:8080 --pid 1234   # a server of yours (loopback; no shutdown)
+    python -m bench.attacks --url http://127.0.0.1:8080 --pid 1234   # a server of yours (loopback; no shutdown or hangups)
 
 While each attack runs, a prober asks for /health every 0.2 s and for a small chat (2 tokens) every
 second. Printed per attack: the attack's own requests (sent, answered, by status), the probes'
@@ -12,9 +12,10 @@ server held: what "held" means is written beside each result. Exit status 1 when
 
 The attacks: 1,000 idle connections; 100 slowloris connections (headers a byte a second); image URLs
 whose server sends its headers a byte a second; a million one-letter messages and a 30 MB text;
+megabytes of empty JSON objects, nested or flat; GIFs whose screen makes each tiny frame a huge picture;
 1-bit 7000x7000 PNGs and truncated JPEGs declaring 7000x7000; client mistakes that used to be 500s;
-`Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; SIGTERM while
-streams run and requests wait (on a server of its own).
+`Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; clients that hang
+up on long plain answers and SIGTERM while streams run and requests wait (each on a server of its own).
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ SERVER = dict(max_queue=16, threads=24, idle_timeout=5, header_timeout=3, body_t
               request_timeout=60, max_tokens_limit=64, image_decode_mb=512, shutdown_grace=2)
 SIZES = {
     "full": dict(idle=1000, idle_seconds=20, slowloris=100, slowloris_seconds=60, slow_images=16,
-                 messages=1_000_000, messages_clients=4, bombs=4, memory_images=300),
+                 messages=1_000_000, messages_clients=4, bombs=4, memory_images=300, json_mb=6, json_clients=2,
+                 video_bombs=4, hangups=16),
     "quick": dict(idle=300, idle_seconds=3, slowloris=40, slowloris_seconds=5, slow_images=8,
-                  messages=1_000_000, messages_clients=2, bombs=2, memory_images=4),
+                  messages=1_000_000, messages_clients=2, bombs=2, memory_images=4, json_mb=3, json_clients=1,
+                  video_bombs=1, hangups=4),
 }
-ATTACKS = ("idle", "slowloris", "slow_image", "costly", "bombs", "mistakes", "expect", "memory", "shutdown")
+ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes", "expect",
+           "memory", "hangups", "shutdown")
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -349,6 +353,27 @@ def attack_costly(server, size, config) -> Result:
     return r
 
 
+def attack_json_shapes(server, size, config) -> Result:
+    mb, clients = size["json_mb"], size["json_clients"]
+    r = Result("json_shapes", f"{clients} x {mb} MB of empty objects nested 900 deep and {clients} x {mb} MB of them "
+                              "flat, in a field the server ignores, at once")
+    count = mb * 2**20 // 3
+    head = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "x": '
+    nested = head + b"[" * 900 + b",".join([b"{}"] * count) + b"]" * 900 + b"}"
+    flat = head + b"[" + b",".join([b"{}"] * count) + b"]}"
+    out = []
+    measured(server, r, lambda: out.extend(post_all(server, [nested] * clients + [flat] * clients, r)))
+    r.figures["answers"] = [f"{s} {_code(p)} in {t:.2f} s" for s, p, t in out]
+    r.check(all(s == 400 and _code(p) in ("json_too_deep", "json_too_complex") for s, p, _ in out),
+            "each refused 400 json_too_deep / json_too_complex")
+    r.check(max(t for _, _, t in out) < 5, "each refused within 5 s (before the JSON is built)")
+    growth, bound = r.rss["peak"] - r.rss["before"], 3 * 2 * clients * mb + 64
+    r.check(growth < bound, f"RSS grew {growth:.0f} MB at its peak (less than {bound} MB: 3x the bodies + 64 MB; "
+                            "3 MB of the nested kind used to take 2.7 GB)")
+    _chat_check(r)
+    return r
+
+
 def attack_bombs(server, size, config) -> Result:
     k = size["bombs"]
     r = Result("bombs", f"{k} 1-bit 7000x7000 PNGs and {k} truncated JPEGs declaring 7000x7000, at once "
@@ -364,6 +389,29 @@ def attack_bombs(server, size, config) -> Result:
             "the truncated JPEGs are refused 400 invalid_image")
     growth = r.rss["peak"] - r.rss["before"]
     r.check(growth < 400, f"RSS grew {growth:.0f} MB at its peak (less than 400 MB for {k} decoded at once)")
+    return r
+
+
+def attack_video_bombs(server, size, config) -> Result:
+    k = size["video_bombs"]
+    r = Result("video_bombs", f"{k} GIFs with a 7000x7000 screen and 200 1x1 frames and {k} with a 5000x5000 screen "
+                              "and 400, sent as videos, at once")
+    huge, costly = _gif_bomb(7000, 200), _gif_bomb(5000, 400)
+    bodies = [_video_body(huge)] * k + [_video_body(costly)] * k
+    out, cpu = [], {"before": _cpu_seconds(server)}
+    measured(server, r, lambda: out.extend(post_all(server, bodies, r, timeout=120)))
+    cpu["after"] = _cpu_seconds(server)
+    r.figures["sizes"] = f"{len(huge):,} and {len(costly):,} bytes"
+    r.figures["answers"] = [f"{s} {_code(p)} in {t:.2f} s" for s, p, t in out]
+    if cpu["before"] is not None and cpu["after"] is not None:
+        spent = cpu["after"] - cpu["before"]
+        r.figures["server CPU seconds during the attack"] = f"{spent:.1f}"
+        r.check(spent < 3 + k, f"the server spent {spent:.1f} CPU seconds (less than {3 + k}: nothing decoded; each "
+                               "used to decode until its deadline)")
+    r.check(all(s == 400 and _code(p) in ("video_too_many_pixels", "video_too_costly") for s, p, _ in out),
+            "each refused 400 video_too_many_pixels / video_too_costly")
+    r.check(max(t for _, _, t in out) < 5, "each refused within 5 s (before decoding)")
+    _chat_check(r)
     return r
 
 
@@ -385,6 +433,14 @@ MISTAKES = [
     ("image declaring 400 MP", "HUGE_HEADER", 400, "image_too_many_pixels", "MAX_IMAGE_PIXELS"),
     ("max_pixels 3136 on a 199:1 image", "THIN", 400, "invalid_image_size", "max_pixels"),
     ("max_pixels 50000 on a 166:1 image", "THIN166", 400, "invalid_image_size", "max_pixels"),
+    ("repetition_penalty 1e309", b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, '
+                                 b'"repetition_penalty": 1e309}', 400, "invalid_value", "finite"),
+    ("tool_calls on a user message", {"messages": [{"role": "user", "content": "Hi", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}], "max_tokens": 2}, 400,
+     "invalid_value", "only assistant messages"),
+    ("a DDS image", "DDS", 400, "invalid_image", "JPEG, PNG"),
+    ("an SVG sent as a video", "SVG_VIDEO", 400, "invalid_video", "no decoder"),
+    ("a frame list at fps 5e-324", "TINY_FPS", 400, "video_too_long", "limit"),
 ]
 
 
@@ -449,6 +505,42 @@ def attack_memory(server, size, config) -> Result:
     r.check(r.by_status.get(200, 0) == n, "every request answered 200")
     r.check(apart < 256, f"RSS grew {apart:.0f} MB apart from the image caches (less than 256 MB; it was ~1,450 MB "
                          "after 120 images before serving.engines.builtin.memory)")
+    return r
+
+
+def attack_hangups(size, log_dir: Path) -> Result:
+    """MAX_QUEUE clients ask for long plain (not streamed) answers and hang up after 50 ms (a server of its own,
+    whose MAX_QUEUE is that many and max_tokens may be long)."""
+    n = size["hangups"]
+    r = Result("hangups", f"{n} clients (MAX_QUEUE {n}) ask for 4,000-token plain answers and hang up after 50 ms")
+    server = spawn(log_dir, {"max_queue": n, "max_tokens_limit": 4096}, name="attack-hangups")
+    try:
+        payload = json.dumps(LONG).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        r.rss["before"] = server.rss_mb()
+        socks = [socket.create_connection(_addr(server), timeout=10) for _ in range(n)]
+        for s in socks:
+            s.sendall(request)
+        time.sleep(0.05)
+        for s in socks:
+            s.close()
+        r.sent = n
+        hung_up = time.monotonic()
+        held = [server.metric("qwenvl_requests_in_flight")]
+        while held[-1] and time.monotonic() - hung_up < 60:
+            time.sleep(0.1)
+            held.append(server.metric("qwenvl_requests_in_flight"))
+        freed = time.monotonic() - hung_up
+        out = post_all(server, [SMALL] * n, Result("probe", ""), timeout=30)  # every place taken again at once
+        r.rss["after"] = server.rss_mb()
+    finally:
+        server.stop()
+    r.figures["places held after the hang-ups"] = f"{held[0]:.0f} of {n}, all free after {freed:.1f} s"
+    r.figures["then"] = f"{n} small chats at once: " + ", ".join(f"{s}" for s, _, _ in out)
+    r.check(freed < 3, f"every place free within 3 s of the hang-up ({freed:.1f} s; it used to be held for the whole "
+                       "answer: 214-240 s)")
+    r.check(all(s == 200 for s, _, _ in out), f"then {n} small chats at once all answered 200 (no 429)")
     return r
 
 
@@ -583,6 +675,38 @@ def _image_body(data: bytes, max_tokens=2, **part) -> dict:
             "max_tokens": max_tokens}
 
 
+def _gif_bomb(side: int, frames: int) -> bytes:
+    """A few KB of GIF: a side x side screen and `frames` 1x1 frames 10 ms apart (FFmpeg paints the whole screen
+    for each)."""
+    import struct
+
+    out = io.BytesIO()
+    out.write(b"GIF89a" + struct.pack("<HHBBB", side, side, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff")
+    for k in range(frames):
+        out.write(b"!\xf9\x04\x00\x01\x00\x00\x00" + b"," + struct.pack("<HHHHB", k % side, 0, 1, 1, 0)
+                  + b"\x02\x02\x44\x01\x00")
+    return out.getvalue() + b";"
+
+
+def _video_body(data: bytes) -> dict:
+    part = {"type": "video", "video": "data:image/gif;base64," + base64.b64encode(data).decode()}
+    return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}],
+            "max_tokens": 2}
+
+
+def _cpu_seconds(server):
+    """The server process's CPU seconds (user + system), or None when it cannot be read."""
+    try:
+        if server.pid:
+            import psutil
+
+            times = psutil.Process(server.pid).cpu_times()
+            return times.user + times.system
+        return server.metric("process_cpu_seconds_total")
+    except Exception:  # noqa: BLE001  (a server of another machine's user, or no /metrics)
+        return None
+
+
 def _one_bit_png(side: int) -> bytes:
     from PIL import Image
 
@@ -639,6 +763,18 @@ def _mistake_body(body):
         Image.new("RGB", (64, 64)).save(buf, "JPEG")
         damaged = base64.b64encode(buf.getvalue()).decode()[:-30] + "@@@@"  # starts with /9j/, like a path
         return {"messages": [{"role": "user", "content": [{"type": "image", "image": damaged}]}], "max_tokens": 2}
+    if body == "DDS":
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buf, "DDS")
+        return _image_body(buf.getvalue())
+    if body == "SVG_VIDEO":
+        return _video_body(b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect width="50"/></svg>')
+    if body == "TINY_FPS":
+        frame = base64.b64encode(_png((56, 56))).decode()
+        return {"messages": [{"role": "user", "content": [{"type": "video", "video": [frame] * 4, "fps": 5e-324}]}],
+                "max_tokens": 2}
     if body == "HUGE_HEADER":
         return _image_body(_header_only_png(20000, 20000))
     if body in ("THIN", "THIN166"):
@@ -680,7 +816,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller attacks, for CI")
     p.add_argument("--only", default="", help=f"comma-separated attacks: {', '.join(ATTACKS)}")
-    p.add_argument("--url", help="a server already running on this machine (loopback only; no shutdown attack)")
+    p.add_argument("--url", help="a server already running on this machine (loopback only; no shutdown or hangups attack)")
     p.add_argument("--pid", type=int, help="the --url server's process id, for its RSS (else read from /metrics)")
     p.add_argument("--api-key", default=os.environ.get("API_KEY", ""), help="bearer key for --url")
     p.add_argument("--json", help="write the results to this file")
@@ -696,23 +832,29 @@ def parse_args(argv):
 
 
 RUNNERS = {"idle": attack_idle, "slowloris": attack_slowloris, "slow_image": attack_slow_image,
-           "costly": attack_costly, "bombs": attack_bombs, "mistakes": attack_mistakes, "expect": attack_expect,
+           "costly": attack_costly, "json_shapes": attack_json_shapes, "bombs": attack_bombs,
+           "video_bombs": attack_video_bombs,
+           "mistakes": attack_mistakes, "expect": attack_expect,
            "memory": attack_memory}
+
+
+OWN_SERVER = {"hangups": attack_hangups, "shutdown": attack_shutdown}  # each starts a server of its own
 
 
 def run_attacks(server, *, names=ATTACKS, size="quick", config=None, log_dir=None, show=True) -> list:
     """Run the named attacks on `server` (anything with .url, .headers, .rss_mb(), .metric(): this module's
     Server or bench.load's) and return their Results. `config`: the server's settings that the checks
-    judge by (idle_timeout, header_timeout, image_fetch_timeout; an unknown one is not judged). "shutdown"
-    starts a server of its own (in `log_dir`) and is skipped without one. `size`: "quick", "full" or a dict."""
+    judge by (idle_timeout, header_timeout, image_fetch_timeout; an unknown one is not judged). "hangups" and
+    "shutdown" start servers of their own (in `log_dir`) and are skipped without one. `size`: "quick", "full" or
+    a dict."""
     size = dict(SIZES[size]) if isinstance(size, str) else size
     _raise_file_limit(size["idle"] + size["slowloris"] + 512)
     results = []
     for name in names:
-        if name == "shutdown":
+        if name in OWN_SERVER:
             if log_dir is None:
                 continue
-            results.append(attack_shutdown(size, Path(log_dir)))
+            results.append(OWN_SERVER[name](size, Path(log_dir)))
         else:
             results.append(RUNNERS[name](server, size, config or {}))
         if show:

@@ -61,6 +61,10 @@ class Settings:
     api_key: tuple = field(default=(), metadata={
         "help": "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer <key>'",
         "type": _keys})
+    allowed_hosts: tuple = field(default=(), metadata={
+        "help": "comma-separated host names (as in the Host header, without the port) this server answers; others "
+                "get 400 (empty: any). Without API keys, set it (127.0.0.1,localhost) so a web page cannot read "
+                "answers from it through DNS rebinding", "type": _keys})
     default_max_tokens: int = field(default=512, metadata={
         "help": "max_tokens when a request gives none"})
     max_tokens_limit: int = field(default=4096, metadata={
@@ -92,6 +96,9 @@ class Settings:
         "help": "largest video file in bytes, after base64 decoding or as fetched from a URL"})
     max_video_seconds: float = field(default=600.0, metadata={
         "help": "longest video in seconds (read from the container before decoding, checked again while reading)"})
+    max_video_decode_pixels: int = field(default=4_000_000_000, metadata={
+        "help": "pixels the decoder may produce for one video file: frames x width x height as stored, read from "
+                "the container before decoding (4e9: 64 s of 1080p at 30 fps; ~10-25 s of decoding on 2 cores)"})
     video_fps: float = field(default=2.0, metadata={
         "help": "frames sampled per second of video (a request's video part may ask for its own 'fps')"})
     min_frames: int = field(default=4, metadata={"help": "fewest frames sampled from a video"})
@@ -243,6 +250,7 @@ _RANGES = {
     "threads": (1, None), "max_connections": (1, None), "idle_timeout": (0.001, None),
     "header_timeout": (0.001, None), "body_timeout": (0.001, None), "max_messages": (1, None),
     "max_content_parts": (1, None), "image_decode_mb": (1, None), "shutdown_grace": (0, None),
+    "max_video_decode_pixels": (1, None),
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -28,6 +28,12 @@ class InvalidRequest(ServiceError):
     default_code = "invalid_value"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """The body is not declared as JSON (Content-Type)."""
+
+    default_code = "unsupported_media_type"
+
+
 class ImageError(InvalidRequest):
     """An image could not be read or used; `param` names where it was in the request."""
 
@@ -48,6 +54,12 @@ class ServerBusy(ServiceError):
 
 class RequestTimeout(ServiceError):
     """The request ran past the server's time limit and was cancelled."""
+
+
+class ClientGone(ServiceError):
+    """The client closed its connection before its answer was complete; the answer was cancelled."""
+
+    default_code = "client_closed_request"
 
 
 class InternalError(ServiceError):

@@ -1,6 +1,11 @@
 """Limits checked before a request costs anything: on its bytes before JSON parsing, on the parsed JSON
 before validation, on the chat turns before templating or tokenizing.
 
+- `parse_json`: the body's JSON, parsed only after a scan of its text (strings skipped by the json module's
+  own C scanner, nothing built) found it at most MAX_JSON_DEPTH deep and with at most `max_json_tokens`
+  structural tokens (brackets, strings, commas, colons). 3 MB of nested empty objects used to cost 2.7 GB
+  and 13 s in the walk below: the scan refuses it in a fraction of a second, holding the text only, and
+  what an accepted body parses into is bounded by its size plus a constant (~8 MB at the defaults).
 - `check_raw_body` (the bytes, roughly) and `check_body` (the parsed JSON, exactly): at most
   MAX_MESSAGES messages and MAX_CONTENT_PARTS content parts (a million one-letter messages is 30 MB
   of JSON that costs gigabytes once parsed, validated, templated and tokenized); no lone UTF-16
@@ -13,12 +18,79 @@ before validation, on the chat turns before templating or tokenizing.
 
 from __future__ import annotations
 
+import json
 import re
+from json.decoder import scanstring
 
 from serving.errors import InvalidRequest
 
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+MAX_JSON_DEPTH = 64  # a request's own structure is 6 deep; a tool's schema rarely 20
+_STRUCTURAL = re.compile(r'[\[\]{},:"]')
+
+
+def max_json_tokens(max_messages: int, max_parts: int) -> int:
+    """Structural tokens a body may have: ~10 a message or content part, room for tools and their schemas.
+    Each token parses into at most ~64 bytes of Python objects, so at the defaults (1024 messages, 2048
+    parts: 114,688 tokens) the objects beyond the body's own text are at most ~7 MB."""
+    return 16 * (max_messages + max_parts) + 65_536
+
+
+def json_text(data: bytes) -> str:
+    """The body as text, in the encoding JSON allows (UTF-8, -16 or -32, detected as json.loads does)."""
+    try:
+        return data.decode(json.detect_encoding(data), "surrogatepass")
+    except (UnicodeDecodeError, LookupError):
+        raise InvalidRequest("the request body is not valid JSON (its bytes are not UTF-8 text)",
+                             code="invalid_json") from None
+
+
+def parse_json(text: str, *, max_depth: int = MAX_JSON_DEPTH, max_tokens: int):
+    """The JSON value of `text`, parsed only once check_json_shape let it through."""
+    check_json_shape(text, max_depth=max_depth, max_tokens=max_tokens)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+
+
+def check_json_shape(text: str, *, max_depth: int, max_tokens: int) -> None:
+    """InvalidRequest when `text` nests containers deeper than `max_depth` or has more than `max_tokens`
+    structural tokens (opening brackets, strings, commas, colons), judged before anything is built: what
+    json.loads makes of a body (an empty object is 64 bytes for its 3 bytes of JSON) depends on these,
+    not on its size. The scan stops at the first limit passed, so it costs at most ~max_tokens steps."""
+    opening = text.count("{") + text.count("[")
+    if opening <= max_depth and opening + text.count(",") + text.count(":") + text.count('"') <= max_tokens:
+        return  # counted with the characters inside strings: an upper bound, so surely within the limits
+    depth = tokens = position = 0
+    search = _STRUCTURAL.search
+    while True:
+        found = search(text, position)
+        if found is None:
+            return
+        char, position = found.group(), found.end()
+        if char == '"':
+            try:
+                _, position = scanstring(text, position)  # to the string's end, in C (a copy freed at once)
+            except ValueError:
+                raise InvalidRequest("the request body is not valid JSON (a string is not closed or holds a "
+                                     "control character)", code="invalid_json") from None
+        elif char in "]}":
+            depth -= 1
+            continue
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise InvalidRequest(f"the request's JSON nests arrays and objects more than {max_depth} levels "
+                                     "deep; this server takes at most that", code="json_too_deep")
+        tokens += 1
+        if tokens > max_tokens:
+            raise InvalidRequest(f"the request's JSON has more than {max_tokens} values, keys and separators; this "
+                                 "server takes at most that (a request's messages and content parts need about "
+                                 "10 each)", code="json_too_complex")
 
 
 RAW_SLACK = 4  # check_raw_body refuses only at this many times the limits: a key counted is not always a message
@@ -63,23 +135,50 @@ def check_body(body, *, max_messages: int, max_parts: int) -> None:
 
 
 def lone_surrogate(value, path: str = ""):
-    """(path, index) of the first string within `value` (dicts, lists, strings) holding a lone surrogate, or None."""
-    stack = [(value, path)]
+    """(path, index) of the first string within `value` (dicts, lists, strings) holding a lone surrogate, or None.
+    One iterator per level of nesting is kept and the path is spelled out only for the string found, so the walk
+    holds memory for the depth, not for every value (it used to keep a path string per value: gigabytes)."""
+    if isinstance(value, str):
+        found = None if value.isascii() else _SURROGATE.search(value)
+        return (path, found.start()) if found else None
+    top = _children(value)
+    if top is None:
+        return None
+    stack, keys = [top], []  # keys[k]: (key, is_list_index) of the container open at level k + 1
     while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                found = _SURROGATE.search(item)
+        for key, child, is_index in stack[-1]:
+            if not is_index and isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                return (_spell(path, keys) or None), 0
+            if isinstance(child, str):
+                found = None if child.isascii() else _SURROGATE.search(child)
                 if found:
-                    return where, found.start()
-        elif isinstance(item, dict):
-            for key, child in reversed(list(item.items())):
-                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                    return (where or None), 0
-                stack.append((child, f"{where}.{key}" if where else str(key)))
-        elif isinstance(item, list):
-            stack.extend((child, f"{where}[{k}]") for k, child in reversed(list(enumerate(item))))
+                    return _spell(path, keys + [(key, is_index)]), found.start()
+                continue
+            below = _children(child)
+            if below is not None:
+                stack.append(below)
+                keys.append((key, is_index))
+                break
+        else:
+            stack.pop()
+            if keys:
+                keys.pop()
     return None
+
+
+def _children(item):
+    """An iterator of (key or index, child, is_index) over a dict or list; None for anything else."""
+    if isinstance(item, dict):
+        return ((key, child, False) for key, child in item.items())
+    if isinstance(item, list):
+        return ((k, child, True) for k, child in enumerate(item))
+    return None
+
+
+def _spell(path: str, keys) -> str:
+    for key, is_index in keys:
+        path = f"{path}[{key}]" if is_index else f"{path}.{key}" if path else str(key)
+    return path
 
 
 def prompt_chars(turns) -> int:

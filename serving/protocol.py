@@ -193,9 +193,11 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request, the fields this server honours.
 
     Unknown fields are kept (extra="allow") so the app can log them; they do not fail a request.
+    Numbers must be finite: JSON's 1e309 parses as infinity, and an infinite repetition_penalty passed every
+    range check and failed in the engine (500) or upstream (502).
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     messages: list[Message] = Field(min_length=1)
     model: Optional[str] = None
@@ -286,6 +288,9 @@ def normalise_messages(request: ChatCompletionRequest) -> list[ChatTurn]:
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
         turn = ChatTurn(role=role, tool_call_id=getattr(message, "tool_call_id", None))
+        if not isinstance(message, AssistantMessage) and (message.model_extra or {}).get("tool_calls") is not None:
+            raise InvalidRequest(f"messages[{i}] ({message.role}) has tool_calls: only assistant messages carry the "
+                                 "calls a model made", param=f"messages[{i}].tool_calls", code="invalid_value")
         if getattr(message, "tool_calls", None):
             turn.tool_calls = [call.model_dump(mode="json") for call in message.tool_calls]
         content = message.content

@@ -18,6 +18,7 @@ LIMITS = dict(api_key=("k1", KEY), max_images=2, max_image_bytes=100_000, max_im
               max_request_bytes=2_000_000, image_url_allow_hosts=("127.0.0.1",), image_fetch_timeout=1.0,
               max_tokens_limit=64, default_max_tokens=4, max_messages=50, max_content_parts=60)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found", 405: "invalid_request_error",
+         415: "invalid_request_error",
          413: "invalid_request_error", 503: "service_unavailable"}
 
 
@@ -90,12 +91,19 @@ TABLE = [
     # ---- the body is not a JSON object
     Bad("not json", b"{not json", 400, "invalid_json"),
     Bad("empty body", b"", 400, "invalid_json"),
-    Bad("deeply nested", b"[" * 50_000, 400, "invalid_json"),
+    Bad("deeply nested", b"[" * 50_000, 400, "json_too_deep", words="64 levels"),
     Bad("invalid utf-8", b"\xff\xfe\x00garbage", 400, "invalid_json"),
     Bad("array body", b"[1, 2]", 400, "invalid_body"),
     Bad("string body", b'"hello"', 400, "invalid_body"),
     Bad("null body", b"null", 400, "invalid_body"),
     Bad("body over MAX_REQUEST_BYTES", b"{" + b" " * 2_100_000 + b"}", 413, "request_too_large"),
+    # a page in a browser may send these to a local server without a CORS preflight (the "Also" of issue 21)
+    Bad("text/plain body", say("x"), 415, "unsupported_media_type", headers=dict(AUTH, **{"Content-Type": "text/plain"}),
+        words="application/json"),
+    Bad("form body", say("x"), 415, "unsupported_media_type",
+        headers=dict(AUTH, **{"Content-Type": "application/x-www-form-urlencoded"})),
+    Bad("no Content-Type", say("x"), 415, "unsupported_media_type", headers=dict(AUTH, **{"Content-Type": ""}),
+        words="not declared"),
     # ---- schema
     Bad("no messages", {}, 400, "invalid_value", "messages"),
     Bad("empty messages", {"messages": []}, 400, "invalid_value", "messages"),
@@ -124,6 +132,20 @@ TABLE = [
     Bad("stream a list", say("x", stream=[1]), 400, "invalid_value", "stream"),
     Bad("stream_options a string", say("x", stream_options="x"), 400, "invalid_value", "stream_options"),
     Bad("repetition_penalty zero", say("x", repetition_penalty=0), 400, "invalid_value", "repetition_penalty"),
+    Bad("repetition_penalty 1e309 (infinity)", b'{"messages": [{"role": "user", "content": "x"}], '
+        b'"repetition_penalty": 1e309}', 400, "invalid_value", "repetition_penalty", words="finite"),
+    Bad("repetition_penalty Infinity", b'{"messages": [{"role": "user", "content": "x"}], '
+        b'"repetition_penalty": Infinity}', 400, "invalid_value", "repetition_penalty"),
+    Bad("tool_calls on a user message", {"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "invalid_value",
+        "messages[0].tool_calls", words="only assistant messages"),
+    Bad("tool_calls on a system message", {"messages": [{"role": "system", "content": "x", "tool_calls": "yes"},
+                                                        {"role": "user", "content": "x"}]}, 400, "invalid_value",
+        "messages[0].tool_calls"),
+    Bad("a tools schema nested 300 deep", say("x", tools=[{"type": "function", "function": {
+        "name": "f", "parameters": json.loads('{"a":' * 300 + "1" + "}" * 300)}}]), 400, "json_too_deep"),
+    Bad("a frame list at fps 5e-324", say([{"type": "video", "video": [b64(png_bytes((56, 56)))] * 4,
+                                            "fps": 5e-324}]), 400, "video_too_long"),
     Bad("seed a word", say("x", seed="abc"), 400, "invalid_value", "seed"),
     Bad("seed 2^64", say("x", seed=2**64, temperature=1.0), 400, "invalid_value", "seed"),
     Bad("seed 10^100", say("x", seed=10**100, temperature=1.0), 400, "invalid_value", "seed"),
@@ -265,6 +287,7 @@ def send(server, row, image_server):
     body = row.body(image_server) if callable(row.body) else row.body
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     headers = {"Content-Type": "application/json", **row.headers}
+    headers = {k: v for k, v in headers.items() if v != ""}  # "": the header left out
     return requests.request(row.method, server.base_url + row.path, data=data, headers=headers, timeout=60)
 
 

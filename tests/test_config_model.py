@@ -3,6 +3,7 @@
 import pytest
 
 from serving.config import DEFAULT_MODEL, Settings, load_settings
+from serving.model import loader
 from serving.model.loader import ModelLoadError, choose_device, choose_dtype, load_model
 
 
@@ -81,3 +82,36 @@ def test_api_py_fails_cleanly_offline(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed (CPU)", "library loader (GPU path)"])
+def test_a_model_folder_is_only_read_while_loading(tmp_path, monkeypatch, streamed):
+    """PaddleFormers writes flex-ckpt.auto_generated.metadata (under a .lock) into the folder it loads from: a
+    read-only folder could not be served and two servers loading one folder raced. Loaded through a private
+    view, the folder is left exactly as it was (no file added, removed or touched)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from serving.model import demo
+
+    source = demo.demo_path("demo")
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("flex-ckpt*"))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    if not streamed:  # the library's loader, through the private view, as on a GPU
+        monkeypatch.setattr(loader, "streams", lambda device, source: False)
+    folder.chmod(0o555)  # as far as the user allows (root ignores it): the check below is what counts
+    try:
+        loaded = load_model(Settings(model=str(folder)))
+    finally:
+        folder.chmod(0o755)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    weights = {}
+    for shard in folder.glob("*.safetensors"):
+        weights.update(load_file(shard))
+    name = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    state = loaded.model.state_dict()
+    loaded_name = next(k for k in state if k.endswith("embed_tokens.weight"))
+    assert np.array_equal(state[loaded_name].numpy(), weights[name])  # the weights did load, from the view

@@ -147,3 +147,32 @@ def test_a_port_out_of_range_is_refused(port):
     with pytest.raises(SettingsError) as info:
         load_settings(["--port", str(port)], environ={})
     assert info.value.code == 2 and "not a TCP port" in str(info.value)
+
+
+LONG = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000, "temperature": 1.0,
+        "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 2}  # the demo model's long answer (~30 s)
+
+
+def test_a_plain_answer_is_cancelled_when_its_client_hangs_up(serve_app, caplog):
+    """A client that hangs up while its (long, not streamed) answer is generated: the answer is cancelled, logged
+    499, and its MAX_QUEUE place is free at once. It used to run to its end (tens of seconds) holding the place,
+    answered 429 to everyone meanwhile, and was logged 200. (A stream notices when its next write fails.)"""
+    server = serve_app(max_queue=1, max_tokens_limit=4000)
+    sock = connect(server)
+    payload = json.dumps(LONG).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    time.sleep(1.0)  # tokens are being made
+    caplog.set_level("INFO", logger="serving.web.app")
+    sock.close()
+    hung_up = time.monotonic()
+    while True:  # the one place must come free: a small chat gets in
+        r = requests.post(server.base_url + CHAT, json=SMALL, timeout=30)
+        if r.status_code != 429 or time.monotonic() - hung_up > 10:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - hung_up < 3
+    assert server.app.extensions["qwenvl"].disconnects.cancelled == 1
+    assert any("status=499" in rec.getMessage() and "/v1/chat/completions" in rec.getMessage()
+               for rec in caplog.records), [rec.getMessage() for rec in caplog.records]

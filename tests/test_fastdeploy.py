@@ -127,6 +127,33 @@ def test_the_model_folder_is_prepared_without_touching_the_users(tmp_path):
     assert prepare_model_dir(user, tmp_path / "cache") == user.resolve()  # already right: used as it is
 
 
+def test_concurrent_preparations_of_one_folder_agree_and_never_replace_each_other(tmp_path):
+    """Several servers preparing one folder at once (README's one FastDeploy per GPU starts two): each gets the
+    same prepared folder, none fails, and a folder once returned is never replaced (it used to be removed and
+    renamed over: ENOTEMPTY failures, and folders replaced after they were returned)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    user = tmp_path / "Qwen2.5-VL-3B-Instruct"
+    user.mkdir()
+    (user / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}))
+    for k in range(20):
+        (user / f"file{k}.json").write_text("{}")
+    cache = tmp_path / "cache"
+    returned = []
+
+    def prepare(_):
+        folder = prepare_model_dir(user, cache)
+        returned.append((folder, (folder / "config.json").stat().st_ino))
+        return folder
+
+    with ThreadPoolExecutor(16) as pool:
+        folders = list(pool.map(prepare, range(64)))
+    assert len(set(folders)) == 1
+    assert {ino for _, ino in returned} == {(folders[0] / "config.json").stat().st_ino}  # never replaced
+    assert [p.name for p in cache.iterdir()] == [folders[0].name]  # no temporary folder left behind
+    assert len(list(folders[0].iterdir())) == 21
+
+
 # ---------------------------------------------------------------- the child, for real (the stand-in)
 
 def test_fastdeploy_starts_answers_and_stops_with_us(stand_in, engine, settings, caplog):

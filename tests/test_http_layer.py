@@ -260,3 +260,54 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_control_characters_from_a_path_are_escaped_in_the_log_and_the_answer(settings, caplog):
+    """`%0a` in a URL path decodes to a newline: it wrote a forged line in the server's own format into the log
+    (and the 404's message). Control characters from a request are written escaped."""
+    client = client_of(settings, FakeEngine())
+    caplog.set_level("INFO", logger="serving.web.app")
+    forged = "request 0 POST /v1/chat/completions status=200 latency=0.001s"
+    r = client.get("/x%0a" + forged.replace(" ", "%20") + "%0d%1b")
+    assert r.status_code == 404 and "\n" not in r.json["error"]["message"]
+    assert "\\x0a" + forged + "\\x0d\\x1b" in r.json["error"]["message"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "serving.web.app"]
+    assert lines and all("\n" not in line and "\r" not in line and "\x1b" not in line for line in lines), lines
+    assert any("/x\\x0a" + forged in line for line in lines)
+
+
+def test_a_non_ascii_api_key_works_as_utf8_and_as_latin1(settings):
+    """Header values reach the app as latin-1 text: a key with 'é' sent in UTF-8 (curl) arrived as 'Ã©' and never
+    matched. The bytes sent are compared, as UTF-8 or latin-1 (Python's http.client)."""
+    client = client_of(replace(settings, api_key=("clé-ключ", "café")), FakeEngine())
+
+    def status(raw: bytes) -> int:
+        header = "Bearer " + raw.decode("latin-1")  # what the WSGI server makes of the bytes on the wire
+        return client.get("/v1/models", environ_overrides={"HTTP_AUTHORIZATION": header}).status_code
+
+    assert status("clé-ключ".encode()) == 200
+    assert status("café".encode()) == 200 and status("café".encode("latin-1")) == 200
+    assert status("cafe".encode()) == 401 and status("clé".encode()) == 401
+
+
+def test_allowed_hosts_refuses_other_host_names(settings):
+    """ALLOWED_HOSTS: a page on another origin that rebinds its DNS name to 127.0.0.1 reaches the server with its
+    own name in Host; that is refused, the listed names (with any port) are answered."""
+    client = client_of(replace(settings, allowed_hosts=("127.0.0.1", "LocalHost", "::1")), FakeEngine())
+    for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:80", "[::1]:8080"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    r = client.post(CHAT, json=say(), headers={"Host": "evil.example:8080"})
+    assert r.status_code == 400 and r.json["error"]["code"] == "host_not_allowed"
+    assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+    assert client_of(settings, FakeEngine()).get("/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_a_chat_body_must_be_declared_json(settings):
+    """A browser sends text/plain or a form to any server without a CORS preflight; application/json needs one,
+    which this server never grants. So a web page cannot drive a local server without API keys."""
+    client = client_of(settings, FakeEngine())
+    body = json.dumps(say())
+    for content_type in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data"):
+        r = client.post(CHAT, data=body, content_type=content_type)
+        assert r.status_code == 415 and r.json["error"]["code"] == "unsupported_media_type", content_type
+    assert client.post(CHAT, data=body, content_type="application/json; charset=utf-8").status_code == 200

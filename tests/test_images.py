@@ -121,3 +121,31 @@ def test_smart_resize_is_paddleformers_rule():
     for call in (smart_resize, lambda *a: theirs(*a[:2], factor=a[2], min_pixels=a[3], max_pixels=a[4])):
         with pytest.raises(ValueError):
             call(2, 600, 28, 3136, 1003520)
+
+
+def _saved(fmt: str, mode="RGB") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new(mode, (64, 64), (10, 200, 30) if mode == "RGB" else 120).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, mode", [("DDS", "RGB"), ("SPIDER", "L"), ("TGA", "RGB"), ("PCX", "RGB")])
+def test_only_the_formats_people_send_are_opened(fmt, mode):
+    """Pillow opens some 40 formats; damaged files of the rare ones raised errors of their own (DDS:
+    NotImplementedError, SPIDER: AttributeError, BLP: BLPFormatError): 500s. Now only JPEG, PNG, WebP, GIF, BMP,
+    TIFF and AVIF are opened, and any other is a 400 that lists them."""
+    with pytest.raises(ImageError) as caught:
+        load_image(b64(_saved(fmt, mode)), param="p")
+    assert caught.value.code == "invalid_image" and "JPEG, PNG, WEBP" in caught.value.message
+    for accepted in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"):
+        assert load_image(b64(_saved(accepted)), param="p").size == (64, 64), accepted
+
+
+def test_a_damaged_avif_is_a_400():
+    data = bytearray(_saved("AVIF"))
+    data[81] ^= 0xFF  # libavif: "Failed to decode image: Missing or empty image item", a RuntimeError
+    with pytest.raises(ImageError) as caught:
+        load_image(b64(bytes(data)), param="p")
+    assert caught.value.code == "invalid_image" and "RuntimeError" in caught.value.message

@@ -2,6 +2,7 @@
 Unicode, the prompt's characters (before tokenizing), tokenizing off every shared lock, the memory of
 images decoded at once, and REQUEST_TIMEOUT over the whole request, image intake included."""
 
+import json
 import threading
 import os
 import time
@@ -46,6 +47,55 @@ def test_exact_counts_and_lone_surrogates():
     assert limits.lone_surrogate({"messages": [{"content": "fine \U0001F600"}]}) is None
     assert limits.lone_surrogate({"messages": [{"content": ["x", "ab\udc00"]}]}) == ("messages[0].content[1]", 2)
     assert limits.lone_surrogate({"tools": [{"function": {"name": "\ud800"}}]}) == ("tools[0].function.name", 0)
+
+
+def _peak_bytes(call):
+    """tracemalloc's peak while call() runs (Python allocations: the parsed JSON, the walk's state)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+NESTED = b'{"messages": [{"role": "user", "content": "Hi"}], "x": ' + b"[" * 100 + b",".join([b"{}"] * 100_000) \
+    + b"]" * 100 + b"}"  # 300 KB; the issue's 3 MB of this (900 deep) took 2.7 GB and 13 s
+FLAT = b'{"messages": [{"role": "user", "content": "Hi"}], "x": [' + b",".join([b"{}"] * 200_000) + b"]}"
+
+
+@pytest.mark.parametrize("body, code", [(NESTED, "json_too_deep"), (FLAT, "json_too_complex")], ids=["nested", "flat"])
+def test_a_costly_json_shape_is_refused_before_it_is_built(settings, engine, body, code):
+    """Nested or flat floods of empty objects: refused 400 by the scan, holding about the body's text; they used
+    to be parsed (an empty object is 64 bytes for its 3) and walked with a path string per value."""
+    client = create_app(settings, engine).test_client()
+    answers = []
+    started = time.monotonic()
+    peak = _peak_bytes(lambda: answers.append(client.post(CHAT, data=body, content_type="application/json")))
+    assert peak < 4 * len(body) + 2**20, (peak, len(body))  # the test client's copy, the bytes, the text
+    assert answers[0].status_code == 400 and answers[0].json["error"]["code"] == code, answers[0].json
+    assert time.monotonic() - started < 2
+
+
+def test_json_shape_limits_and_what_an_accepted_body_costs():
+    tokens = limits.max_json_tokens(1024, 2048)
+    deep = "[" * 64 + "]" * 64
+    assert limits.parse_json(deep, max_tokens=tokens) == eval(deep)
+    with pytest.raises(InvalidRequest, match="more than 64 levels"):
+        limits.parse_json("[" + deep + "]", max_tokens=tokens)
+    # brackets, commas and quotes inside strings are text, not structure (escaped quotes included)
+    text = json.dumps({"messages": [{"role": "user", "content": '[{"a": [1, 2]}, ' * 20_000 + '\\"\\'}]})
+    assert limits.parse_json(text, max_tokens=100)["messages"][0]["content"].startswith('[{"a"')
+    with pytest.raises(InvalidRequest) as info:
+        limits.parse_json('{"a": "not closed', max_tokens=100)
+    assert info.value.code == "invalid_json"
+    # the largest body of small values accepted at the defaults: its objects are a few MB beyond its size
+    body = '{"x": [' + ",".join(['{"a":0}'] * (tokens // 4 - 10)) + "]}"
+    peak = _peak_bytes(lambda: limits.check_body(limits.parse_json(body, max_tokens=tokens), max_messages=1024,
+                                                 max_parts=2048))
+    assert peak < 3 * len(body) + 8 * 2**20, (peak, len(body))
 
 
 def test_a_prompt_too_long_for_any_context_is_refused_before_tokenizing(settings, engine, monkeypatch):

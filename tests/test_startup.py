@@ -62,3 +62,29 @@ def test_an_engine_that_cannot_serve_is_still_an_error(settings, caplog):
     with caplog.at_level(logging.INFO, logger="serving.web.app"):
         assert client.get("/health").status_code == 503
     assert _levels(caplog, "/health") == [logging.ERROR]
+
+
+def test_a_full_disk_at_first_start_is_one_line_and_exit_status_2(settings, tmp_path, monkeypatch, caplog):
+    """The demo checkpoint is built at first start; on a full disk that was a 20-line traceback and exit status
+    1. Now one line naming the cause and what to do, and exit status 2, as README says of start-up errors."""
+    import errno
+    import threading
+
+    from serving.model import demo
+    from serving.web.server import load_in_background
+
+    def full(folder, size):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model-00001-of-00002.safetensors"))
+
+    monkeypatch.setenv("QWENVL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "build_checkpoint", full)
+    codes, done = [], threading.Event()
+    caplog.set_level("INFO")
+    app = create_app(replace(settings, model="demo"))
+    load_in_background(app, replace(settings, model="demo"), on_failure=lambda code: (codes.append(code), done.set()))
+    assert done.wait(60)
+    assert codes == [2]
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    assert "No space left on device" in errors[0].getMessage() and "QWENVL_CACHE" in errors[0].getMessage()
+    assert list((tmp_path / "cache").iterdir()) == []  # the half-built folder was removed

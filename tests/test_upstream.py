@@ -725,3 +725,93 @@ def test_the_gateway_benchmark_runs():
     assert len(result["one_client"]["latencies_s"]["gateway"]) == 1
     assert result["eight_clients"]["gateway_requests_per_s"] > 0
     assert "overhead" in gateway.report(result)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_gone_before_the_upstreams_first_byte_closes_the_upstream_connection(settings, stream):
+    """The gateway notices a client that hangs up while its upstream has not answered at all (issue 21, 5): the
+    upstream connection is shut at once, not at REQUEST_TIMEOUT (it used to stay open 27 s with a 30 s limit)."""
+    up = Scripted(lambda h, body: h.hang())
+    try:
+        with Gateway(settings, [up.url], request_timeout=30) as gw:
+            host, port = gw.url.rsplit("//", 1)[1].split(":")
+            payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                assert up.arrived.wait(10)
+            left = time.monotonic()
+            assert up.closed.wait(5)
+            assert time.monotonic() - left < 2
+            assert wait_until(lambda: metric(gw.url, "qwenvl_requests_in_flight") == 0, 5)
+    finally:
+        up.stop()
+
+
+def test_client_mistakes_are_400s_through_the_gateway(settings):
+    """Refused before anything goes upstream (issue 21, 9-11): they were 500s (tool_calls on a user message, a
+    schema 300 levels deep) or 502s counted against a healthy upstream (an infinite repetition_penalty)."""
+    up = Scripted(lambda h, body: h.send_events([chunk(role="assistant", content="ok"), chunk(finish="stop")]))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            deep = json.loads('{"a":' * 300 + "1" + "}" * 300)
+            bodies = [
+                {"messages": [{"role": "user", "content": "x", "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+                {"messages": [{"role": "user", "content": "x"}], "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": deep}}]},
+                {"messages": [{"role": "user", "content": "x"}], "response_format": {
+                    "type": "json_schema", "json_schema": {"name": "s", "schema": deep}}},
+            ]
+            answers = [chat(gw.url, body) for body in bodies]
+            answers.append(requests.post(gw.url + CHAT, data=b'{"messages": [{"role": "user", "content": "x"}], '
+                                         b'"repetition_penalty": 1e309}', timeout=30,
+                                         headers={"Content-Type": "application/json"}))
+            assert [a.status_code for a in answers] == [400] * 4, [a.text[:200] for a in answers]
+            assert [a.json()["error"]["code"] for a in answers] == ["invalid_value", "json_too_deep", "json_too_deep",
+                                                                     "invalid_value"]
+            assert up.bodies == []  # nothing went upstream, and no failure was counted against it
+            assert chat(gw.url, {"messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    finally:
+        up.stop()
+
+
+@pytest.mark.parametrize("events, stream", [
+    ([chunk(role="assistant", content=""), {"object": "chat.completion.chunk", "choices": [{
+        "index": 0, "delta": {"content": "a"}, "finish_reason": None,
+        "logprobs": {"content": [{"token": "a", "logprob": float("nan"), "bytes": [97], "top_logprobs": []}]}}]},
+      chunk(finish="stop")], True),
+    ([chunk(role="assistant", content=""), chunk(content={"text": "a dict"}), chunk(finish="stop")], False),
+    ([chunk(role="assistant", content=""), chunk(content=7), chunk(finish="stop")], True),
+], ids=["NaN logprob", "dict content", "int content"])
+def test_malformed_upstream_values_are_not_passed_on(settings, events, stream):
+    """An upstream's values are checked before they are written (issue 21, 13): a NaN logprob was written as bare
+    NaN (not JSON), a dict or int content as Python's repr text."""
+    up = Scripted(lambda h, body: h.send_events(events))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            body = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": stream}
+            r = chat(gw.url, body)
+            assert "NaN" not in r.text and "a dict" not in r.text
+            if r.headers["Content-Type"].startswith("text/event-stream"):  # the error came after the first event
+                data = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+                assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "upstream_bad_response"
+            else:  # before it: a plain error
+                assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_bad_response"
+    finally:
+        up.stop()
+
+
+def test_an_absurd_usage_count_does_not_reach_the_metrics(settings):
+    events = [chunk(role="assistant", content="hi"), chunk(finish="stop"),
+              {"object": "chat.completion.chunk", "choices": [],
+               "usage": {"prompt_tokens": 10**30, "completion_tokens": 10**30, "total_tokens": 2 * 10**30}}]
+    up = Scripted(lambda h, body: h.send_events(events))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            r = chat(gw.url, {"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] < 1000
+            text = requests.get(gw.url + "/metrics", timeout=10).text
+            assert "e+30" not in text and "1e30" not in text
+    finally:
+        up.stop()

@@ -244,6 +244,46 @@ def test_a_one_frame_video_is_that_frame_twice():
     assert len(clip.frames) == 2 and np.array_equal(clip.frames[0], clip.frames[1])
 
 
+def gif_bomb(side: int, frames: int) -> bytes:
+    """A GIF with a side x side screen and `frames` 1x1 frames 10 ms apart: a few KB that FFmpeg decodes into
+    side x side pixels a frame (the issue's 14 KB GIF had a 7000x7000 screen)."""
+    import struct
+
+    out = io.BytesIO()
+    out.write(b"GIF89a" + struct.pack("<HHBBB", side, side, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff")
+    for k in range(frames):
+        out.write(b"!\xf9\x04\x00\x01\x00\x00\x00")  # graphic control: 1/100 s
+        out.write(b"," + struct.pack("<HHHHB", k % side, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00")  # one pixel
+    return out.getvalue() + b";"
+
+
+@pytest.mark.parametrize("side, frames, code", [(7000, 200, "video_too_many_pixels"), (5000, 400, "video_too_costly")])
+def test_a_gif_that_costs_more_than_its_bytes_is_refused_before_decoding(side, frames, code):
+    """A few KB of GIF whose screen makes every 1x1 frame a side x side picture: refused from the container's
+    declared size before a frame is decoded (it used to run past its request deadline, 49 MP a frame)."""
+    from serving.config import Settings
+
+    limits = VideoLimits.from_settings(Settings(model="demo"))
+    started = time.perf_counter()
+    with pytest.raises(VideoError) as caught:
+        video.decode(gif_bomb(side, frames), limits, param="p", deadline=started + 3)
+    assert caught.value.code == code, caught.value.message
+    assert time.perf_counter() - started < 1.0
+
+
+def test_the_deadline_holds_within_a_second_while_decoding():
+    """Decoding within every budget but slower than the deadline: stopped within a second of it (the deadline
+    was checked every 32 frames: 32 large frames past it)."""
+    from serving.errors import RequestTimeout
+
+    limits = replace(VideoLimits(), max_decode_pixels=10**12)
+    data = gif_bomb(5000, 400)
+    started = time.perf_counter()
+    with pytest.raises(RequestTimeout):
+        video.decode(data, limits, param="p", deadline=started + 0.5)
+    assert time.perf_counter() - started < 0.5 + 1.0
+
+
 @pytest.mark.parametrize("name, data, limits, code", [
     ("audio only", audio_only, SMALL, "no_video_stream"),
     ("zero frames", zero_frames, SMALL, "empty_video"),
@@ -258,6 +298,8 @@ def test_a_one_frame_video_is_that_frame_twice():
      replace(SMALL, max_frame_pixels=100_000), "video_too_many_pixels"),
     ("too many frames to decode", lambda: make_video(seconds=1.0, fps=120, size=(64, 48)),
      replace(SMALL, max_seconds=1.2), "too_many_frames"),
+    ("too many pixels to decode", lambda: make_video(seconds=1.0, fps=8, size=(64, 48)),
+     replace(SMALL, max_decode_pixels=7 * 64 * 48), "video_too_costly"),
 ])
 def test_bad_videos_are_refused_with_a_reason(name, data, limits, code):
     with pytest.raises(VideoError) as caught:
@@ -753,3 +795,14 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("data", [
+    lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect width="50" height="50"/></svg>',
+    lambda: make_video(seconds=0.5, fps=4, size=(64, 48)).replace(b"avc1", b"zzzz"),  # a fourcc FFmpeg cannot decode
+], ids=["svg", "unknown fourcc"])
+def test_a_stream_ffmpeg_cannot_decode_is_a_400(data):
+    """FFmpeg opens these but has no decoder for their stream (no codec context): it was an AttributeError, a 500."""
+    with pytest.raises(VideoError) as caught:
+        video.decode(data(), SMALL, param="p")
+    assert caught.value.code == "invalid_video" and "no decoder" in caught.value.message

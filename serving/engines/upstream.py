@@ -625,6 +625,9 @@ class UpstreamCall:
                     continue
                 delta = choice.get("delta") or {}
                 text = delta.get("content") or ""
+                if not isinstance(text, str):  # passed on as it was, a dict became its Python repr
+                    raise UpstreamError("the upstream server sent content that is not text",
+                                        code="upstream_bad_response")
                 tokens = _logprobs(choice.get("logprobs"))
                 for call in delta.get("tool_calls") or ():
                     _merge_tool_call(tool_calls, call)
@@ -760,10 +763,26 @@ def _logprobs(value) -> tuple:
     for item in content:
         if not isinstance(item, dict):
             continue
-        tops = [TopLogprob(str(t.get("token", "")), float(t.get("logprob", 0.0)), t.get("bytes"))
+        tops = [TopLogprob(str(t.get("token", "")), _logprob(t), _bytes(t))
                 for t in item.get("top_logprobs") or () if isinstance(t, dict)]
-        out.append(TokenLogprob(str(item.get("token", "")), float(item.get("logprob", 0.0)), item.get("bytes"), tops))
+        out.append(TokenLogprob(str(item.get("token", "")), _logprob(item), _bytes(item), tops))
     return tuple(out)
+
+
+def _logprob(item: dict) -> float:
+    """An upstream's logprob, checked: a number, not NaN, at most 0 (-inf is written as OpenAI does, -9999). A NaN
+    was passed on and written as bare NaN: not JSON."""
+    value = item.get("logprob", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-6:
+        raise UpstreamError("the upstream server sent a logprob that is not a log-probability",
+                            code="upstream_bad_response")
+    return float(value)
+
+
+def _bytes(item: dict):
+    value = item.get("bytes")
+    ok = isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in value)
+    return value if ok else None
 
 
 def _merge_tool_call(calls: dict, delta) -> None:
@@ -783,9 +802,13 @@ def _merge_tool_call(calls: dict, delta) -> None:
         call["function"]["arguments"] += function["arguments"]
 
 
+MAX_USAGE_TOKENS = 2**31 - 1  # an upstream's token count above this is not believed (10^30 reached /metrics)
+
+
 def _int(usage, key) -> Optional[int]:
     value = usage.get(key) if isinstance(usage, dict) else None
-    return value if isinstance(value, int) and value >= 0 else None
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USAGE_TOKENS
+    return value if ok else None
 
 
 # ---------------------------------------------------------------- errors

@@ -20,7 +20,12 @@ lets the per-frame floor break its total budget for long videos).
 
 Decoding is bounded in memory and time: a first pass only reads packets (counting frames, no
 decoding); the second decodes one frame at a time and keeps only the sampled ones, already scaled
-down (FFmpeg's swscale, bicubic) and turned by the stream's rotation; a deadline is checked as it goes.
+down (FFmpeg's swscale, bicubic) and turned by the stream's rotation; the deadline is checked after
+every packet. What decoding costs is set by the pixels the decoder produces, not by the file's bytes
+(a 14 KB GIF with a 7000x7000 screen and 1x1 frames made FFmpeg paint 49 megapixels a frame for
+minutes), so before anything is decoded the stored frame size is held to MAX_FRAME_PIXELS (and
+MAX_IMAGE_PIXELS) and frames x width x height to MAX_VIDEO_DECODE_PIXELS; the frames actually decoded
+are counted against the same budget.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ TOKEN_PIXELS = PATCH_FACTOR * PATCH_FACTOR  # pixels of one frame pair that make
 MAX_ASPECT_RATIO = 200
 DECODE_RATE_CAP = 60  # frames decoded at most: MAX_VIDEO_SECONDS x this (a 60 fps video of the longest length)
 MAX_BAD_PACKETS = 32  # packets the decoder may refuse before the video is called corrupt
+MAX_FRAME_PIXELS = 7680 * 4320  # a stored frame at most 8K UHD: one frame's decoding stays well under a second
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$",
                        re.DOTALL)
@@ -75,13 +81,15 @@ class VideoLimits:
     total_pixels: int = 16384 * TOKEN_PIXELS  # all frames together, counted per frame pair
     max_seconds: float = 600.0
     max_bytes: int = 32 * 1024 * 1024
-    max_frame_pixels: int = 50_000_000  # a frame's width x height as stored (read before decoding)
+    max_frame_pixels: int = MAX_FRAME_PIXELS  # a frame's width x height as stored (read before decoding)
+    max_decode_pixels: int = 4_000_000_000  # all decoded frames' pixels together (frames x width x height)
 
     @classmethod
     def from_settings(cls, s) -> "VideoLimits":
         return cls(fps=s.video_fps, min_frames=s.min_frames, max_frames=s.max_frames, min_pixels=s.video_min_pixels,
                    max_pixels=s.video_max_pixels, total_pixels=s.video_total_pixels, max_seconds=s.max_video_seconds,
-                   max_bytes=s.max_video_bytes, max_frame_pixels=s.max_image_pixels)
+                   max_bytes=s.max_video_bytes, max_frame_pixels=min(s.max_image_pixels, MAX_FRAME_PIXELS),
+                   max_decode_pixels=s.max_video_decode_pixels)
 
     def narrowed(self, *, fps=None, max_frames=None, min_pixels=None, max_pixels=None,
                  total_pixels=None) -> "VideoLimits":
@@ -280,7 +288,9 @@ def decode(data: bytes, limits: VideoLimits = VideoLimits(), *, param: str = "vi
     _too_large(len(data), limits.max_bytes, param)
     probe = _probe(data, limits, param, deadline)
     count = frame_count(probe.frames, probe.rate, limits)
-    frames, times, decoded = _grab(data, probe, frame_indices(probe.frames, count), count, limits, param, deadline)
+    budget = _DecodeBudget(limits, param)  # both passes of _grab spend from it
+    frames, times, decoded = _grab(data, probe, frame_indices(probe.frames, count), count, limits, param, deadline,
+                                   budget)
     total = probe.frames
     if decoded != probe.frames:  # the decoder made more or fewer frames than the packets promised: sample those
         if decoded == 0:
@@ -288,7 +298,8 @@ def decode(data: bytes, limits: VideoLimits = VideoLimits(), *, param: str = "vi
                              code="empty_video")
         total = decoded
         count = frame_count(decoded, probe.rate, limits)
-        frames, times, decoded = _grab(data, probe, frame_indices(decoded, count), count, limits, param, deadline)
+        frames, times, decoded = _grab(data, probe, frame_indices(decoded, count), count, limits, param, deadline,
+                                       budget)
         if len(frames) != count:
             raise VideoError("the video decodes differently each time (corrupt?)", param=param)
     fps = count / total * probe.rate
@@ -322,10 +333,11 @@ def _probe(data: bytes, limits: VideoLimits, param: str, deadline) -> _Probe:
     with _open(data, param) as container:
         stream = _video_stream(container, param)
         context = stream.codec_context
+        if context is None:  # FFmpeg has no decoder for it (an SVG, an unknown fourcc)
+            raise VideoError("the file's video stream is in a format FFmpeg has no decoder for here", param=param,
+                             code="invalid_video")
         width, height = int(context.width or 0), int(context.height or 0)
-        if width * height > limits.max_frame_pixels:
-            raise VideoError(f"video frames are {width}x{height} = {width * height} pixels, more than the limit of "
-                             f"{limits.max_frame_pixels}", param=param, code="video_too_many_pixels")
+        _check_frame_pixels(width, height, limits, param)
         declared = _declared_seconds(container, stream)
         _check_seconds(declared, limits, param)
         frames, first, last = 0, None, None
@@ -343,6 +355,8 @@ def _probe(data: bytes, limits: VideoLimits, param: str, deadline) -> _Probe:
                     raise VideoError(f"the video has more than {limits.max_decoded_frames} frames, more than this "
                                      f"server decodes ({DECODE_RATE_CAP} per second of MAX_VIDEO_SECONDS)",
                                      param=param, code="too_many_frames")
+                if frames * width * height > limits.max_decode_pixels:  # before a single frame is decoded
+                    raise _too_costly(f"{frames}+ frames of {width}x{height}", limits, param)
                 if frames % 256 == 0:
                     _check_deadline(deadline)
         except av.FFmpegError:
@@ -357,7 +371,36 @@ def _probe(data: bytes, limits: VideoLimits, param: str, deadline) -> _Probe:
         return _Probe(stream.index, frames, rate, frames / rate, _mime(container, data))
 
 
-def _grab(data, probe: _Probe, indices: list, count: int, limits: VideoLimits, param: str, deadline) -> tuple:
+class _DecodeBudget:
+    """The pixels the decoder may still produce for one video (MAX_VIDEO_DECODE_PIXELS), frame by frame: a
+    stream whose frames come out larger or more numerous than its container said is stopped at the budget."""
+
+    def __init__(self, limits: VideoLimits, param: str):
+        self.limits, self.param, self.spent, self.frames = limits, param, 0, 0
+
+    def spend(self, frame) -> None:
+        _check_frame_pixels(frame.width, frame.height, self.limits, self.param)
+        self.spent += frame.width * frame.height
+        self.frames += 1
+        if self.spent > self.limits.max_decode_pixels:
+            raise _too_costly(f"{self.frames} decoded frames", self.limits, self.param)
+
+
+def _check_frame_pixels(width: int, height: int, limits: VideoLimits, param: str) -> None:
+    if width * height > limits.max_frame_pixels:
+        raise VideoError(f"video frames are {width}x{height} = {width * height} pixels, more than the limit of "
+                         f"{limits.max_frame_pixels} (8K, or MAX_IMAGE_PIXELS when lower)", param=param,
+                         code="video_too_many_pixels")
+
+
+def _too_costly(what: str, limits: VideoLimits, param: str) -> VideoError:
+    return VideoError(f"the video's {what} are more than {limits.max_decode_pixels} pixels to decode, this server's "
+                      "limit (MAX_VIDEO_DECODE_PIXELS: frames x width x height, as stored); send it shorter or smaller",
+                      param=param, code="video_too_costly")
+
+
+def _grab(data, probe: _Probe, indices: list, count: int, limits: VideoLimits, param: str, deadline,
+          budget: _DecodeBudget) -> tuple:
     """Decode the stream once, keeping the frames at `indices` (sorted) scaled to the sampled size.
     (frames [count, H, W, 3] uint8, their times, frames decoded)."""
     import av
@@ -369,6 +412,7 @@ def _grab(data, probe: _Probe, indices: list, count: int, limits: VideoLimits, p
         stream = container.streams[probe.stream_index]
         stream.thread_type = "AUTO"  # the codec's own threads: frame or slice threading
         for packet in container.demux(stream):
+            _check_deadline(deadline)  # each packet: one frame's decoding is bounded by MAX_FRAME_PIXELS
             try:
                 frames = packet.decode()
             except av.FFmpegError:
@@ -378,6 +422,7 @@ def _grab(data, probe: _Probe, indices: list, count: int, limits: VideoLimits, p
                                      "decoded", param=param) from None
                 continue
             for frame in frames:
+                budget.spend(frame)
                 if taken < count and indices[taken] == decoded:
                     if out is None:
                         rotation = int(round((frame.rotation or 0) / 90)) % 4
@@ -390,8 +435,6 @@ def _grab(data, probe: _Probe, indices: list, count: int, limits: VideoLimits, p
                         times.append(float(frame.time) if frame.time is not None else decoded / probe.rate)
                         taken += 1
                 decoded += 1
-                if decoded % 32 == 0:
-                    _check_deadline(deadline)
     if taken < count:
         return (out[:taken] if out is not None else np.empty((0, 0, 0, 3), np.uint8)), times, decoded
     return out, times, decoded
@@ -467,6 +510,7 @@ def from_images(images, limits: VideoLimits = VideoLimits(), *, count: Optional[
                          param=param, code="too_many_frames")
     total = _ceil(given, TEMPORAL_PATCH)
     rate = float(fps or limits.fps)
+    _check_seconds(given / rate, limits, param)  # a tiny fps makes a few frames a very long video
     frames = None
     seen = 0
     for img in images:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -139,7 +142,8 @@ def load_model(settings) -> LoadedModel:
         if streams(device, source):
             model = _stream_from_folder(source, dtype)
         else:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype, **hub_args)
+            with _load_view(source) if is_local else contextlib.nullcontext(source) as folder:
+                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, **hub_args)
         processor = AutoProcessor.from_pretrained(source, **hub_args)
         _use_generation_config(model, source, hub_args)
     except Exception as exc:  # the hub clients raise many kinds; the user needs one message
@@ -168,6 +172,29 @@ def _stream_from_folder(source: str, dtype: str):
 
     config = Qwen2_5_VLConfig.from_pretrained(source)
     return weights.build_and_load(Qwen2_5_VLForConditionalGeneration, source, config, dtype)
+
+
+FLEX_METADATA = "flex-ckpt.auto_generated.metadata"  # what PaddleFormers' loader writes beside the weights
+
+
+@contextlib.contextmanager
+def _load_view(folder: str):
+    """A private temporary folder of symbolic links to `folder`'s files, to load the weights from.
+
+    PaddleFormers (flex_checkpoint, the default format) deletes and writes `flex-ckpt.auto_generated.metadata`,
+    under a `.lock` file, into the folder it loads from, on every load: a read-only model folder could not be
+    served ("Read-only file system"), and two servers loading one folder at once raced (one deleted the file
+    the other had just written: IndexError, or a stall). Through the view it writes into a folder of this load
+    alone; the model folder is only read. A metadata file already in the folder is left out: the loader makes it
+    anew every time anyway."""
+    view = tempfile.mkdtemp(prefix="qwenvl-load-")
+    try:
+        for entry in os.scandir(folder):
+            if not entry.name.startswith(FLEX_METADATA):
+                os.symlink(os.path.abspath(entry.path), os.path.join(view, entry.name))
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
 
 
 def _use_generation_config(model, source: str, hub_args: dict) -> None:

@@ -9,7 +9,6 @@ serving.web.http_errors'. Nothing here imports Paddle.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import time
@@ -20,13 +19,15 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from serving import limits, protocol
 from serving.web import http_errors
+from serving.web.http_errors import printable
 from serving.intake import images
 from serving.web import openapi
 from serving.web import responses
 from serving.web.admission import Admission
 from serving.web.auth import check_api_key
+from serving.web.disconnects import DisconnectWatch
 from serving.chat import ChatService
-from serving.errors import InvalidRequest
+from serving.errors import InvalidRequest, UnsupportedMediaType
 from serving.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class AppState:
     admission: Admission
     spec: dict
     started: int  # when the app was made (the model card's `created`)
+    disconnects: DisconnectWatch  # answers whose client has gone are cancelled (serving.web.disconnects)
 
 
 def create_app(settings, engine=None) -> Flask:
@@ -57,7 +59,7 @@ def create_app(settings, engine=None) -> Flask:
     admission = Admission(settings.max_queue)
     metrics.watch(in_flight=admission.in_flight, engine=lambda: service.engine)
     app.extensions["qwenvl"] = AppState(settings, service, metrics, admission, openapi.build_spec(settings),
-                                        protocol.now())
+                                        protocol.now(), DisconnectWatch())
     images.limit_pillow(settings.max_image_pixels)
     if settings.max_queue >= settings.threads:
         log.warning("MAX_QUEUE (%d) >= THREADS (%d): excess requests wait for a thread instead of getting 429",
@@ -81,7 +83,11 @@ def _start():
     client_id = request.headers.get("X-Request-Id", "")
     g.request_id = client_id if _REQUEST_ID.match(client_id) else uuid.uuid4().hex
     g.started = time.perf_counter()
-    keys = _state().settings.api_key
+    settings = _state().settings
+    if settings.allowed_hosts and _host_name(request.host) not in {h.lower() for h in settings.allowed_hosts}:
+        raise InvalidRequest(f"this server does not answer for the host {printable(request.host)!r} (ALLOWED_HOSTS)",
+                             code="host_not_allowed")
+    keys = settings.api_key
     if request.path.startswith("/v1/") and keys:
         check_api_key(request.headers.get("Authorization", ""), keys)
 
@@ -177,20 +183,28 @@ def _chat(state: AppState, slot) -> Response:
     if req.model_extra:
         log.info("request %s: ignoring unknown fields %s", g.request_id, sorted(req.model_extra)[:10])
     reply = state.service.start_request(req, started=g.started)
+    # a client that hangs up while its answer is generated: the answer is cancelled (499), its place freed
+    unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
     g.prompt_tokens = reply.prompt_tokens
     model, logprobs = state.service.engine.info.name, bool(req.logprobs)
     if req.stream:
         on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
-        body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
-                                include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        try:
+            body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
+                                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        except BaseException:
+            unwatch()
+            raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": g.request_id}
         response = Response(body, mimetype="text/event-stream", headers=headers)
         response.call_on_close(reply.cancel)  # also when the stream is never iterated
+        response.call_on_close(unwatch)
         return response
     try:
         completion = responses.completion(reply, model=model, logprobs=logprobs)
     finally:
         reply.cancel()
+        unwatch()
     g.completion_tokens = completion["usage"]["completion_tokens"]
     g.prompt_tokens = completion["usage"]["prompt_tokens"]  # an upstream engine knows it only at the end
     return jsonify(completion)
@@ -207,20 +221,34 @@ def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
 # ---------------------------------------------------------------- helpers
 
 def _json_body():
+    if request.mimetype != "application/json":
+        # a web page can make a visitor's browser POST text/plain or a form to a server on their machine without
+        # asking first; application/json needs the browser to ask (CORS preflight), which this server never allows
+        raise UnsupportedMediaType(f"the request body must be sent as JSON with 'Content-Type: application/json' "
+                                   f"(it was {printable(request.mimetype) or 'not declared'})",
+                                   code="unsupported_media_type")
     data = request.get_data(cache=False)
     settings = _state().settings
     limits.check_raw_body(data, max_messages=settings.max_messages, max_parts=settings.max_content_parts)
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    text = limits.json_text(data)
+    del data  # the bytes are not needed beside their text: memory for the body and its parse, not three copies
+    return limits.parse_json(text, max_tokens=limits.max_json_tokens(settings.max_messages, settings.max_content_parts))
+
+
+def _host_name(host: str) -> str:
+    """The Host header's name without its port, lower case ("[::1]:8080" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _request_context() -> dict:
     """What the log line and the metrics say about the request (read while the request is current)."""
     # the route, not the raw path, so metrics labels stay few
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    return dict(request_id=g.get("request_id"), method=request.method, endpoint=endpoint, path=request.path,
+    return dict(request_id=g.get("request_id"), method=request.method, endpoint=endpoint,
+                path=http_errors.printable(request.path),
                 started=g.get("started", time.perf_counter()), prompt_tokens=g.get("prompt_tokens"),
                 metrics=_state().metrics)
 

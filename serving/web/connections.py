@@ -14,7 +14,9 @@ worker thread sees it: a slow client costs a socket, never a worker. What it lac
 - poll() instead of select(), so more than 1024 sockets work, with the process's open-file limit
   raised to fit MAX_CONNECTIONS;
 - `Expect: 100-continue` with a Content-Length over the body limit is answered 413 at once (waitress
-  sends "100 Continue" and then waits for a body it will refuse).
+  sends "100 Continue" and then waits for a body it will refuse);
+- a connection is read on while its request runs (`channel_request_lookahead`), so a client that hangs
+  up is seen at once (serving.web.disconnects cancels its answer).
 
 `create(app, settings)` makes the server; serving.web.server runs it.
 """
@@ -165,4 +167,6 @@ def create(app, settings, **adjustments):
     limits = (max_connections, settings.idle_timeout, settings.header_timeout, settings.body_timeout)
     return GuardedServer(app, limits=limits, host=settings.host, port=settings.port, threads=settings.threads,
                          asyncore_use_poll=True, cleanup_interval=1, channel_timeout=max(1, int(settings.idle_timeout)),
-                         connection_limit=max_connections + 16, backlog=2048, **adjustments)
+                         connection_limit=max_connections + 16, backlog=2048,
+                         channel_request_lookahead=1,  # read on while a request runs: a hang-up is seen
+                         **adjustments)

@@ -9,6 +9,7 @@ message names only the exception's type (the details go to the log).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,17 +19,27 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from serving import errors
 
 log = logging.getLogger(__name__)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` from a request (its path) with control characters escaped (\\x0a), for the log and for messages:
+    `%0a` in a URL path decodes to a newline, which wrote a forged line in the server's own format into the log."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 # domain error -> (HTTP status, OpenAI error type)
 TABLE = {
     errors.InvalidRequest: (400, "invalid_request_error"),
     errors.ImageError: (400, "invalid_request_error"),
+    errors.UnsupportedMediaType: (415, "invalid_request_error"),
     errors.AuthenticationError: (401, "authentication_error"),
     errors.ServerBusy: (429, "rate_limit_error"),
     errors.InternalError: (500, "server_error"),
     errors.UpstreamError: (502, "server_error"),
     errors.NotReady: (503, "service_unavailable"),
     errors.RequestTimeout: (504, "timeout_error"),
+    errors.ClientGone: (499, "client_closed_request"),  # nginx's status: logged, never read by the client
 }
 
 
@@ -63,7 +74,7 @@ def problem(exc: BaseException, request_id=None, max_request_bytes: Optional[int
         kind = "not_found" if exc.code == 404 else "invalid_request_error"
         # werkzeug's own headers of the answer, e.g. a 405's Allow (which methods the path takes)
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return Problem(exc.code, kind, f"{exc.name}: {request.method} {request.path}",
+        return Problem(exc.code, kind, f"{exc.name}: {request.method} {printable(request.path)}",
                        code=exc.name.lower().replace(" ", "_"), headers=headers)
     log.error("request %s: internal error", request_id, exc_info=exc)
     return _domain(errors.InternalError(f"internal error ({type(exc).__name__}); the server is still up"))

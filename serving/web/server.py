@@ -61,6 +61,18 @@ def load_in_background(app, settings, on_failure=None, on_ready=None) -> threadi
         except ModelLoadError as exc:
             log.error("%s", exc)
             (on_failure or _exit)(2)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                log.exception("loading the model failed")
+                (on_failure or _exit)(1)
+                return
+            # a full or read-only disk at first start (the demo checkpoint, a download): the machine's
+            # state, not a bug, so one line and exit status 2 like the other start-up errors
+            where = f" ({exc.filename})" if exc.filename else ""
+            log.error("could not start: %s%s while preparing the model; free disk space or point QWENVL_CACHE "
+                      "(the demo checkpoint's folder) or the model folder to a writable disk", exc.strerror or exc,
+                      where)
+            (on_failure or _exit)(2)
         except Exception:
             log.exception("loading the model failed")
             (on_failure or _exit)(1)
@@ -68,6 +80,9 @@ def load_in_background(app, settings, on_failure=None, on_ready=None) -> threadi
     thread = threading.Thread(target=load, name="model-loader", daemon=True)
     thread.start()
     return thread
+
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _exit(code: int) -> None:
