@@ -64,7 +64,7 @@ class Row:
         if self.text.stopped:
             reason = "stop"
         self.job.events.put(Finished(reason, self.job.prompt.prompt_tokens, self.count,
-                                     time.perf_counter() - self.started))
+                                     time.perf_counter() - self.started, cached_tokens=self.cached_tokens))
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
