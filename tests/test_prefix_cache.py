@@ -237,7 +237,8 @@ def test_a_tiny_budget_evicts_and_stays_correct(engine):
     assert got == expected + expected
     stats = tiny.stats()
     assert stats["evictions"] >= len(prompts) and stats["entries"] == 1
-    assert stats["hits"] == 0  # each picture's entry was evicted before it came again
+    # each picture's entry was evicted before it came again: only the template's text before the picture is reused
+    assert stats["hit_tokens"] <= stats["hits"] * one.runs[0].start
 
 
 def test_concurrent_rows_sharing_a_prefix_each_get_their_cold_answers(engine, cache):
@@ -317,8 +318,9 @@ def test_a_transposed_grid_with_the_same_token_count_does_not_match():
     assert wide.ids.tolist() == tall.ids.tolist()
     insert(cache, wide)
     assert cache.lookup(wide).length == len(wide) - 1
-    assert cache.lookup(tall) is None  # 18 text tokens: under a block before the image differs
-    assert cache.lookup(key_with((1, 6, 30), digest="b" * 32)) is None
+    assert cache.lookup(tall).length == tall.runs[0].start  # the text before the picture only
+    other = key_with((1, 6, 30), digest="b" * 32)
+    assert cache.lookup(other).length == other.runs[0].start
 
 
 def test_a_hit_never_ends_inside_an_image_and_never_covers_the_last_token():
@@ -343,9 +345,14 @@ def test_a_longer_entry_replaces_its_prefix_and_the_budget_evicts_least_recently
     insert(cache, pc.PrefixKey(np.arange(20, dtype=np.int64), ()))
     insert(cache, pc.PrefixKey(np.arange(30, dtype=np.int64), ()))  # extends it: replaces it
     assert cache.stats()["entries"] == 1 and cache.bytes == 240 and cache.evictions == 0
-    insert(cache, pc.PrefixKey(np.arange(100, 120, dtype=np.int64), ()))  # 160 more: the first goes
-    assert cache.stats()["entries"] == 1 and cache.evictions == 1
-    assert cache.lookup(pc.PrefixKey(np.arange(31, dtype=np.int64), ())) is None
+    cache = PrefixCache(400)  # room for two entries of 20 tokens (160 bytes each), not three
+    a, b, c = (pc.PrefixKey(np.arange(start, start + 20, dtype=np.int64), ()) for start in (0, 100, 200))
+    insert(cache, a)
+    insert(cache, b)
+    assert cache.lookup(a).length == 19  # a is now the most recently used
+    insert(cache, c)
+    assert cache.evictions == 1 and cache.bytes == 320
+    assert cache.lookup(b) is None and cache.lookup(a).length == 19 and cache.lookup(c).length == 19
 
 
 def _kv_bytes_per_token(engine) -> int:
