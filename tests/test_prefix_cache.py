@@ -361,3 +361,39 @@ def _kv_bytes_per_token(engine) -> int:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     dim = text.hidden_size // text.num_attention_heads
     return text.num_hidden_layers * 2 * heads * dim * 4
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+def test_usage_reports_cached_tokens_and_metrics_count_the_reuse(engine, cache, serve_app):
+    import base64
+    import io
+    import json
+
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buffer = io.BytesIO()
+    picture(50).save(buffer, "PNG")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
+    url = serve_app().base_url + "/v1/chat/completions"
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}]
+    first = requests.post(url, json={"messages": messages, "max_tokens": 6, "temperature": 0}, timeout=60).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    wait_idle(engine)
+    messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And then?"}]
+    r = requests.post(url, json={"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True,
+                                 "stream_options": {"include_usage": True}}, timeout=60)
+    usage = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")][-1]["usage"]
+    assert first["usage"]["prompt_tokens"] <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+    found = {(s.name, tuple(s.labels.items())): s.value
+             for family in text_string_to_metric_families(requests.get(url.replace("/v1/chat/completions", "/metrics"),
+                                                                        timeout=10).text)
+             for s in family.samples}
+    assert found[("qwenvl_prefix_cache_lookups_total", (("result", "hit"),))] == cache.hits == 1
+    assert found[("qwenvl_prefix_cache_lookups_total", (("result", "miss"),))] == 1
+    assert found[("qwenvl_prefix_cache_hit_tokens_total", ())] == usage["prompt_tokens_details"]["cached_tokens"]
+    assert found[("qwenvl_prefix_cache_bytes", ())] == cache.bytes > 0
+    assert ("qwenvl_prefix_cache_evictions_total", ()) in found
