@@ -123,6 +123,33 @@ def test_the_logits_after_a_hit_equal_a_cold_prefills(engine, cache):
     np.testing.assert_allclose(warm_logits, cold_logits, rtol=1e-4, atol=1e-4 * np.abs(cold_logits).max())
 
 
+def test_a_finished_answer_is_kept_and_its_kv_equals_a_prefills(engine, cache):
+    """A row's prompt and answer go into the cache when it ends: a next turn that sends the answer back as
+    the same tokens reuses all of it, and the answer's KV (computed while decoding, one token a step) gives
+    the logits a cold prefill of the same tokens gives."""
+    from serving.jobs import Prompt
+
+    turns = [ChatTurn("user", [picture(60), "Describe it."])]
+    prompt = engine.build_prompt(turns)
+    _, finish = answer(engine, turns, max_tokens=12)
+    wait_idle(engine)
+    (entry,) = cache._entries.values()  # the prompt's own entry gave way to the longer one
+    n = prompt.prompt_tokens
+    assert len(entry.key) == n + finish.completion_tokens - 1  # every token but the last one sampled
+    assert entry.key.ids[:n].tolist() == prompt.arrays["input_ids"][0].tolist()
+    more = engine.encode("<|im_end|>\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n")
+    ids = np.concatenate([entry.key.ids, more])[None]
+    arrays = dict(prompt.arrays, input_ids=ids, attention_mask=np.ones_like(ids))
+    follow_up = Prompt(arrays=arrays, prompt_tokens=ids.shape[1], text="", image_count=1,
+                       image_keys=prompt.image_keys)
+    hit = cache.lookup(engine.prefix_key(follow_up))
+    assert hit.length == len(entry.key) and hit.images == 1
+    warm_logits = Prefill(engine.model, arrays, reuse=hit).run(10**6).logits.numpy()
+    cold_logits = Prefill(engine.model, arrays).run(10**6).logits.numpy()
+    assert np.argmax(warm_logits) == np.argmax(cold_logits)
+    np.testing.assert_allclose(warm_logits, cold_logits, rtol=1e-4, atol=1e-4 * np.abs(cold_logits).max())
+
+
 @pytest.mark.parametrize("other", ["another picture, same size", "the same picture, another size"])
 def test_another_picture_reuses_nothing_past_the_text_before_it(engine, cache, other):
     """The regression from the issue: same placeholder ids, another image: a hit would serve the wrong KV."""
