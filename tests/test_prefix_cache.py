@@ -314,6 +314,20 @@ def test_cancelling_mid_prefill_leaves_the_cache_consistent(engine, cache):
     assert all(int(k.shape[2]) == len(e.key) for e in entries for k, _ in e.layers)
 
 
+def test_a_failure_to_fill_the_cache_fails_no_request(engine, cache, monkeypatch):
+    def fail(*args):
+        raise MemoryError("out of device memory")
+
+    monkeypatch.setattr(cache, "insert", fail)
+    turns = [ChatTurn("user", ["Hello, who are you and what can you do for me?"])]
+    with cold(engine):
+        expected, _ = answer(engine, turns)
+    for _ in range(2):  # the prompt's and the answer's KV both fail to go in; the worker goes on
+        got, finish = answer(engine, turns)
+        assert got == expected and finish.finish_reason in ("stop", "length")
+    assert engine.health() == (True, "ok")
+
+
 # ---------------------------------------------------------------- the keys, without the model
 
 
@@ -415,6 +429,7 @@ def test_usage_reports_cached_tokens_and_metrics_count_the_reuse(engine, cache, 
                                  "stream_options": {"include_usage": True}}, timeout=60)
     usage = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")][-1]["usage"]
     assert first["usage"]["prompt_tokens"] <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+    wait_idle(engine)  # the answer's KV goes in as its row leaves the batch, just after the stream ends
     found = {(s.name, tuple(s.labels.items())): s.value
              for family in text_string_to_metric_families(requests.get(url.replace("/v1/chat/completions", "/metrics"),
                                                                         timeout=10).text)

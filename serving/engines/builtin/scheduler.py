@@ -10,16 +10,19 @@ Each turn of the loop:
    and video tokens and, for new images, goes a few blocks per turn: a long image prompt is spread
    over several turns instead of stalling every stream; with nobody decoding the whole prompt goes
    at once); on a CPU, several prompts are worked on side by side, each lane with its own budget
-   (serving.engines.builtin.lanes); a finished prefill sends its first token at once and joins
-   the running batch at the end of the turn;
+   (serving.engines.builtin.lanes); a prompt starts after the longest prefix the prefix cache holds
+   for it (serving.engines.builtin.prefix_cache), and its KV goes into that cache once done; a
+   finished prefill sends its first token at once and joins the running batch at the end of the turn;
 4. runs one decoding step for every running row, samples each row's token with its own
-   settings, and drops finished and cancelled rows at once.
+   settings, and drops finished and cancelled rows at once (a finished row's prompt and answer
+   KV into the prefix cache first).
 A request never waits for another request's whole answer, only for steps.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -274,7 +277,9 @@ class Scheduler:
         """The prompt's KV into the prefix cache (a copy: the running batch goes on with its own)."""
         cache = self.engine.prefix_cache
         if cache.enabled and row.prefix_key is not None:
-            cache.insert(row.prefix_key, [(layer.keys.clone(), layer.values.clone()) for layer in result.cache.layers])
+            with _not_fatal("keeping a prompt's KV"):
+                cache.insert(row.prefix_key,
+                             [(layer.keys.clone(), layer.values.clone()) for layer in result.cache.layers])
 
     def _keep_answers(self, rows: list) -> None:
         """Rows that ended this step: their prompt and answer's KV into the prefix cache, so a conversation's
@@ -286,10 +291,11 @@ class Scheduler:
         for index, row in enumerate(rows):
             if not row.done or row.job.cancelled.is_set() or row.prefix_key is None:
                 continue
-            layers, length = self.batch.row_kv(index)
-            answer = length - len(row.prefix_key)
-            if 0 <= answer <= len(row.tokens):
-                cache.insert(row.prefix_key.extended(row.tokens[:answer]), layers)
+            with _not_fatal("keeping an answer's KV"):
+                layers, length = self.batch.row_kv(index)
+                answer = length - len(row.prefix_key)
+                if 0 <= answer <= len(row.tokens):
+                    cache.insert(row.prefix_key.extended(row.tokens[:answer]), layers)
 
     def _first_token(self, row: Row, result) -> Optional[int]:
         """Sample the prompt's first token and send it at once (from the lane that finished the prompt:
@@ -322,6 +328,16 @@ class Scheduler:
         self.batch.keep([i for i, row in enumerate(rows) if not row.done])
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _not_fatal(what: str):
+    """The prefix cache is an optimisation: failing to fill it (out of device memory, say) is logged, and
+    the rows, the batch and the loop go on."""
+    try:
+        yield
+    except Exception:
+        log.warning("prefix cache: %s failed", what, exc_info=True)
 
 
 def _internal(exc: Exception) -> Exception:
