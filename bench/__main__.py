@@ -13,7 +13,9 @@ questions about one image, (d) a 12-megapixel JPEG, (e) a long streamed answer (
 the overhead of our HTTP layer over a direct engine call (in this process); `staggered`: (f)
 clients sending back to back a mix of answer lengths, images and streams; `join`: (g) a short
 request sent while a long answer is generating (ours only); `memory`: (h) our server's RSS after
-a first count of mixed requests and after many more. See docs/bench/results.md.
+a first count of mixed requests and after many more; `prefix`: (j) a 4-turn chat about one image, each
+turn's time to first token and tokens prefilled with the earlier turns reusable (the prefix cache) and
+with nothing reusable (ours only). See docs/bench/results.md.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from bench import report, workloads  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
 
-SECTIONS = ("classic", "staggered", "join", "memory", "gateway")
+SECTIONS = ("classic", "staggered", "join", "memory", "prefix", "gateway")
 NEEDS_BASELINE = {"classic", "staggered"}  # join and memory are ours only: the baseline cannot stream
 OWN_SERVERS = {"gateway"}  # starts its own upstream and gateway, after the servers above have stopped
 
@@ -92,6 +94,8 @@ def shared_servers_sections(plan, sections, w: dict):
                 w["join"] = join(plan, urls["ours"])
             if "memory" in sections:
                 w["memory"] = memory(plan, servers["ours"])
+            if "prefix" in sections:
+                w["prefix"] = prefix(plan, urls["ours"])
         finally:
             for server in servers.values():
                 server.stop()
@@ -234,6 +238,22 @@ def join(plan, url: str) -> dict:
     return result
 
 
+def prefix(plan, url: str) -> dict:
+    """(j) Reusing earlier turns (the prefix cache), on our server only."""
+    images = ImageFactory(*plan.image_size, seed=5)
+    say(f"(j) prefix reuse: {plan.prefix_chats} chat(s) of {plan.prefix_turns} turns about one "
+        f"{plan.image_size[0]}x{plan.image_size[1]} image, {plan.prefix_tokens}-token answers, with the earlier "
+        "turns reusable and with the system message changed every turn (nothing reusable)")
+    result = workloads.prefix_reuse(url, [images.next() for _ in range(2 * plan.prefix_chats)], turns=plan.prefix_turns,
+                                    max_tokens=plan.prefix_tokens)
+    for turn, (none, reuse) in enumerate(zip(result["per_turn"]["none"], result["per_turn"]["reuse"]), start=1):
+        say(f"(j) turn {turn}: {reuse['prompt_tokens']:.0f} prompt tokens; prefilled {none['prefilled_tokens']:.0f} "
+            f"-> {reuse['prefilled_tokens']:.0f}, time to first token {none['ttft_s']:.3f} -> {reuse['ttft_s']:.3f} s "
+            f"({result['speedup'][turn - 1]:.2f}x)")
+    say(f"(j) a short text request's time to first token: {result['short_text_ttft_s']:.3f} s")
+    return result
+
+
 def memory(plan, server: ServerProcess) -> dict:
     """(h) Our server's RSS (psutil, its process) after memory_checkpoint and after memory_requests mixed requests."""
     from bench import load
@@ -289,6 +309,16 @@ def notes(plan, sections) -> list:
             f"after {plan.memory_requests} requests of bench/load.py's mix (text and images, streamed and not, "
             f"max_tokens {'/'.join(map(str, plan.memory_token_mix))}, bad inputs, streams hung up on) from "
             f"{plan.memory_clients} clients, read while no request is in flight.")
+    if "prefix" in sections:
+        out.append(
+            f"(j) Ours only: {plan.prefix_chats} chat(s) of {plan.prefix_turns} turns, each about a fresh "
+            f"{plan.image_size[0]}x{plan.image_size[1]} JPEG (another for each kind) sent in turn 1, the whole history sent every turn, "
+            f"streamed, greedy, {plan.prefix_tokens}-token answers. Reusable: one system message throughout, so "
+            "each turn's prompt starts with the previous turn's prompt and answer (the prefix cache). Nothing "
+            "reusable: the same chat with the system message changed every turn (same length), so no earlier prompt "
+            "starts the same way; its image still comes from the vision cache after turn 1 (today's behaviour "
+            "without the prefix cache). Tokens prefilled: prompt_tokens - usage.prompt_tokens_details.cached_tokens. "
+            "Medians per turn over the chats.")
     if "gateway" in sections:
         out.append(
             "(i) Two `api.py` processes of ours on loopback: an upstream (the built-in engine, no image cache) and "
@@ -340,6 +370,9 @@ PLAN_FLAGS = {
     "--memory-checkpoint": ("memory_checkpoint", int, "(h) requests before the first RSS reading"),
     "--memory-token-mix": ("memory_token_mix", "ints", "(h) max_tokens values, comma-separated"),
     "--memory-clients": ("memory_clients", int, "(h) concurrent clients"),
+    "--prefix-chats": ("prefix_chats", int, "(j) chats of each kind (reusable, not)"),
+    "--prefix-turns": ("prefix_turns", int, "(j) turns per chat"),
+    "--prefix-tokens": ("prefix_tokens", int, "(j) max_tokens of each answer"),
 }
 
 

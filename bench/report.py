@@ -84,9 +84,25 @@ def summary_rows(w: dict, plan) -> list:
         _join_rows(w["join"], row)
     if "memory" in w:
         _memory_rows(w["memory"], row)
+    if "prefix" in w:
+        _prefix_rows(w["prefix"], row)
     if "gateway" in w:
         _gateway_rows(w["gateway"], row)
     return rows
+
+
+def _prefix_rows(j: dict, row) -> None:
+    none, reuse = j["per_turn"]["none"], j["per_turn"]["reuse"]
+    for turn, (n, r) in enumerate(zip(none, reuse), start=1):
+        row(f"(j) chat about one image, turn {turn} ({r['prompt_tokens']:.0f} prompt tokens): time to first token with "
+            f"the earlier turns reused ({r['prefilled_tokens']:.0f} prefilled; nothing reusable: "
+            f"{n['prefilled_tokens']:.0f} prefilled, {n['ttft_s']:.3f} s)", "s", None, r["ttft_s"],
+            j["speedup"][turn - 1], "nothing reusable / reused", target=">= 3x" if turn == len(none) and turn > 1 else None,
+            met=j["speedup"][turn - 1] >= 3 if turn == len(none) and turn > 1 else None)
+    later = j["reuse_over_short_text"][1:]
+    if later:
+        row("(j) turns 2+ with reuse: worst time to first token / a short text request's "
+            f"({j['short_text_ttft_s']:.3f} s)", "x", None, max(later), target="<= 1.5x", met=max(later) <= 1.5)
 
 
 def _gateway_rows(i: dict, row) -> None:
@@ -265,7 +281,7 @@ def chart(results: dict, path: Path) -> None:
         (_gains_panel, 8, bool(_gain_bars(w))), (_timings_panel, 5, "streaming" in w)) if present]
     bottom = [(p, 1) for p, present in (
         (_ttft_panel, "staggered" in w), (_ratio_panel, "staggered" in w or "join" in w),
-        (_memory_panel, "memory" in w)) if present]
+        (_memory_panel, "memory" in w), (_prefix_panel, "prefix" in w)) if present]
     rows = [r for r in (top, bottom) if r]
     heights = [max(2.4, 0.75 * len(_gain_bars(w)) + 1.2) if r is top else 4.6 for r in rows]  # inches
     fig = plt.figure(figsize=(14, sum(heights)))
@@ -365,6 +381,21 @@ def _ttft_panel(ax, w: dict) -> None:
     ax.set_ylabel("seconds to first token (non-streamed: whole answer)", fontsize=8)
     ax.set_title(f"(f) time to first token, idle and {f['ours']['clients']} clients (loaded)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
+
+
+def _prefix_panel(ax, w: dict) -> None:
+    """(j) Time to first token per turn of a chat about one image: nothing reusable against earlier turns reused."""
+    j = w["prefix"]
+    turns = range(1, j["turns"] + 1)
+    for offset, kind, label, colour in ((-0.2, "none", "nothing reusable", "#aaaaaa"),
+                                        (0.2, "reuse", "earlier turns reused", "#1f77b4")):
+        ax.bar([t + offset for t in turns], [p["ttft_s"] for p in j["per_turn"][kind]], 0.4, label=label, color=colour)
+    ax.axhline(j["short_text_ttft_s"], color="#d62728", linestyle="--", linewidth=1, label="short text request")
+    ax.set_xticks(list(turns))
+    ax.set_xlabel("turn")
+    ax.set_ylabel("s")
+    ax.set_title("(j) chat about one image: time to first token", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def _ratio_panel(ax, w: dict) -> None:

@@ -126,6 +126,8 @@ class Timing:
     first_byte: Optional[float] = None  # streaming only: seconds to the first event of any kind
     text: str = ""
     started: float = 0.0  # time.perf_counter() when the request was sent
+    prompt_tokens: Optional[int] = None  # streaming with include_usage: the usage chunk's figures
+    cached_tokens: Optional[int] = None  # its prompt_tokens_details.cached_tokens (the prefix cache's reuse)
 
     @property
     def first_token(self) -> float:
@@ -165,7 +167,7 @@ def post(url: str, payload: dict, *, kind: str, session: Optional[requests.Sessi
 def _post_stream(http, url, body, headers, timeout, first_token=None) -> Timing:
     started = time.perf_counter()
     ttft = first_byte = None
-    pieces, tokens = [], 0
+    pieces, tokens, usage = [], 0, {}
     with http.post(url, data=body, headers=headers, timeout=timeout, stream=True) as response:
         if response.status_code != 200:
             raise BenchError(f"stream answered {response.status_code}: {response.content[:300]!r}")
@@ -182,7 +184,8 @@ def _post_stream(http, url, body, headers, timeout, first_token=None) -> Timing:
             if "error" in event:
                 raise BenchError(f"stream error: {event['error']}")
             if event.get("usage"):
-                tokens = int(event["usage"]["completion_tokens"])
+                usage = event["usage"]
+                tokens = int(usage["completion_tokens"])
             for choice in event.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content")
                 if text:
@@ -193,7 +196,8 @@ def _post_stream(http, url, body, headers, timeout, first_token=None) -> Timing:
                     pieces.append(text)
     latency = time.perf_counter() - started
     return Timing(latency, tokens, ttft=ttft if ttft is not None else latency, first_byte=first_byte,
-                  text="".join(pieces), started=started)
+                  text="".join(pieces), started=started, prompt_tokens=usage.get("prompt_tokens"),
+                  cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -411,6 +415,59 @@ def short_during_long(url: str, short: dict, long: dict, join_after: float) -> d
             "long_running_when_sent": long_ends > joining.started}
 
 
+CHAT_TURNS = ["Describe this image.", "What colours dominate it?", "How many shapes can you see?",
+              "Write a one-line caption for it."]
+
+
+def conversation(url: str, image: str, system: object, *, turns: int, max_tokens: int) -> list:
+    """A chat about one image, sending the whole history each turn as chat clients do (streamed, greedy):
+    per turn, its time to first token, prompt tokens and the tokens the server reused (cached_tokens).
+    `system(turn)` is the system message of that turn: the same every turn lets the server reuse the earlier
+    turns; another one each turn (same length) leaves it nothing to reuse."""
+    history, out = [], []
+    with requests.Session() as session:
+        for turn in range(turns):
+            question = CHAT_TURNS[turn % len(CHAT_TURNS)]
+            content = [{"type": "image", "image": image}, {"type": "text", "text": question}] if turn == 0 else question
+            history.append({"role": "user", "content": content})
+            payload = {"temperature": 0, "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "system", "content": system(turn)}] + history}
+            t = post(url, payload, kind="ours", session=session)
+            history.append({"role": "assistant", "content": t.text})
+            out.append({"ttft_s": round(t.first_token, 4), "prompt_tokens": t.prompt_tokens,
+                        "cached_tokens": t.cached_tokens or 0,
+                        "prefilled_tokens": (t.prompt_tokens or 0) - (t.cached_tokens or 0)})
+    return out
+
+
+def prefix_reuse(url: str, images: list, *, turns: int, max_tokens: int) -> dict:
+    """(j) Chats about one image, each turn with the earlier turns reusable (one system message throughout)
+    and with nothing reusable (the system message changed every turn, same length): time to first token and
+    tokens prefilled per turn, medians over the chats; plus a short text request's time to first token for
+    scale. `images`: two fresh ones per chat (one for each kind: turn 1 runs the vision tower in both)."""
+    import uuid
+
+    runs = {"none": [], "reuse": []}
+    for none_image, reuse_image in zip(images[::2], images[1::2]):
+        tag, other = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]
+        runs["none"].append(conversation(url, none_image, lambda turn, t=tag: f"[{turn:02d}{t}] You are a helpful "
+                                         "assistant.", turns=turns, max_tokens=max_tokens))
+        runs["reuse"].append(conversation(url, reuse_image, lambda turn, t=other: f"[00{t}] You are a helpful "
+                                          "assistant.", turns=turns, max_tokens=max_tokens))
+    per_turn = {kind: [{key: median([run[i][key] for run in chats]) for key in chats[0][i]} for i in range(turns)]
+                for kind, chats in runs.items()}
+    short = [post(url, tutorial_payload(None, f"[{uuid.uuid4().hex[:12]}] Hello!", max_tokens=max_tokens,
+                                        stream=True), kind="ours").first_token for _ in runs["none"]]
+    speedup = [round(n["ttft_s"] / r["ttft_s"], 2) if r["ttft_s"] else 0.0
+               for n, r in zip(per_turn["none"], per_turn["reuse"])]
+    short_s = median(short)
+    return {"turns": turns, "max_tokens": max_tokens, "chats": len(runs["none"]), "per_turn": per_turn, "runs": runs,
+            "speedup": speedup, "short_text_ttft_s": round(short_s, 4),
+            "reuse_over_short_text": [round(r["ttft_s"] / short_s, 2) if short_s else 0.0
+                                      for r in per_turn["reuse"]]}
+
+
 @dataclass
 class Plan:
     """Request counts and sizes for one run."""
@@ -442,6 +499,10 @@ class Plan:
     memory_requests: int = 1000
     memory_token_mix: tuple = (8, 16, 32)
     memory_clients: int = 8
+    # (j) prefix reuse: chats about one image, the earlier turns reusable or not
+    prefix_turns: int = 4
+    prefix_chats: int = 3  # chats of each kind, each about a fresh image
+    prefix_tokens: int = 32  # max_tokens of each answer
 
 
 FULL = Plan(model="demo-bench", max_tokens=64, sequential_n=5, concurrent_clients=8, concurrent_n=16,
@@ -450,4 +511,5 @@ FULL = Plan(model="demo-bench", max_tokens=64, sequential_n=5, concurrent_client
 QUICK = Plan(model="demo", max_tokens=8, sequential_n=2, concurrent_clients=8, concurrent_n=8,
              repeat_questions=5, large_n=1, large_size=(2000, 1500), stream_tokens=16, stream_n=1,
              overhead_n=2, clients=4, requests_per_client=2, token_mix=(4, 8, 16), idle_repeats=2,
-             join_repeats=2, join_long_tokens=256, join_after_s=0.1, memory_checkpoint=20, memory_requests=60)
+             join_repeats=2, join_long_tokens=256, join_after_s=0.1, memory_checkpoint=20, memory_requests=60,
+             prefix_chats=1, prefix_tokens=8)

@@ -78,6 +78,7 @@ class Finished:
     completion_tokens: int
     seconds: float
     tool_calls: Optional[list] = None  # OpenAI's message.tool_calls, from upstream engines whose model called tools
+    cached_tokens: Optional[int] = None  # prompt tokens reused from earlier requests (None: the engine does not say)
 
 
 @dataclass

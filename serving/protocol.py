@@ -395,12 +395,6 @@ def _describe(exc: ValidationError) -> str:
 
 # ---------------------------------------------------------------- responses
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class _OmitNone(BaseModel):
     """The fields named in _omit_none are left out of the JSON when None: OpenAI omits them rather than
     sending null (a chunk's delta after the first has no role; system_fingerprint is a string or absent)."""
@@ -414,6 +408,18 @@ class _OmitNone(BaseModel):
             if name in data and data[name] is None:
                 del data[name]
         return data
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV an earlier request computed (the built-in engine's prefix cache)
+
+
+class Usage(_OmitNone):
+    _omit_none = frozenset({"prompt_tokens_details"})  # engines that do not report it: absent
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class ImageSize(BaseModel):
@@ -555,6 +561,7 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> Usage:
+    details = None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)

@@ -45,6 +45,16 @@ def engine(settings):
     return build_engine(settings)
 
 
+@pytest.fixture()
+def no_prefix_cache(engine):
+    """The shared engine with its prefix cache off for one test: for tests of the prefill's own work
+    (chunks, lanes, the vision tower), which a prompt seen before would otherwise mostly skip."""
+    saved = engine.prefix_cache.max_bytes
+    engine.prefix_cache.max_bytes = 0
+    yield engine
+    engine.prefix_cache.max_bytes = saved
+
+
 @pytest.fixture(scope="session")
 def app(settings, engine):
     return create_app(settings, engine)

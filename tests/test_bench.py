@@ -159,3 +159,23 @@ def test_speedups_against_the_library_in_one_process(tmp_path):
         low, high = (library - 0.05) / (ours + 0.05), (library + 0.05) / max(ours - 0.05, 1e-9)
         assert low - 0.005 <= row["speedup"] <= high + 0.005, row
     assert "vision tower" in proc.stdout and "decoding step, 8 rows" in proc.stdout
+
+
+def test_prefix_section_compares_reuse_with_nothing_reusable(tmp_path):
+    """(j): a chat about one image, the earlier turns reused against nothing reusable (no timing asserted)."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "prefix", "--out", str(tmp_path),
+           "--prefix-chats", "1", "--prefix-turns", "3", "--prefix-tokens", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    j = results["workloads"]["prefix"]
+    none, reuse = j["per_turn"]["none"], j["per_turn"]["reuse"]
+    assert len(none) == len(reuse) == 3 and positive(j["short_text_ttft_s"])
+    assert all(t["cached_tokens"] == 0 for t in none)  # a changed system message: nothing to reuse
+    assert reuse[0]["cached_tokens"] == 0
+    for turn in (1, 2):  # later turns reuse at least the previous turn's prompt
+        assert reuse[turn]["cached_tokens"] >= reuse[turn - 1]["prompt_tokens"]
+        assert reuse[turn]["prefilled_tokens"] < none[turn]["prefilled_tokens"]
+        assert all(positive(t["ttft_s"]) for t in (none[turn], reuse[turn]))
+    assert [r["target"] for r in results["summary"] if r["target"]] == [">= 3x", "<= 1.5x"]
+    assert "(j) turn 3:" in proc.stdout

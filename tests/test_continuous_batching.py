@@ -107,7 +107,7 @@ def test_joining_a_running_batch_mid_way_changes_no_token(engine, prompts):
         assert together[name][1].completion_tokens == alone[name][1].completion_tokens, name
 
 
-def test_chunked_prefill_changes_no_token(engine, prompts):
+def test_chunked_prefill_changes_no_token(engine, prompts, no_prefix_cache):
     scheduler = engine.scheduler
     alone = collect(engine.submit(prompts["two images"], greedy()))
     blocker = engine.submit(prompts["text"], greedy(max_tokens=200))
@@ -124,7 +124,7 @@ def test_chunked_prefill_changes_no_token(engine, prompts):
     assert chunked[0] == alone[0] and chunked[1].completion_tokens == alone[1].completion_tokens
 
 
-def test_prompts_prefilled_side_by_side_change_no_token(engine, prompts):
+def test_prompts_prefilled_side_by_side_change_no_token(engine, prompts, no_prefix_cache):
     """On a CPU, prompts waiting together are prefilled in parallel lanes, one math thread each
     (serving.engines.builtin.lanes): the same tokens as each alone, for every kind of prompt."""
     scheduler = engine.scheduler

@@ -37,7 +37,7 @@ def test_cached_decoding_matches_full_recomputation(engine):
         assert engine_greedy_tokens(engine, prompt, 24) == reference
 
 
-def test_vision_tower_runs_once_and_steps_feed_one_token(engine, monkeypatch):
+def test_vision_tower_runs_once_and_steps_feed_one_token(engine, monkeypatch, no_prefix_cache):
     calls = {"vision": 0, "step_lengths": []}
     visual = engine.model.model.visual
     original_forward = visual.forward

@@ -74,7 +74,7 @@ def test_cancelled_job_frees_its_row(engine):
     assert finish.completion_tokens <= 3
 
 
-def test_repeated_image_hits_both_caches(engine):
+def test_repeated_image_hits_both_caches(engine, no_prefix_cache):
     img = Image.effect_noise((120, 90), 60).convert("RGB")
     pixels_before = engine.pixel_cache.stats()
     vision_before = engine.vision_cache.stats()

@@ -498,7 +498,7 @@ def test_video_in_a_running_batch_changes_no_token(engine, video_prompts):
         assert together[name][1].completion_tokens == alone[name][1].completion_tokens, name
 
 
-def test_chunked_prefill_of_a_video_changes_no_token(engine, video_prompts):
+def test_chunked_prefill_of_a_video_changes_no_token(engine, video_prompts, no_prefix_cache):
     from test_continuous_batching import CASES
 
     scheduler = engine.scheduler
@@ -517,7 +517,7 @@ def test_chunked_prefill_of_a_video_changes_no_token(engine, video_prompts):
     assert chunked[0] == alone[0] and chunked[1].completion_tokens == alone[1].completion_tokens
 
 
-def test_a_second_question_about_a_video_skips_the_processor_and_the_tower(engine, clips):
+def test_a_second_question_about_a_video_skips_the_processor_and_the_tower(engine, clips, no_prefix_cache):
     fresh = video.decode(clips["mp4"], replace(SMALL, fps=1.0))
     before = engine.cache_stats()
     first = collect(engine.submit(engine.build_prompt([ChatTurn("user", [fresh, "What moves?"])]), greedy(max_tokens=4)))

@@ -663,9 +663,12 @@ class UpstreamCall:
         if completion_tokens is None:
             completion_tokens = self.engine.count_tokens("".join(pieces)) if self.engine.tokenizer else chunks
         self.prompt_tokens = prompt_tokens
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
         finished = Finished(finish_reason if finish_reason in FINISH_REASONS else "stop", prompt_tokens,
                             completion_tokens, time.perf_counter() - self.started,
-                            tool_calls=[tool_calls[k] for k in sorted(tool_calls)] or None)
+                            tool_calls=[tool_calls[k] for k in sorted(tool_calls)] or None,
+                            cached_tokens=_int(details, "cached_tokens"))  # the upstream's reuse, as it says
+
         with self._conn_lock:
             if self.cancelled.is_set():
                 return

@@ -108,9 +108,30 @@ class EngineCollector:
                 size.add_metric([cache], s["bytes"])
             yield lookups
             yield size
+        prefix = stats.get("prefix_cache")
+        if prefix:
+            yield from prefix_cache_metrics(prefix)
         upstreams = stats.get("upstreams")
         if upstreams:
             yield from upstream_metrics(upstreams)
+
+
+def prefix_cache_metrics(s: dict):
+    """The built-in engine's prefix cache (serving.engines.builtin.prefix_cache): engine.stats()["prefix_cache"]."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    lookups = CounterMetricFamily("qwenvl_prefix_cache_lookups", "prompts looked up in the prefix cache, by result",
+                                  labels=["result"])
+    lookups.add_metric(["hit"], s["hits"])
+    lookups.add_metric(["miss"], s["lookups"] - s["hits"])
+    yield lookups
+    yield CounterMetricFamily("qwenvl_prefix_cache_hit_tokens",
+                              "prompt tokens whose KV came from the prefix cache (not prefilled)", value=s["hit_tokens"])
+    yield CounterMetricFamily("qwenvl_prefix_cache_evictions", "prefix cache entries evicted for room (LRU)",
+                              value=s["evictions"])
+    yield GaugeMetricFamily("qwenvl_prefix_cache_bytes", "bytes of KV the prefix cache holds", value=s["bytes"])
+    yield GaugeMetricFamily("qwenvl_prefix_cache_entries", "sequences (prompts, prompts with answers) it holds",
+                            value=s["entries"])
 
 
 def upstream_metrics(upstreams: dict):

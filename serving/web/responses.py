@@ -32,7 +32,8 @@ def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
                              logprobs=choice_logprobs(answer.logprobs) if logprobs else None)
     body = protocol.ChatCompletion(id=protocol.new_completion_id(), created=protocol.now(), model=model,
                                    choices=[choice], usage=protocol.usage(finished.prompt_tokens,
-                                                                          finished.completion_tokens),
+                                                                          finished.completion_tokens,
+                                                                          finished.cached_tokens),
                                    image_sizes=reply.image_sizes or None).model_dump()
     if tool_calls:
         body["choices"][0]["message"]["tool_calls"] = tool_calls
@@ -71,7 +72,8 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> I
             yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(finished.tool_calls)])
         yield chunk(finish=finished.finish_reason, image_sizes=sizes)
         if include_usage:
-            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens), choices=False,
+            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens,
+                                             finished.cached_tokens), choices=False,
                         image_sizes=sizes)
         yield "data: [DONE]\n\n"
     except GeneratorExit:

@@ -18,6 +18,9 @@ class Row:
         self.job, self.sampler, self.text, self.eos_ids = job, sampler, text, eos_ids
         self.started = time.perf_counter()  # admitted: generation time, not queueing, goes into tokens/s
         self.count = 0
+        self.tokens: list = []  # the answer's token ids so far (its KV goes to the prefix cache when it ends)
+        self.prefix_key = None  # the prompt's serving.engines.builtin.prefix_cache.PrefixKey, once prefill starts
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.done = False
         self._logprobs: list = []  # TokenLogprob of tokens whose text is not released yet
 
@@ -34,6 +37,7 @@ class Row:
             self.done = True
             return
         self.count += 1
+        self.tokens.append(token)
         self.sampler.accept(token)
         if token in self.eos_ids:
             return self.finish("stop")
@@ -60,7 +64,7 @@ class Row:
         if self.text.stopped:
             reason = "stop"
         self.job.events.put(Finished(reason, self.job.prompt.prompt_tokens, self.count,
-                                     time.perf_counter() - self.started))
+                                     time.perf_counter() - self.started, cached_tokens=self.cached_tokens))
 
     def fail(self, error: BaseException) -> None:
         if not self.done:

@@ -44,43 +44,64 @@ class Prefill:
     """One prompt being prefilled, `chunk` tokens at a time. The vision tower runs first for the whole
     prompt's images and videos (its output goes into the prompt's embeddings): at once, or, given the
     vision cache and the images' keys (images only, not all cached, our tower installed), a few blocks
-    at a time through `advance_vision`."""
+    at a time through `advance_vision`.
 
-    def __init__(self, model, arrays: dict, image_keys_setter=None, vision_cache=None, image_keys=()):
+    Given `reuse` (a serving.engines.builtin.prefix_cache.Hit), the cache starts with that prefix's KV and
+    only the rest of the prompt is prefilled: a chunked prefill whose first chunk was computed earlier.
+    Images and videos wholly inside the prefix need no embeddings, so neither the tower nor the vision
+    cache is asked for them; those in the rest go through both as without a hit. Rope positions are
+    computed for the whole prompt (they depend on every earlier token and grid) and the rest's are used.
+    """
+
+    def __init__(self, model, arrays: dict, set_media_keys=None, vision_cache=None, image_keys=(), video_keys=(),
+                 reuse=None):
         paddle = _paddle()
         from paddleformers.transformers.cache_utils import DynamicCache
 
         self.model = model
         inner = model.model
-        ids = paddle.to_tensor(arrays["input_ids"])
+        start = reuse.length if reuse is not None else 0
+        full_ids = paddle.to_tensor(arrays["input_ids"])
+        ids = full_ids[:, start:] if start else full_ids  # the tokens to prefill
         embeds = inner.get_input_embeddings()(ids)
+        media = _suffix_media(arrays, reuse)
+        image_keys = tuple(image_keys)[reuse.images:] if reuse is not None else tuple(image_keys)
+        video_keys = tuple(video_keys)[reuse.videos:] if reuse is not None else tuple(video_keys)
         grid = video_grid = seconds = None
         self.tower = None  # a vision_tower.TowerRun while the images' tower is under way
-        if "pixel_values" in arrays:
-            grid = paddle.to_tensor(arrays["image_grid_thw"])
-            if _can_stage(inner, arrays, vision_cache, image_keys):
-                self.tower = vision_tower.TowerRun(inner.visual, paddle.to_tensor(arrays["pixel_values"]), grid)
-                self._grid, self._cache, self._keys, self._ids = grid, vision_cache, tuple(image_keys), ids
+        self.media_tokens = _media_tokens(media)  # the tokens the tower's work here stands for
+        if "pixel_values" in media:
+            suffix_grid = paddle.to_tensor(media["image_grid_thw"])
+            if _can_stage(inner, media, vision_cache, image_keys):
+                self.tower = vision_tower.TowerRun(inner.visual, paddle.to_tensor(media["pixel_values"]), suffix_grid)
+                self._grid, self._cache, self._keys, self._ids = suffix_grid, vision_cache, image_keys, ids
             else:
-                if image_keys_setter is not None:  # the vision cache's keys for this prompt's images and videos
-                    image_keys_setter()
-                features = inner.get_image_features(paddle.to_tensor(arrays["pixel_values"]), grid)
+                if set_media_keys is not None:  # the vision cache's keys for these images and videos
+                    set_media_keys(image_keys, video_keys)
+                features = inner.get_image_features(paddle.to_tensor(media["pixel_values"]), suffix_grid)
                 embeds = _put_media(inner, ids, embeds, "image", features)
-        if "pixel_values_videos" in arrays:  # as the model's forward does it, after the images
-            if image_keys_setter is not None:
-                image_keys_setter()
+        if "pixel_values_videos" in media:  # as the model's forward does it, after the images
+            if set_media_keys is not None:
+                set_media_keys(image_keys, video_keys)
+            features = inner.get_video_features(paddle.to_tensor(media["pixel_values_videos"]),
+                                                paddle.to_tensor(media["video_grid_thw"]))
+            embeds = _put_media(inner, ids, embeds, "video", features)
+        if "image_grid_thw" in arrays:
+            grid = paddle.to_tensor(arrays["image_grid_thw"])
+        if "video_grid_thw" in arrays:
             video_grid = paddle.to_tensor(arrays["video_grid_thw"])
             seconds = paddle.to_tensor(arrays["second_per_grid_ts"])  # seconds per temporal patch: time positions
-            features = inner.get_video_features(paddle.to_tensor(arrays["pixel_values_videos"]), video_grid)
-            embeds = _put_media(inner, ids, embeds, "video", features)
-        mask = paddle.ones(ids.shape, dtype="int64")
-        positions, _ = inner.get_rope_index(ids, grid, video_grid, seconds, attention_mask=mask)  # [3, 1, n]
-        self.embeds = embeds
-        self.positions = positions
+        mask = paddle.ones(full_ids.shape, dtype="int64")
+        positions, _ = inner.get_rope_index(full_ids, grid, video_grid, seconds, attention_mask=mask)  # [3, 1, n]
         self.next_position = int(positions.max()) + 1
-        self.length = int(ids.shape[1])
-        self.done = 0  # prompt tokens already in the cache
+        self.embeds = embeds
+        self.positions = positions[:, :, start:] if start else positions
+        self.length = int(full_ids.shape[1])
+        self.start = self.done = start  # prompt tokens already in the cache
         self.cache = DynamicCache(config=inner.language_model.config)
+        if reuse is not None:  # a copy: the row's cache is its own, whatever becomes of the prefix cache's entry
+            for layer, (keys, values) in zip(self.cache.layers, reuse.layers):
+                layer.update(keys, values)
 
     @property
     def tower_blocks(self) -> int:
@@ -114,8 +135,9 @@ class Prefill:
         paddle = _paddle()
         assert self.tower is None, "the vision tower has blocks left"
         start, end = self.done, min(self.length, self.done + max(1, tokens))
+        here = slice(start - self.start, end - self.start)  # embeddings and positions start at self.start
         hidden = self.model.model.language_model(
-            input_ids=None, inputs_embeds=self.embeds[:, start:end], position_ids=self.positions[:, :, start:end],
+            input_ids=None, inputs_embeds=self.embeds[:, here], position_ids=self.positions[:, :, here],
             attention_mask=paddle.ones([1, end], dtype="int64"), past_key_values=self.cache, use_cache=True,
             return_dict=True, cache_position=paddle.arange(start, end)).last_hidden_state
         self.done = end
@@ -188,6 +210,14 @@ class RunningBatch:
             layer.keys = paddle.index_select(layer.keys, index, axis=0)[:, :, start:, :]
             layer.values = paddle.index_select(layer.values, index, axis=0)[:, :, start:, :]
 
+    def row_kv(self, index: int) -> tuple:
+        """(one (keys, values) pair per layer, [1, heads, n, dim], n) of row `index`'s real tokens: a compact
+        copy, without the left padding, that outlives the batch's buffers."""
+        length = int(self.mask[index].sum())
+        start = self.length - length  # a row's tokens are the last `length` columns (padding is on the left)
+        return [(layer.keys[index:index + 1, :, start:].clone(), layer.values[index:index + 1, :, start:].clone())
+                for layer in self.cache.layers], length
+
     def step(self):
         """One decoding step for every row: logits [rows, vocab] for each row's next token."""
         paddle = _paddle()
@@ -207,6 +237,30 @@ class RunningBatch:
 
     def set_next(self, tokens: list[int]) -> None:
         self.last_tokens = list(tokens)
+
+
+def _suffix_media(arrays: dict, reuse) -> dict:
+    """The pixel arrays and grids of the images and videos to embed: all of them, or (given a prefix-cache hit)
+    those after the ones wholly inside the reused prefix."""
+    if reuse is None:
+        return arrays
+    media = {}
+    for pixels, grids, skip in (("pixel_values", "image_grid_thw", reuse.images),
+                                ("pixel_values_videos", "video_grid_thw", reuse.videos)):
+        if grids not in arrays or skip >= len(arrays[grids]):
+            continue
+        rows = int(np.prod(arrays[grids][:skip], axis=-1).sum()) if skip else 0  # their patches come first
+        media[pixels] = arrays[pixels][rows:]
+        media[grids] = arrays[grids][skip:]
+        if pixels == "pixel_values_videos":
+            media["second_per_grid_ts"] = arrays["second_per_grid_ts"][skip:]
+    return media
+
+
+def _media_tokens(arrays: dict) -> int:
+    """Prompt tokens that stand for image or video patches (each covers a 2x2 group of patches)."""
+    grids = [arrays[k] for k in ("image_grid_thw", "video_grid_thw") if k in arrays]
+    return sum(int(np.prod(grid, axis=-1).sum()) // 4 for grid in grids)
 
 
 def _can_stage(inner, arrays: dict, cache, keys) -> bool:

@@ -4,6 +4,9 @@ It implements serving.engines.base.Engine. One model worker thread owns the mode
 continuous-batching loop of serving.engines.builtin.scheduler: requests join the running batch at any decoding
 step and leave it as soon as they end, each with its own sampling settings.
 
+Earlier prompts' KV (and finished answers') is kept in a prefix cache (serving.engines.builtin.prefix_cache):
+a prompt that starts as an earlier one did, a conversation's next turn above all, prefills only the rest.
+
 Image and video work is cached by content and size: the preprocessed pixel patches, and the
 vision tower's output (PaddleFormers' `get_image_features` and `get_video_features` are wrapped to
 consult the cache). Videos arrive sampled and sized (serving.intake.video.Video); PaddleFormers' video
@@ -23,7 +26,8 @@ from typing import Iterator
 import numpy as np
 
 from serving.engines.builtin import cpu_math, sampling, speedups
-from serving.engines.builtin import vision_cache
+from serving.engines.builtin import prefix_cache, vision_cache
+from serving.engines.builtin.prefix_cache import PrefixCache
 from serving.intake.video import Video
 from serving.engines.builtin.cache import ByteLRU
 from serving.engines.base import ModelInfo
@@ -52,7 +56,7 @@ class PaddleEngine:
     """serving.engines.base.Engine on PaddleFormers' Qwen2.5-VL, in this process."""
 
     def __init__(self, loaded, *, max_batch_size: int = 0, max_batch_tokens: int = 0, prefill_chunk_tokens: int = 0,
-                 image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0):
+                 image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0, prefix_cache_bytes: int = -1):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -74,6 +78,9 @@ class PaddleEngine:
         self.cpu_threads = cpu_threads or available_cores()
         self.pixel_cache = ByteLRU(image_cache_bytes // 2, "pixels")
         self.vision_cache = ByteLRU(image_cache_bytes // 2, "vision")
+        if prefix_cache_bytes < 0:  # auto, by device
+            prefix_cache_bytes = prefix_cache.AUTO_MB["cpu" if loaded.device == "cpu" else "gpu"] * 2**20
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._media_keys = threading.local()  # per model thread: prompts are prefilled side by side (lanes)
         speedups.install(self.model, loaded.device)  # ours only: the tutorial's server keeps the library's code
         vision_cache.install(self.model, self.vision_cache, lambda: getattr(self._media_keys, "images", []),
@@ -173,6 +180,14 @@ class PaddleEngine:
             self.pixel_cache.put(clip.key, entry, entry[0].nbytes)
         return entry
 
+    def prefix_key(self, prompt: Prompt):
+        """The prompt's key in the prefix cache: its ids with each image's and video's placeholders keyed by the
+        item's content digest and grid (and a video's seconds per temporal patch); None when not cacheable."""
+        config = self.model.config
+        return prefix_cache.prompt_key(prompt.arrays, prompt.image_keys, prompt.video_keys,
+                                       int(config.image_token_id), int(config.video_token_id),
+                                       int(self.processor.image_processor.merge_size) ** 2)
+
     def check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         room = self.context_length - prompt.prompt_tokens
         if room < 1:
@@ -213,7 +228,7 @@ class PaddleEngine:
         return {"queue_depth": s.queue_depth(), "rows_running": s.rows_running(), "steps": s.steps,
                 "step_seconds": s.step_seconds, "prefill_tokens": s.prefill_tokens_done, "joined": s.joined,
                 "prefilled_side_by_side": s.side_by_side, "batches": s.batches, "batched_requests": s.requests_run,
-                "caches": self.cache_stats()}
+                "caches": self.cache_stats(), "prefix_cache": self.prefix_cache.stats()}
 
     def submit(self, prompt: Prompt, params: SamplingParams) -> Job:
         self.check_fits(prompt, params)

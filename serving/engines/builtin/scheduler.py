@@ -10,23 +10,24 @@ Each turn of the loop:
    and video tokens and, for new images, goes a few blocks per turn: a long image prompt is spread
    over several turns instead of stalling every stream; with nobody decoding the whole prompt goes
    at once); on a CPU, several prompts are worked on side by side, each lane with its own budget
-   (serving.engines.builtin.lanes); a finished prefill sends its first token at once and joins
-   the running batch at the end of the turn;
+   (serving.engines.builtin.lanes); a prompt starts after the longest prefix the prefix cache holds
+   for it (serving.engines.builtin.prefix_cache), and its KV goes into that cache once done; a
+   finished prefill sends its first token at once and joins the running batch at the end of the turn;
 4. runs one decoding step for every running row, samples each row's token with its own
-   settings, and drops finished and cancelled rows at once.
+   settings, and drops finished and cancelled rows at once (a finished row's prompt and answer
+   KV into the prefix cache first).
 A request never waits for another request's whole answer, only for steps.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
 from typing import Optional
-
-import numpy as np
 
 from serving.engines.builtin import memory, sampling
 from serving.engines.builtin.batch import Row
@@ -236,11 +237,11 @@ class Scheduler:
         job = item.row.job
         try:
             if item.prefill is None:  # the vision tower runs now (or starts, block by block)
-                item.prefill = self._start_prefill(job)
+                item.prefill = self._start_prefill(item.row)
                 if not item.prefill.vision_blocks_left:  # it ran at once: one token per image or video token
-                    spent += _media_tokens(job.prompt.arrays)
+                    spent += item.prefill.media_tokens
             if item.prefill.vision_blocks_left:  # each block costs its share of the image tokens
-                cost = TOWER_TOKENS * _media_tokens(job.prompt.arrays) / item.prefill.tower_blocks
+                cost = TOWER_TOKENS * item.prefill.media_tokens / item.prefill.tower_blocks
                 left = item.prefill.vision_blocks_left
                 blocks = left if allowance is None else min(left, max(1, int((allowance - spent) // cost)))
                 item.prefill.advance_vision(blocks)
@@ -256,16 +257,45 @@ class Scheduler:
         if result is None:
             return spent, None
         token = self._first_token(item.row, result)
+        if token is not None:  # after the first token is out: the client does not wait for this copy
+            self._keep_prompt(item.row, result)
         return spent, (_FAILED if token is None else (result, token))
 
-    def _start_prefill(self, job: Job) -> Prefill:
-        engine = self.engine
+    def _start_prefill(self, row: Row) -> Prefill:
+        """The prompt's prefill, starting after the longest prefix the prefix cache holds for it."""
+        engine, prompt = self.engine, row.job.prompt
+        row.prefix_key = engine.prefix_key(prompt)
+        hit = engine.prefix_cache.lookup(row.prefix_key)
+        row.cached_tokens = hit.length if hit is not None else 0
         try:
-            return Prefill(self.model, job.prompt.arrays,
-                           lambda p=job.prompt: engine.set_image_keys(p.image_keys, p.video_keys),
-                           vision_cache=engine.vision_cache, image_keys=job.prompt.image_keys)
+            return Prefill(self.model, prompt.arrays, engine.set_image_keys, vision_cache=engine.vision_cache,
+                           image_keys=prompt.image_keys, video_keys=prompt.video_keys, reuse=hit)
         finally:
             engine.set_image_keys(())
+
+    def _keep_prompt(self, row: Row, result) -> None:
+        """The prompt's KV into the prefix cache (a copy: the running batch goes on with its own)."""
+        cache = self.engine.prefix_cache
+        if cache.enabled and row.prefix_key is not None:
+            with _not_fatal("keeping a prompt's KV"):
+                cache.insert(row.prefix_key,
+                             [(layer.keys.clone(), layer.values.clone()) for layer in result.cache.layers])
+
+    def _keep_answers(self, rows: list) -> None:
+        """Rows that ended this step: their prompt and answer's KV into the prefix cache, so a conversation's
+        next turn (that prompt, that answer and a new message) reuses all of it. The KV holds every token but
+        the last one sampled (never fed back); cancelled rows are left out."""
+        cache = self.engine.prefix_cache
+        if not cache.enabled:
+            return
+        for index, row in enumerate(rows):
+            if not row.done or row.job.cancelled.is_set() or row.prefix_key is None:
+                continue
+            with _not_fatal("keeping an answer's KV"):
+                layers, length = self.batch.row_kv(index)
+                answer = length - len(row.prefix_key)
+                if 0 <= answer <= len(row.tokens):
+                    cache.insert(row.prefix_key.extended(row.tokens[:answer]), layers)
 
     def _first_token(self, row: Row, result) -> Optional[int]:
         """Sample the prompt's first token and send it at once (from the lane that finished the prompt:
@@ -294,15 +324,20 @@ class Scheduler:
         self.batch.set_next(tokens)
         for row, token, logprob in zip(rows, tokens, logprobs):
             row.add(token, logprob)
+        self._keep_answers(rows)
         self.batch.keep([i for i, row in enumerate(rows) if not row.done])
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
 
 
-def _media_tokens(arrays: dict) -> int:
-    """Prompt tokens that stand for image or video patches (each covers a 2x2 group of patches)."""
-    grids = [arrays[k] for k in ("image_grid_thw", "video_grid_thw") if k in arrays]
-    return sum(int(np.prod(grid, axis=-1).sum()) // 4 for grid in grids)
+@contextlib.contextmanager
+def _not_fatal(what: str):
+    """The prefix cache is an optimisation: failing to fill it (out of device memory, say) is logged, and
+    the rows, the batch and the loop go on."""
+    try:
+        yield
+    except Exception:
+        log.warning("prefix cache: %s failed", what, exc_info=True)
 
 
 def _internal(exc: Exception) -> Exception:
