@@ -43,7 +43,8 @@ def build_engine(settings):
     tune_malloc()  # the model's large short-lived buffers go back to the system when freed (serving.engines.builtin.memory)
     return PaddleEngine(load_model(settings), max_batch_size=settings.max_batch_size,
                         max_batch_tokens=settings.max_batch_tokens, prefill_chunk_tokens=settings.prefill_chunk_tokens,
-                        image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads)
+                        image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads,
+                        grammar_cache_size=settings.grammar_cache_size, json_whitespace=settings.json_whitespace)
 
 
 def load_in_background(app, settings, on_failure=None, on_ready=None) -> threading.Thread:

@@ -13,7 +13,8 @@ Each turn of the loop:
    (serving.engines.builtin.lanes); a finished prefill sends its first token at once and joins
    the running batch at the end of the turn;
 4. runs one decoding step for every running row, samples each row's token with its own
-   settings, and drops finished and cancelled rows at once.
+   settings (and, for a row with a required output form, its grammar's mask), and drops finished and
+   cancelled rows at once.
 A request never waits for another request's whole answer, only for steps.
 """
 
@@ -189,7 +190,8 @@ class Scheduler:
             try:
                 sampler = sampling.RowSampler(job.params, engine.defaults,
                                               job.prompt.arrays["input_ids"][0].tolist())
-                row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set)
+                row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set,
+                          *engine.output_state(job.params.output))
             except Exception as exc:  # this request only; everyone else goes on
                 _report(job, exc)
                 continue
@@ -272,7 +274,8 @@ class Scheduler:
         the client need not wait for the rest of the turn); None when that failed (the row has the error)."""
         try:
             with self._sampling:  # unseeded rows share Paddle's generator
-                tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer)
+                tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer,
+                                                        adjust=_adjusters([row]))
         except Exception as exc:
             row.fail(_internal(exc))
             return None
@@ -284,7 +287,8 @@ class Scheduler:
         rows = self.batch.rows
         try:
             logits = self.batch.step()
-            tokens, logprobs = sampling.next_tokens(logits, [row.sampler for row in rows], self.engine.tokenizer)
+            tokens, logprobs = sampling.next_tokens(logits, [row.sampler for row in rows], self.engine.tokenizer,
+                                                    adjust=_adjusters(rows))
         except Exception as exc:  # the batch is lost; the worker and later requests are not
             log.exception("decoding step failed")
             for row in rows:
@@ -297,6 +301,12 @@ class Scheduler:
         self.batch.keep([i for i, row in enumerate(rows) if not row.done])
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
+
+
+def _adjusters(rows) -> Optional[list]:
+    """Each row's grammar mask and logit bias for this step (RowConstraint.adjust), None when no row has one."""
+    found = [row.constraint.adjust if row.constraint is not None and row.constraint.shapes else None for row in rows]
+    return found if any(fn is not None for fn in found) else None
 
 
 def _media_tokens(arrays: dict) -> int:
