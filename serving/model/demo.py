@@ -125,7 +125,7 @@ SIZES = {
 }
 
 SEED = 20251126
-BUILD_VERSION = "3"  # bump when the layout changes, so old caches are rebuilt
+BUILD_VERSION = "4"  # bump when the layout changes, so old caches are rebuilt
 
 
 def default_cache_dir() -> Path:
