@@ -13,7 +13,9 @@ questions about one image, (d) a 12-megapixel JPEG, (e) a long streamed answer (
 the overhead of our HTTP layer over a direct engine call (in this process); `staggered`: (f)
 clients sending back to back a mix of answer lengths, images and streams; `join`: (g) a short
 request sent while a long answer is generating (ours only); `memory`: (h) our server's RSS after
-a first count of mixed requests and after many more. See docs/bench/results.md.
+a first count of mixed requests and after many more; `structured`: (j) decoding tokens/s of rows held to a
+JSON schema against free rows, and a first schema compile's time to first token (in this process).
+See docs/bench/results.md.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from bench import report, workloads  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
 
-SECTIONS = ("classic", "staggered", "join", "memory", "gateway")
+SECTIONS = ("classic", "staggered", "join", "memory", "gateway", "structured")
 NEEDS_BASELINE = {"classic", "staggered"}  # join and memory are ours only: the baseline cannot stream
-OWN_SERVERS = {"gateway"}  # starts its own upstream and gateway, after the servers above have stopped
+OWN_SERVERS = {"gateway", "structured"}  # own servers (gateway) or in this process (structured), after the above
 
 
 def say(message: str) -> None:
@@ -55,6 +57,8 @@ def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
         parameters = shared_servers_sections(plan, sections, w)
     if "gateway" in sections:
         w["gateway"] = gateway(plan, quick)
+    if "structured" in sections:
+        w["structured"] = structured_output(plan, quick)
 
     results = {
         "schema": 2,
@@ -219,6 +223,19 @@ def gateway(plan, quick: bool) -> dict:
     result = gw.run(gplan)
     for line in gw.report(result).splitlines():
         say("(i) " + line.strip())
+    return result
+
+
+def structured_output(plan, quick: bool) -> dict:
+    """(j) Structured output's cost in the built-in engine: bench.structured's run, on the same model."""
+    from bench import structured
+
+    splan = dataclasses.replace(structured.QUICK if quick else structured.Plan(), model=plan.model)
+    say(f"(j) structured output: {splan.rows} JSON-schema rows against {splan.rows} free rows, and a first "
+        "schema compile's time to first token (in this process)")
+    result = structured.run(splan)
+    for line in structured.report(result).splitlines():
+        say("(j) " + line.strip())
     return result
 
 

@@ -86,7 +86,20 @@ def summary_rows(w: dict, plan) -> list:
         _memory_rows(w["memory"], row)
     if "gateway" in w:
         _gateway_rows(w["gateway"], row)
+    if "structured" in w:
+        _structured_rows(w["structured"], row)
     return rows
+
+
+def _structured_rows(j: dict, row) -> None:
+    n = j["plan"]["rows"]
+    row(f"(j) {n} free rows: decoding throughput", "tokens/s", None, j["free_decode_tokens_per_s"])
+    row(f"(j) {n} rows held to a JSON schema: decoding throughput", "tokens/s", None,
+        j["constrained_decode_tokens_per_s"])
+    row("(j) structured output's slowdown", "%", None, j["slowdown_percent"],
+        target=f"<= {j['target_slowdown_percent']}%", met=j["slowdown_percent"] <= j["target_slowdown_percent"])
+    row("(j) time to first token added by a first schema compile", "ms", None, j["first_compile_added_ttft_ms"],
+        target=f"< {j['target_compile_ttft_ms']} ms", met=j["first_compile_added_ttft_ms"] < j["target_compile_ttft_ms"])
 
 
 def _gateway_rows(i: dict, row) -> None:

@@ -133,7 +133,7 @@ def test_an_engine_that_declares_a_feature_gets_the_field(settings, engine):
 
 
 def test_backend_named_in_the_refusal(settings, engine):
-    client = create_app(replace(settings, backend="openai"), engine).test_client()
+    client = create_app(replace(settings, backend="openai"), WithFeatures(engine, ())).test_client()
     message = client.post(CHAT, json=say(logit_bias={"1": 1})).json["error"]["message"]
     assert "--backend openai" in message and "does not declare 'logit_bias'" in message
 
