@@ -264,3 +264,23 @@ def test_requests_from_many_threads_each_get_their_own_grammar(app):
         t.join()
     for schema, choice in zip(schemas, results):
         valid_answer(choice, schema)
+
+
+def test_json_whitespace_compact_or_bounded_pretty(engine):
+    """compact: exactly ", " and ": "; pretty: up to 8 spaces or newlines between items, never more."""
+    from serving.engines.builtin.grammar import GrammarCompiler
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "array", "items": {
+        "type": "integer"}}}, "required": ["a", "b"], "additionalProperties": False}
+    spec = spec_of(response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+    texts = {"compact": '{"a": 1, "b": [1, 2]}', "pretty": '{\n  "a": 1,\n  "b": [\n    1,\n    2\n  ]\n}',
+             "too wide": '{"a":' + " " * 9 + '1,"b":[]}'}
+    accepted = {}
+    for whitespace in ("compact", "pretty"):
+        compiled = GrammarCompiler(engine.tokenizer, engine.grammar.vocab, engine.eos_token_ids,
+                                   whitespace=whitespace).compile(spec)
+        for name, text in texts.items():
+            matcher, ids = compiled.matcher.deep_copy(), engine.encode(text)
+            accepted[whitespace, name] = matcher.try_consume_tokens(ids) == len(ids) and not matcher.is_error()
+    assert accepted == {("compact", "compact"): True, ("compact", "pretty"): False, ("compact", "too wide"): False,
+                        ("pretty", "compact"): True, ("pretty", "pretty"): True, ("pretty", "too wide"): False}
