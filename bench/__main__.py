@@ -15,7 +15,9 @@ clients sending back to back a mix of answer lengths, images and streams; `join`
 request sent while a long answer is generating (ours only); `memory`: (h) our server's RSS after
 a first count of mixed requests and after many more; `prefix`: (j) a 4-turn chat about one image, each
 turn's time to first token and tokens prefilled with the earlier turns reusable (the prefix cache) and
-with nothing reusable (ours only). See docs/bench/results.md.
+with nothing reusable (ours only); `structured`: (k) decoding tokens/s of rows held to a JSON schema
+against free rows, and a first schema compile's time to first token (in this process).
+See docs/bench/results.md.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from bench import report, workloads  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
 
-SECTIONS = ("classic", "staggered", "join", "memory", "prefix", "gateway")
+SECTIONS = ("classic", "staggered", "join", "memory", "prefix", "gateway", "structured")
 NEEDS_BASELINE = {"classic", "staggered"}  # join and memory are ours only: the baseline cannot stream
-OWN_SERVERS = {"gateway"}  # starts its own upstream and gateway, after the servers above have stopped
+OWN_SERVERS = {"gateway", "structured"}  # own servers (gateway) or in this process (structured), after the above
 
 
 def say(message: str) -> None:
@@ -57,6 +59,8 @@ def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
         parameters = shared_servers_sections(plan, sections, w)
     if "gateway" in sections:
         w["gateway"] = gateway(plan, quick)
+    if "structured" in sections:
+        w["structured"] = structured_output(plan, quick)
 
     results = {
         "schema": 2,
@@ -223,6 +227,19 @@ def gateway(plan, quick: bool) -> dict:
     result = gw.run(gplan)
     for line in gw.report(result).splitlines():
         say("(i) " + line.strip())
+    return result
+
+
+def structured_output(plan, quick: bool) -> dict:
+    """(j) Structured output's cost in the built-in engine: bench.structured's run, on the same model."""
+    from bench import structured
+
+    splan = dataclasses.replace(structured.QUICK if quick else structured.Plan(), model=plan.model)
+    say(f"(j) structured output: {splan.rows} JSON-schema rows against {splan.rows} free rows, and a first "
+        "schema compile's time to first token (in this process)")
+    result = structured.run(splan)
+    for line in structured.report(result).splitlines():
+        say("(j) " + line.strip())
     return result
 
 

@@ -88,6 +88,8 @@ def summary_rows(w: dict, plan) -> list:
         _prefix_rows(w["prefix"], row)
     if "gateway" in w:
         _gateway_rows(w["gateway"], row)
+    if "structured" in w:
+        _structured_rows(w["structured"], row)
     return rows
 
 
@@ -103,6 +105,17 @@ def _prefix_rows(j: dict, row) -> None:
     if later:
         row("(j) turns 2+ with reuse: worst time to first token / a short text request's "
             f"({j['short_text_ttft_s']:.3f} s)", "x", None, max(later), target="<= 1.5x", met=max(later) <= 1.5)
+
+
+def _structured_rows(j: dict, row) -> None:
+    n = j["plan"]["rows"]
+    row(f"(k) {n} free rows: decoding throughput", "tokens/s", None, j["free_decode_tokens_per_s"])
+    row(f"(k) {n} rows held to a JSON schema: decoding throughput", "tokens/s", None,
+        j["constrained_decode_tokens_per_s"])
+    row("(k) structured output's slowdown", "%", None, j["slowdown_percent"],
+        target=f"<= {j['target_slowdown_percent']}%", met=j["slowdown_percent"] <= j["target_slowdown_percent"])
+    row("(k) time to first token added by a first schema compile", "ms", None, j["first_compile_added_ttft_ms"],
+        target=f"< {j['target_compile_ttft_ms']} ms", met=j["first_compile_added_ttft_ms"] < j["target_compile_ttft_ms"])
 
 
 def _gateway_rows(i: dict, row) -> None:

@@ -5,7 +5,7 @@ The HTTP app, the notebook chat widget and the benchmark all go through it:
     service = ChatService(engine, settings)
     reply = service.start_request(protocol.parse_request(body))           # the app
     reply = service.start(turns, service.sampling_params(max_tokens=64))  # the widget, the benchmark
-    for event in reply: ...        # TextDelta pieces (str), then one Finished
+    for event in reply: ...        # TextDelta pieces (str) and ToolCallDelta pieces, then one Finished
 
 It owns the request limits (each read from Settings, their one owner), the image intake (data URLs,
 base64 or guarded URLs, decoded in memory, each image sized within its pixel budget) and the time
@@ -23,12 +23,12 @@ from typing import Iterator, Optional
 
 from PIL import Image
 
-from serving import limits, protocol
+from serving import limits, protocol, structured
 from serving.intake import images
 from serving.intake import video
 from serving.errors import ImageError, InvalidRequest, NotReady, RequestTimeout
 from serving.intake.membudget import MemoryBudget
-from serving.jobs import Finished, SamplingParams
+from serving.jobs import Finished, SamplingParams, ToolCallDelta
 
 RETRY_SECONDS = 5  # what a client told "not ready" should wait before trying again
 
@@ -244,6 +244,12 @@ class ChatService:
         refuse_unsupported(req, engine, getattr(self.settings, "backend", "paddle"))
         params = self.params_from_request(req)
         params.extra = passed_on(req, engine)
+        compile_output = getattr(engine, "compile_output", None)  # an engine that enforces the form itself
+        if compile_output is not None:
+            spec = structured.output_spec(req, max_tools=self.settings.max_tools,
+                                          max_schema_bytes=self.settings.max_schema_bytes)
+            if spec is not None:
+                params.output = compile_output(spec)  # a 400 here, before any image is read or model work done
         turns = protocol.normalise_messages(req)
         return self.start(turns, params, started=started, time_limit=self.settings.request_timeout)
 
@@ -309,7 +315,7 @@ class Reply:
         return Answer("".join(pieces), self.finished, logprobs)
 
     def _see(self, event) -> None:
-        if isinstance(event, str):
+        if isinstance(event, (str, ToolCallDelta)):
             if not self._seen_text:
                 self._seen_text = True
                 if self.metrics is not None:
@@ -332,9 +338,10 @@ def image_sizes(turns: list) -> list:
     return sizes
 
 
-# OpenAI request fields that change the answer. An engine honours one only when its info.features names it;
-# the built-in Paddle engine names none. Sent to an engine that does not, they are refused (400
-# unsupported_parameter) rather than dropped: a client asking for JSON or tool calls must not get prose.
+# OpenAI request fields that change the answer. An engine honours one only when its info.features names it
+# (the built-in Paddle engine enforces all three with grammars: serving.engines.builtin.grammar). Sent to an
+# engine that does not, they are refused (400 unsupported_parameter) rather than dropped: a client asking for
+# JSON or tool calls must not get prose.
 FEATURES = ("response_format", "tools", "logit_bias")
 _ELSEWHERE = ("to serve it, use --backend openai (an OpenAI-compatible upstream that supports it, such as vLLM) "
               "or --backend fastdeploy")
@@ -366,7 +373,8 @@ def refuse_unsupported(req: protocol.ChatCompletionRequest, engine, backend: str
     features = getattr(engine.info, "features", frozenset())
     for feature, param, what in unsupported_fields(req):
         if feature not in features:
-            where = ("the built-in Paddle engine (--backend paddle), which writes free text only" if backend == "paddle"
+            where = ("the built-in Paddle engine (--backend paddle) here: structured output is off (see the log)"
+                     if backend == "paddle"
                      else f"this server's --backend {backend} (its engine does not declare {feature!r})")
             raise InvalidRequest(f"{what} is not supported by {where}; {_ELSEWHERE}", param=param,
                                  code="unsupported_parameter")

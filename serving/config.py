@@ -38,6 +38,13 @@ def _backend(text: str) -> str:
     return value
 
 
+def _json_whitespace(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in ("compact", "pretty"):
+        raise ValueError(f"{text!r} is not compact or pretty")
+    return value
+
+
 def _image_format(text: str) -> str:
     value = str(text).strip().lower()
     if value not in ("png", "jpeg"):
@@ -148,6 +155,16 @@ class Settings:
         "help": "most messages in one request (checked before anything else is read from it)"})
     max_content_parts: int = field(default=2048, metadata={
         "help": "most content parts (text, image, ...) in all messages of one request together"})
+    max_tools: int = field(default=64, metadata={
+        "help": "most tools (functions) in one request (built-in engine; each is compiled into the call grammar)"})
+    max_schema_bytes: int = field(default=65536, metadata={
+        "help": "largest JSON schema (response_format's, or one tool's parameters) in bytes of JSON (built-in engine)"})
+    grammar_cache_size: int = field(default=64, metadata={
+        "help": "compiled grammars (JSON schemas, tool sets) kept for reuse, LRU (built-in engine)"})
+    json_whitespace: str = field(default="compact", metadata={
+        "help": "how the built-in engine writes enforced JSON: compact (', ' and ': ', no other whitespace) or "
+                "pretty (up to 8 spaces or newlines between items; unbounded whitespace is never allowed: a model "
+                "can emit it forever)", "type": _json_whitespace})
     image_decode_mb: int = field(default=512, metadata={
         "help": "memory for images being decoded at once (estimated from their headers); requests wait their "
                 "turn within REQUEST_TIMEOUT; an image larger than this is decoded alone"})
@@ -256,6 +273,7 @@ _RANGES = {
     "header_timeout": (0.001, None), "body_timeout": (0.001, None), "max_messages": (1, None),
     "max_content_parts": (1, None), "image_decode_mb": (1, None), "shutdown_grace": (0, None),
     "max_video_decode_pixels": (1, None),
+    "max_tools": (1, None), "max_schema_bytes": (1, None), "grammar_cache_size": (1, None),
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

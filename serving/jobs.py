@@ -1,8 +1,8 @@
 """What a request hands the model worker, and what it gets back.
 
 A Job carries a Prompt and its SamplingParams; the worker puts text deltas (TextDelta, a str
-that may carry the logprobs of the tokens it covers) and then one Finished (or an exception)
-on the job's queue, which the request iterates.
+that may carry the logprobs of the tokens it covers), pieces of tool calls (ToolCallDelta) and then
+one Finished (or an exception) on the job's queue, which the request iterates.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class SamplingParams:
     top_logprobs: int = 0  # 0..20 most likely alternatives per token (needs logprobs)
     extra: dict = field(default_factory=dict)  # OpenAI fields passed on to engines whose info.features name them
     stream: bool = False  # the client reads the answer as it comes: its time to first token shows
+    # the answer's required form (JSON, tool calls, logit_bias), compiled by an engine that enforces it itself
+    # (serving.engines.builtin.grammar.CompiledOutput); None: free text
+    output: Optional[object] = None
 
 
 @dataclass
@@ -60,6 +63,23 @@ class TextDelta(str):
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of a tool call being generated, as OpenAI streams it (delta.tool_calls[]): the first piece of
+    a call has its id and function name, later ones fragments of its arguments' JSON text."""
+
+    index: int  # which call of the answer (0, 1, ...)
+    id: Optional[str] = None
+    name: Optional[str] = None
+    arguments: str = ""
+
+    def as_openai(self) -> dict:
+        if self.id is not None:
+            return {"index": self.index, "id": self.id, "type": "function",
+                    "function": {"name": self.name, "arguments": self.arguments}}
+        return {"index": self.index, "function": {"arguments": self.arguments}}
+
+
+@dataclass
 class Prompt:
     # numpy arrays for model.generate: input_ids, attention_mask, pixel_values, image_grid_thw, and for
     # videos pixel_values_videos, video_grid_thw, second_per_grid_ts
@@ -73,11 +93,11 @@ class Prompt:
 
 @dataclass
 class Finished:
-    finish_reason: str  # "stop" or "length" ("tool_calls" from an upstream that called tools)
+    finish_reason: str  # "stop", "length" or "tool_calls" (the model called tools)
     prompt_tokens: int
     completion_tokens: int
     seconds: float
-    tool_calls: Optional[list] = None  # OpenAI's message.tool_calls, from upstream engines whose model called tools
+    tool_calls: Optional[list] = None  # OpenAI's message.tool_calls, when the model called tools
     cached_tokens: Optional[int] = None  # prompt tokens reused from earlier requests (None: the engine does not say)
 
 

@@ -57,8 +57,11 @@ def test_quick_run_writes_all_outputs(quick_run):
     for key in ("overhead", "overhead_server_process"):
         o = w[key]
         assert o["n"] == 2 and positive(o["median_direct_s"]) and positive(o["median_http_s"]), key
-    for section in ("staggered", "join", "memory", "gateway"):  # issues 9 and 10's sections ride along
+    for section in ("staggered", "join", "memory", "gateway", "structured"):  # issues 9, 10, 17's sections ride along
         assert section in w, section
+    j = w["structured"]  # (j): JSON-schema rows against free rows, and a first compile's time to first token
+    assert positive(j["free_decode_tokens_per_s"]) and positive(j["constrained_decode_tokens_per_s"])
+    assert positive(j["new_schema_ttft_ms"]) and positive(j["compile_ms"])
     g = w["gateway"]  # (i): our gateway in front of an upstream of ours, against the upstream directly
     assert g["same_greedy_answer"] is True and g["plan"]["model"] == "demo"
     assert positive(g["one_client"]["direct_median_s"]) and positive(g["one_client"]["gateway_median_s"])

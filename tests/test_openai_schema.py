@@ -130,7 +130,7 @@ def _error_answers(app_settings, engine):
     loading = create_app(app_settings, None).test_client()
     return [
         post(client, messages=[{"role": "wizard", "content": "x"}]),
-        post(client, response_format={"type": "json_object"}),
+        post(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}),
         post(client, max_completion_tokens=10**6),
         client.post(CHAT, data=b"{not json", content_type="application/json"),
         client.get("/nowhere"),

@@ -1,6 +1,8 @@
 """No silent semantic drops, on the demo model: request fields that would change the answer and that the engine
-does not honour are refused with 400 unsupported_parameter naming the field and the backends that serve it;
-wrong types are a 400; fields that do not change the answer are accepted and change nothing."""
+does not honour are refused with 400 unsupported_parameter naming the field and the backends that serve it
+(shown with the demo engine declaring no features: the built-in engine honours them all, see
+test_structured_output.py and test_tools.py); wrong types are a 400; fields that do not change the answer are
+accepted and change nothing."""
 
 from __future__ import annotations
 
@@ -43,9 +45,15 @@ UNSUPPORTED = [
 ]
 
 
+@pytest.fixture(scope="module")
+def featureless(settings, engine):
+    """A client of the demo engine declaring no features (as when structured output cannot be built)."""
+    return create_app(settings, WithFeatures(engine, ())).test_client()
+
+
 @pytest.mark.parametrize("name,body,param", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
-def test_unsupported_semantics_are_refused(client, name, body, param):
-    r = client.post(CHAT, json=body)
+def test_unsupported_semantics_are_refused(featureless, name, body, param):
+    r = featureless.post(CHAT, json=body)
     assert r.status_code == 400, r.json
     error = r.json["error"]
     assert error["code"] == "unsupported_parameter" and error["type"] == "invalid_request_error"
@@ -125,13 +133,17 @@ def test_an_engine_that_declares_a_feature_gets_the_field(settings, engine):
 
 
 def test_backend_named_in_the_refusal(settings, engine):
-    client = create_app(replace(settings, backend="openai"), engine).test_client()
+    client = create_app(replace(settings, backend="openai"), WithFeatures(engine, ())).test_client()
     message = client.post(CHAT, json=say(logit_bias={"1": 1})).json["error"]["message"]
     assert "--backend openai" in message and "does not declare 'logit_bias'" in message
 
 
-def test_stream_refusals_are_plain_json_errors(client):
-    r = client.post(CHAT, json=say(stream=True, response_format={"type": "json_object"}))
+def test_the_built_in_engine_declares_every_feature(engine):
+    assert engine.info.features == frozenset(FEATURES)
+
+
+def test_stream_refusals_are_plain_json_errors(featureless):
+    r = featureless.post(CHAT, json=say(stream=True, response_format={"type": "json_object"}))
     assert r.status_code == 400 and r.mimetype == "application/json"
     assert json.loads(r.get_data())["error"]["code"] == "unsupported_parameter"
 

@@ -22,12 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.tools import TOOLS_INTRO, TOOLS_OUTRO
+
 DEMO_NAMES = {"demo": "small", "demo-small": "small", "demo-bench": "bench",
               # the published form at real scale (serving.model.published): Qwen's real vocabulary
               "demo-vocab": "vocab", "demo-3b": "3b"}
 
-# Qwen2.5-VL's chat template, as published in the checkpoint's chat_template.json.
-CHAT_TEMPLATE = (
+
+def _literal(text: str) -> str:
+    """`text` as a Jinja expression: the template environment drops a newline that follows a block tag."""
+    return "{{ '" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "' }}"
+
+
+# Qwen2.5-VL's chat template, as published in the checkpoint's chat_template.json (no tools section).
+PUBLISHED_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -41,6 +49,41 @@ CHAT_TEMPLATE = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2.5-VL's chat template, as above, with the tools section of
+# Qwen2.5-Instruct's template (the `# Tools` system block, assistant tool_calls, tool results in <tool_response>
+# blocks of one user turn), so tests run the real tool path. Without tools it writes exactly the published text.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}You are a helpful assistant.{% endif %}" + _literal(TOOLS_INTRO) +
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}" + _literal(TOOLS_OUTRO) + "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' and not tools %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user\n{% else %}{{ '\\n' }}{% endif %}"
+    "<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "<|im_start|>assistant\n{% if message['content'] %}{{ message['content'] }}\n{% endif %}"
+    "{% for tool_call in message['tool_calls'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if tool_call['function'] is defined %}{% set tool_call = tool_call['function'] %}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' }}{{ tool_call['name'] }}{{ '\", \"arguments\": ' }}"
+    "{% if tool_call['arguments'] is string %}{{ tool_call['arguments'] }}{% else %}{{ tool_call['arguments'] | tojson }}"
+    "{% endif %}{{ '}\\n</tool_call>' }}{% endfor %}<|im_end|>\n"
+    "{% else %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # Qwen's added tokens in their published order; ids follow the base vocabulary.
@@ -85,7 +128,7 @@ SIZES = {
 }
 
 SEED = 20251126
-BUILD_VERSION = "2"  # bump when the layout changes, so old caches are rebuilt
+BUILD_VERSION = "4"  # bump when the layout changes, so old caches are rebuilt
 
 
 def default_cache_dir() -> Path:

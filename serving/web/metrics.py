@@ -77,6 +77,14 @@ ENGINE_COUNTERS = {
     "joined": ("qwenvl_joined_requests", "requests admitted into a batch that was already decoding"),
     "prefilled_side_by_side": ("qwenvl_prefilled_side_by_side",
                                "prompt prefill turns run beside another prompt's (CPU prefill lanes)"),
+    # structured output (built-in engine): response_format, tools, logit_bias
+    "constrained_rows": ("qwenvl_constrained_rows", "answers generated under a grammar or a logit_bias"),
+    "grammar_compiles": ("qwenvl_grammar_compiles", "grammars compiled (JSON schemas, tool sets; cache misses)"),
+    "grammar_compile_seconds": ("qwenvl_grammar_compile_seconds", "time spent compiling grammars"),
+    "grammar_cache_hits": ("qwenvl_grammar_cache_hits", "grammars served from the compiled-grammar cache"),
+    "grammar_masks": ("qwenvl_grammar_masks", "per-token masks computed for constrained rows"),
+    "grammar_mask_seconds": ("qwenvl_grammar_mask_seconds",
+                             "time spent computing and applying those masks (divide by the masks: per token)"),
 }
 
 

@@ -15,6 +15,7 @@ from serving import protocol
 from serving.web import http_errors
 from serving.chat import Reply
 from serving.errors import InternalError
+from serving.jobs import ToolCallDelta
 
 LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
 
@@ -25,8 +26,8 @@ def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
     finished = answer.finished
     if finished is None:
         raise InternalError("the generation ended without a result")
-    tool_calls = finished.tool_calls  # from an upstream engine whose model called tools
-    choice = protocol.Choice(message=protocol.ResponseMessage(content=None if tool_calls and not answer.text
+    tool_calls = finished.tool_calls  # the model called tools
+    choice = protocol.Choice(message=protocol.ResponseMessage(content=None if tool_calls and not answer.text.strip()
                                                               else answer.text),
                              finish_reason=finished.finish_reason,
                              logprobs=choice_logprobs(answer.logprobs) if logprobs else None)
@@ -59,16 +60,20 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> I
     status, problem = 200, None
     try:
         yield chunk(protocol.Delta(role="assistant", content=""))
+        pieces_sent = False
         for event in events:
             if isinstance(event, str):
                 tokens = getattr(event, "logprobs", ()) if logprobs else None
                 yield chunk(protocol.Delta(content=str(event)),
                             logprobs=choice_logprobs(tokens) if tokens is not None else None)
+            elif isinstance(event, ToolCallDelta):  # the built-in engine's calls, piece by piece
+                pieces_sent = True
+                yield chunk(tool_calls=[event.as_openai()])
         finished = reply.finished
         if finished is None:
             raise InternalError("the generation ended without a result")
         sizes = reply.image_sizes or None  # on the last chunk, whichever that is (and on the finish chunk)
-        if finished.tool_calls:  # an upstream's model called tools: the calls, whole, in one delta
+        if finished.tool_calls and not pieces_sent:  # an upstream's model called tools: the calls, whole, in one delta
             yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(finished.tool_calls)])
         yield chunk(finish=finished.finish_reason, image_sizes=sizes)
         if include_usage:

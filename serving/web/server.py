@@ -44,7 +44,8 @@ def build_engine(settings):
     engine = PaddleEngine(load_model(settings), max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens, prefill_chunk_tokens=settings.prefill_chunk_tokens,
                           image_cache_bytes=settings.image_cache_mb * 2**20, cpu_threads=settings.cpu_threads,
-                          prefix_cache_bytes=settings.prefix_cache_mb * 2**20 if settings.prefix_cache_mb >= 0 else -1)
+                          prefix_cache_bytes=settings.prefix_cache_mb * 2**20 if settings.prefix_cache_mb >= 0 else -1,
+                          grammar_cache_size=settings.grammar_cache_size, json_whitespace=settings.json_whitespace)
     engine.warm_up()  # /health says ok only for an engine that has answered
     return engine
 

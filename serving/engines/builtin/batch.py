@@ -2,7 +2,9 @@
 
 The scheduler hands each row every token sampled for it; the row turns tokens into text deltas
 for its client at once and decides when it is done (its own eos, stop string, max_tokens, or
-a cancel), without waiting for any other row.
+a cancel), without waiting for any other row. A row with a required output form also advances its
+grammar (serving.engines.builtin.grammar.RowConstraint), and a row that may call tools reads its calls
+from the tokens (serving.tools.CallReader): they go out as ToolCallDelta pieces, not text.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import time
 
 from serving.engines.builtin.detokenize import IncrementalText
+from serving.errors import InternalError
 from serving.jobs import Finished, Job, TextDelta
 
 
 class Row:
-    def __init__(self, job: Job, sampler, text: IncrementalText, eos_ids: set):
+    def __init__(self, job: Job, sampler, text: IncrementalText, eos_ids: set, constraint=None, calls=None):
         self.job, self.sampler, self.text, self.eos_ids = job, sampler, text, eos_ids
+        self.constraint = constraint  # RowConstraint, or None: free text
+        self.calls = calls  # serving.tools.CallReader when the answer may call tools
         self.started = time.perf_counter()  # admitted: generation time, not queueing, goes into tokens/s
         self.count = 0
         self.tokens: list = []  # the answer's token ids so far (its KV goes to the prefix cache when it ends)
@@ -39,14 +44,28 @@ class Row:
         self.count += 1
         self.tokens.append(token)
         self.sampler.accept(token)
+        if self.constraint is not None:
+            problem = self.constraint.accept(token)
+            if problem is not None:  # this row only; the batch goes on
+                return self.fail(InternalError(f"the answer could not follow its required form: {problem}",
+                                               code="grammar_error"))
         if token in self.eos_ids:
             return self.finish("stop")
         if logprob is not None:
             self._logprobs.append(logprob)
-        delta = self.text.add(token)
-        if delta:
-            self.job.events.put(TextDelta(delta, self._logprobs))
-            self._logprobs = []
+        pieces = self.calls.add(token) if self.calls is not None else None
+        if pieces is not None:  # a tool call's token: the text before it is complete
+            tail = self.text.finish() if not self.text.stopped else ""
+            if tail or self._logprobs:
+                self.job.events.put(TextDelta(tail, self._logprobs))
+                self._logprobs = []
+            for piece in pieces:
+                self.job.events.put(piece)
+        else:
+            delta = self.text.add(token)
+            if delta:
+                self.job.events.put(TextDelta(delta, self._logprobs))
+                self._logprobs = []
         if self.text.stopped:
             self.finish("stop")
         elif self.count >= self.job.params.max_tokens:
@@ -63,8 +82,16 @@ class Row:
             self._logprobs = []
         if self.text.stopped:
             reason = "stop"
+        calls = None
+        if self.calls is not None:
+            for piece in self.calls.finish():
+                self.job.events.put(piece)
+            calls = self.calls.tool_calls() or None
+            if calls and reason == "stop":
+                reason = "tool_calls"
         self.job.events.put(Finished(reason, self.job.prompt.prompt_tokens, self.count,
-                                     time.perf_counter() - self.started, cached_tokens=self.cached_tokens))
+                                     time.perf_counter() - self.started, tool_calls=calls,
+                                     cached_tokens=self.cached_tokens))
 
     def fail(self, error: BaseException) -> None:
         if not self.done:

@@ -21,12 +21,14 @@ import logging
 import os
 import re
 import threading
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
-from serving.engines.builtin import cpu_math, sampling, speedups
+from serving import tools as tool_format
+from serving.engines.builtin import cpu_math, grammar, sampling, speedups
 from serving.engines.builtin import prefix_cache, vision_cache
+from serving.engines.builtin.detokenize import IncrementalText
 from serving.engines.builtin.prefix_cache import PrefixCache
 from serving.intake.video import Video
 from serving.engines.builtin.cache import ByteLRU
@@ -38,6 +40,8 @@ from serving.engines.builtin.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
+# the OpenAI fields this engine honours beyond sampling (serving.chat refuses the others): enforced by grammars
+OUTPUT_FEATURES = frozenset({"response_format", "tools", "logit_bias"})
 VIDEO_PAD = "<|video_pad|>"
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 
@@ -56,7 +60,8 @@ class PaddleEngine:
     """serving.engines.base.Engine on PaddleFormers' Qwen2.5-VL, in this process."""
 
     def __init__(self, loaded, *, max_batch_size: int = 0, max_batch_tokens: int = 0, prefill_chunk_tokens: int = 0,
-                 image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0, prefix_cache_bytes: int = -1):
+                 image_cache_bytes: int = 256 * 2**20, cpu_threads: int = 0, prefix_cache_bytes: int = -1,
+                 grammar_cache_size: int = 64, json_whitespace: str = "compact"):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -68,10 +73,12 @@ class PaddleEngine:
         self.max_batch_size = max_batch_size or auto["max_batch_size"]
         self.max_batch_tokens = max_batch_tokens or auto["max_batch_tokens"]
         self.prefill_chunk_tokens = prefill_chunk_tokens or auto["prefill_chunk_tokens"]
-        self.info = ModelInfo(name=loaded.name, source=loaded.source, is_demo=loaded.is_demo,
-                              context_length=self.context_length, max_batch_size=self.max_batch_size)
         self.eos_token_ids = self._eos_ids()
         self.eos_set = set(self.eos_token_ids)
+        self.grammar = self._grammar_compiler(grammar_cache_size, json_whitespace)
+        self.info = ModelInfo(name=loaded.name, source=loaded.source, is_demo=loaded.is_demo,
+                              context_length=self.context_length, max_batch_size=self.max_batch_size,
+                              features=OUTPUT_FEATURES if self.grammar is not None else frozenset())
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_ids[-1]
         self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
@@ -95,8 +102,10 @@ class PaddleEngine:
 
     # ------------------------------------------------------------------ prompts
 
-    def build_prompt(self, turns) -> Prompt:
-        """turns: ChatTurn-like objects whose parts are str, PIL images or serving.intake.video.Video, in order."""
+    def build_prompt(self, turns, tools: Optional[list] = None) -> Prompt:
+        """turns: ChatTurn-like objects whose parts are str, PIL images or serving.intake.video.Video, in order
+        (an assistant turn may carry tool_calls, a "tool" turn is a call's result); `tools`: OpenAI tool
+        definitions the answer may call, written into the system turn (serving.tools)."""
         messages, images, videos = [], [], []
         for turn in turns:
             content = []
@@ -111,7 +120,10 @@ class PaddleEngine:
                     images.append(part)
             if all(c["type"] == "text" for c in content):
                 content = "".join(c["text"] for c in content)  # plain string, as the template expects
-            messages.append({"role": turn.role, "content": content})
+            message = {"role": turn.role, "content": content}
+            if getattr(turn, "tool_calls", None):
+                message["tool_calls"] = tool_format.template_calls(turn.tool_calls)
+            messages.append(message)
         chars = sum(len(p) for turn in turns for p in turn.parts if isinstance(p, str))
         if chars > self.context_length * MAX_CHARS_PER_TOKEN:  # surely too long: refuse before tokenizing
             raise InvalidRequest(f"the prompt is {chars} characters, far more than the model's context of "
@@ -119,8 +131,14 @@ class PaddleEngine:
         if messages and messages[-1]["role"] == "assistant":
             raise InvalidRequest("the last message must not be an assistant message", param="messages")
         _ensure_dynamic_mode()
+        extra = {}
+        if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            if tool_format.template_knows_tools(self._chat_template()):
+                extra = {"tools": tools} if tools else {}
+            else:  # the published Qwen2.5-VL template has no tools section: write Qwen2.5's text ourselves
+                messages = tool_format.render_messages(messages, tools or [])
         with self._template_lock:
-            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         pixels, grids, keys = [], [], []
         for img in images:
             key, (pv, grid) = self._preprocess_image(img)
@@ -197,9 +215,42 @@ class PaddleEngine:
 
     # ------------------------------------------------------------------ generation
 
+    def _chat_template(self) -> Optional[str]:
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
     def start(self, turns, params: SamplingParams) -> Job:
         """The engine protocol's entry (serving.engines.base.Engine): prompt, then a queued job."""
-        return self.submit(self.build_prompt(turns), params)
+        tools = params.output.tools if params.output is not None else None
+        return self.submit(self.build_prompt(turns, tools), params)
+
+    # ------------------------------------------------------------------ structured output
+
+    def _grammar_compiler(self, cache_size: int, whitespace: str):
+        """The llguidance compiler of this checkpoint's vocabulary; None (and no structured output) when the
+        tokenizer has no tokenizer.json to build it from."""
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        vocab = int(getattr(text_config, "vocab_size", 0) or len(self.tokenizer))
+        try:
+            return grammar.GrammarCompiler(self.tokenizer, vocab, self.eos_token_ids, cache_size=cache_size,
+                                           whitespace=whitespace)
+        except (ImportError, ValueError) as exc:
+            log.warning("structured output and tool calls are off: %s", exc)
+            return None
+
+    def compile_output(self, spec) -> "grammar.CompiledOutput":
+        """A request's serving.structured.OutputSpec -> its compiled grammar (called before the request is
+        queued: a schema that cannot be enforced is a 400 before any model work)."""
+        return self.grammar.compile(spec)
+
+    def output_state(self, compiled) -> tuple:
+        """(RowConstraint or None, serving.tools.CallReader or None) for a new row of a request."""
+        if compiled is None or self.grammar is None:
+            return None, None
+        calls = None
+        if compiled.tool_call_ids is not None:
+            calls = tool_format.CallReader(*compiled.tool_call_ids, lambda: IncrementalText(self.tokenizer))
+        return self.grammar.row(compiled), calls
 
     def warm_up(self, max_tokens: int = 2) -> None:
         """A few greedy tokens of a text-only prompt before the engine is reported ready, so that a model
@@ -228,7 +279,16 @@ class PaddleEngine:
         return {"queue_depth": s.queue_depth(), "rows_running": s.rows_running(), "steps": s.steps,
                 "step_seconds": s.step_seconds, "prefill_tokens": s.prefill_tokens_done, "joined": s.joined,
                 "prefilled_side_by_side": s.side_by_side, "batches": s.batches, "batched_requests": s.requests_run,
-                "caches": self.cache_stats(), "prefix_cache": self.prefix_cache.stats()}
+                "caches": self.cache_stats(), "prefix_cache": self.prefix_cache.stats(),
+                **self._grammar_stats()}
+
+    def _grammar_stats(self) -> dict:
+        if self.grammar is None:
+            return {}
+        g = self.grammar.stats
+        return {"constrained_rows": g.constrained_rows, "grammar_compiles": g.compiles,
+                "grammar_compile_seconds": g.compile_seconds, "grammar_cache_hits": g.cache_hits,
+                "grammar_masks": g.masks, "grammar_mask_seconds": g.mask_seconds}
 
     def submit(self, prompt: Prompt, params: SamplingParams) -> Job:
         self.check_fits(prompt, params)

@@ -123,16 +123,24 @@ class RowSampler:
         return self._counted
 
 
-def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None) -> tuple:
+def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None, adjust=None) -> tuple:
     """(token ids, logprobs) for a batch: logits [B, V] from the model, samplers[i] for row i.
 
     logprobs[i] is a TokenLogprob when row i asked for logprobs (the tokenizer then names the tokens),
     else None. Each sampling row consumes one draw of its generator; no row's state changes otherwise
-    (record kept tokens with RowSampler.accept)."""
+    (record kept tokens with RowSampler.accept).
+
+    `adjust` (optional): one entry per row, None or a callable taking the row's penalized scores (numpy
+    float32 [V]) and returning them changed: a grammar's mask (forbidden tokens at -inf) and a logit bias
+    (serving.engines.builtin.grammar.RowConstraint.adjust). It applies after the penalties and before
+    temperature, top-k and top-p; rows with None are not touched, and a row with a callable consumes its
+    draw like any other. Logprobs stay the model's raw logprobs."""
     import paddle
 
     _check_batch(logits, samplers)
     scores = penalized_logits(logits, samplers)
+    if adjust is not None and any(fn is not None for fn in adjust):
+        scores = adjusted_scores(scores, adjust)
     chosen = paddle.argmax(scores, axis=-1)  # the greedy pick of every row; sampling rows replace theirs
     sampling_rows = [i for i, sampler in enumerate(samplers) if not sampler.greedy]
     if sampling_rows:
@@ -169,6 +177,17 @@ def penalized_logits(logits, samplers: Sequence[RowSampler]):
         index, amount = _flat_index(vocab, parts)
         flat = paddle.scatter(flat, index, paddle.gather(flat, index) - paddle.to_tensor(amount))
     return flat.reshape([batch, vocab])
+
+
+def adjusted_scores(scores, adjust):
+    """float32 [B, V]: the rows with a callable in `adjust` replaced by what it returns for them (see next_tokens)."""
+    import paddle
+
+    rows = [i for i, fn in enumerate(adjust) if fn is not None]
+    index = paddle.to_tensor(rows, dtype="int64")
+    part = paddle.gather(scores, index, axis=0).numpy().copy()
+    changed = np.stack([np.asarray(adjust[i](part[j]), dtype=np.float32) for j, i in enumerate(rows)])
+    return paddle.scatter(scores, index, paddle.to_tensor(changed))
 
 
 def sampling_probs(scores, samplers: Sequence[RowSampler]):

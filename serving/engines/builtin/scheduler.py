@@ -14,8 +14,8 @@ Each turn of the loop:
    for it (serving.engines.builtin.prefix_cache), and its KV goes into that cache once done; a
    finished prefill sends its first token at once and joins the running batch at the end of the turn;
 4. runs one decoding step for every running row, samples each row's token with its own
-   settings, and drops finished and cancelled rows at once (a finished row's prompt and answer
-   KV into the prefix cache first).
+   settings (and, for a row with a required output form, its grammar's mask), and drops finished and
+   cancelled rows at once (a finished row's prompt and answer KV into the prefix cache first).
 A request never waits for another request's whole answer, only for steps.
 """
 
@@ -190,7 +190,8 @@ class Scheduler:
             try:
                 sampler = sampling.RowSampler(job.params, engine.defaults,
                                               job.prompt.arrays["input_ids"][0].tolist())
-                row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set)
+                row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set,
+                          *engine.output_state(job.params.output))
             except Exception as exc:  # this request only; everyone else goes on
                 _report(job, exc)
                 continue
@@ -302,7 +303,8 @@ class Scheduler:
         the client need not wait for the rest of the turn); None when that failed (the row has the error)."""
         try:
             with self._sampling:  # unseeded rows share Paddle's generator
-                tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer)
+                tokens, logprobs = sampling.next_tokens(result.logits, [row.sampler], self.engine.tokenizer,
+                                                        adjust=_adjusters([row]))
         except Exception as exc:
             row.fail(_internal(exc))
             return None
@@ -314,7 +316,8 @@ class Scheduler:
         rows = self.batch.rows
         try:
             logits = self.batch.step()
-            tokens, logprobs = sampling.next_tokens(logits, [row.sampler for row in rows], self.engine.tokenizer)
+            tokens, logprobs = sampling.next_tokens(logits, [row.sampler for row in rows], self.engine.tokenizer,
+                                                    adjust=_adjusters(rows))
         except Exception as exc:  # the batch is lost; the worker and later requests are not
             log.exception("decoding step failed")
             for row in rows:
@@ -338,6 +341,12 @@ def _not_fatal(what: str):
         yield
     except Exception:
         log.warning("prefix cache: %s failed", what, exc_info=True)
+
+
+def _adjusters(rows) -> Optional[list]:
+    """Each row's grammar mask and logit bias for this step (RowConstraint.adjust), None when no row has one."""
+    found = [row.constraint.adjust if row.constraint is not None and row.constraint.shapes else None for row in rows]
+    return found if any(fn is not None for fn in found) else None
 
 
 def _internal(exc: Exception) -> Exception:
