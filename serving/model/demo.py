@@ -150,7 +150,7 @@ def demo_path(name: str = "demo", cache_dir: str | os.PathLike | None = None) ->
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if size_name in published.SCALES:
         scale = published.SCALES[size_name]
-        key, build = [published.BUILD_VERSION, asdict(scale), CHAT_TEMPLATE], partial(published.build_checkpoint, scale=scale)
+        key, build = [published.BUILD_VERSION, asdict(scale), PUBLISHED_CHAT_TEMPLATE], partial(published.build_checkpoint, scale=scale)
     else:
         size = SIZES[size_name]
         key, build = [BUILD_VERSION, asdict(size)], partial(build_checkpoint, size=size)

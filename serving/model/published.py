@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.model import qwen_tokenizer
-from serving.model.demo import CHAT_TEMPLATE, SEED
+from serving.model.demo import PUBLISHED_CHAT_TEMPLATE, SEED
 
 BUILD_VERSION = "published-1"  # bump when the layout changes, so old caches are rebuilt
 VOCAB_SIZE = 151936  # the model's vocabulary: the tokenizer's 151,665 tokens padded to a multiple of 128
@@ -212,14 +212,14 @@ def index(scale: Scale) -> dict:
 def build_checkpoint(folder: Path, scale: Scale) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = qwen_tokenizer.write_tokenizer_files(folder, CHAT_TEMPLATE)
+    ids = qwen_tokenizer.write_tokenizer_files(folder, PUBLISHED_CHAT_TEMPLATE)
     cfg = config(scale)
     for field in ("bos_token_id", "eos_token_id", "image_token_id", "video_token_id", "vision_start_token_id"):
         assert cfg[field] in ids.values(), field  # the published ids are the tokenizer's
     _write_json(folder / "config.json", cfg)
     _write_json(folder / "generation_config.json", PUBLISHED_GENERATION_CONFIG)
     _write_json(folder / "preprocessor_config.json", PUBLISHED_PREPROCESSOR_CONFIG)
-    _write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    _write_json(folder / "chat_template.json", {"chat_template": PUBLISHED_CHAT_TEMPLATE})
     shapes = tensor_shapes(scale)
     for shard, names in shard_plan(scale).items():
         write_bf16_safetensors(folder / shard, {n: shapes[n] for n in names}, scale.weight_std)
