@@ -49,7 +49,23 @@ def test_folder_that_is_not_a_checkpoint(tmp_path):
     assert str(tmp_path) in str(info.value)
 
 
-def test_unreachable_hub_model_names_model_and_remedies():
+@pytest.fixture
+def roomy_machine(monkeypatch):
+    """The memory check before loading sees room for the 3B model, whatever else runs on this machine."""
+    from serving.model import gpu
+
+    monkeypatch.setattr(gpu, "host_available", lambda: 64 * gpu.GiB)
+
+
+def test_a_hub_model_too_large_for_this_machine_is_refused_before_any_download(monkeypatch):
+    from serving.model import gpu
+
+    monkeypatch.setattr(gpu, "host_available", lambda: 4 * gpu.GiB)
+    with pytest.raises(ModelLoadError, match="not enough memory to load Qwen/Qwen2.5-VL-3B-Instruct in float32"):
+        load_model(Settings(model="Qwen/Qwen2.5-VL-3B-Instruct", hub="aistudio", device="cpu"))
+
+
+def test_unreachable_hub_model_names_model_and_remedies(roomy_machine):
     """Offline, a hub id fails at once with one message naming the model and the ways out."""
     with pytest.raises(ModelLoadError) as info:
         load_model(Settings(model="Qwen/Qwen2.5-VL-3B-Instruct", hub="aistudio"))
@@ -61,7 +77,7 @@ def test_unreachable_hub_model_names_model_and_remedies():
     assert "found in repo" not in message
 
 
-def test_a_reachable_hub_without_the_model_says_check_the_id(monkeypatch):
+def test_a_reachable_hub_without_the_model_says_check_the_id(monkeypatch, roomy_machine):
     from serving.model import download
 
     monkeypatch.setattr(download, "probe", lambda url, timeout=None: None)  # as if the hub answered
