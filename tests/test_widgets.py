@@ -282,8 +282,12 @@ def test_notebook_is_clean_and_runs_headless():
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert errors == []
-    last = code[-1].outputs
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in last)
+    widget = next(c for c in code if c.id == "chat-widget").outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in widget)
+    example = next(c for c in code if c.id == "grounding-example").outputs  # the offline grounding example
+    printed = "".join(o.get("text", "") for o in example)
+    assert "uploaded 640x480, the model sees 644x476" in printed and "red box: [59.6, 250.1, 250.4, 429.6]" in printed
+    assert any("image/png" in o.get("data", {}) for o in example)
 
 
 def test_an_engine_error_is_shown_and_the_question_can_be_asked_again(chat, engine, monkeypatch):
