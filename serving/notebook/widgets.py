@@ -146,7 +146,7 @@ class ChatWidget:
         self.language.observe(lambda change: self.set_language(change["new"]), names="value")
         self.demo_note = W.HTML()
 
-        self.upload = W.FileUpload(accept="image/*,video/*", multiple=True, icon="paperclip")
+        self.upload = W.FileUpload(accept="image/*,video/*", multiple=True, icon="paperclip", description="")
         self.upload.add_class("qv-upload")  # icon only: its own "(n)" count would read (0) (see render.STYLE)
         self.upload.observe(self._on_upload, names="value")
         self.pending_label = W.HTML()
@@ -190,10 +190,12 @@ class ChatWidget:
         self.export_button = W.Button(icon="download", layout=W.Layout(width="110px"))
         self.export_button.add_class("qv-export")
         self.export_button.on_click(lambda _b: self._on_export())
-        self.import_upload = W.FileUpload(accept=".json,application/json", multiple=False, icon="folder-open")
+        self.import_upload = W.FileUpload(accept=".json,application/json", multiple=False, icon="folder-open",
+                                          description="")
         self.import_upload.add_class("qv-upload")
         self.import_upload.add_class("qv-import")
         self.import_upload.observe(self._on_import, names="value")
+        self.import_label = W.Label()
         self.export_link = W.HTML()
         self.export_link.add_class("qv-export-link")
         self.settings_box = W.VBox([
@@ -202,7 +204,7 @@ class ChatWidget:
             W.HBox([self.top_k, self.repetition_penalty, self.seed], layout=W.Layout(flex_flow="row wrap")),
             W.HBox([self.keep_images, self.json_mode], layout=W.Layout(flex_flow="row wrap")),
             self.defaults_note,
-            W.HBox([self.export_button, self.import_upload, self.export_link], layout=W.Layout(align_items="center")),
+            W.HBox([self.export_button, self.import_label, self.import_upload, self.export_link], layout=W.Layout(align_items="center")),
         ])
         self.settings_panel = W.Accordion(children=[self.settings_box])
         self.settings_panel.add_class("qv-settings")
@@ -262,6 +264,7 @@ class ChatWidget:
                                     "</span>")
         self.export_button.description = t("export")
         self.import_upload.tooltip = t("import")
+        self.import_label.value = t("import") + ":"
         self.settings_panel.set_title(0, t("settings"))
         self._empty_note.value = f"<span style='color:#888'>{html.escape(t('no_messages'))}</span>"
 
@@ -764,7 +767,8 @@ class ChatWidget:
 
     def _set_status_result(self, result: Result) -> None:
         ttft = f"{result.first_token_seconds:.2f} s" if result.first_token_seconds is not None else "-"
-        self._set_status("result", reason=label(self.lang, result.finish_reason), tokens=result.completion_tokens,
+        reason = {"stop": "finished", "length": "length"}.get(result.finish_reason, "stopped")
+        self._set_status("result", reason=label(self.lang, reason), tokens=result.completion_tokens,
                          ttft=ttft, prompt_tokens=result.prompt_tokens, speed=f"{result.tokens_per_second:.1f}")
 
     def _set_error(self, text: str) -> None:
@@ -834,7 +838,7 @@ class ChatWidget:
             children = [row for _turn, row in rows]
             if answering:
                 self._answer_html = W.HTMLMath(render.bubble_html("", "assistant", self.lang, markdown=True,
-                                                                  cursor=True))
+                                                                  cursor=True), layout=W.Layout(width="100%"))
                 self._answer_html.add_class("qv-answer")
                 children.append(self._answer_html)
             if not children:
@@ -850,9 +854,10 @@ class ChatWidget:
         if files:
             widgets.append(W.HTML("".join(self._figure(part) for part in files)))
         if turn.role == "assistant":
-            bubble = W.HTMLMath(render.bubble_html(text, "assistant", self.lang, markdown=True, note=note))
+            bubble = W.HTMLMath(render.bubble_html(text, "assistant", self.lang, markdown=True, note=note),
+                                layout=W.Layout(width="100%"))
         else:
-            bubble = W.HTML(render.bubble_html(text, turn.role, self.lang))
+            bubble = W.HTML(render.bubble_html(text, turn.role, self.lang), layout=W.Layout(width="100%"))
         bubble.add_class(f"qv-{turn.role}")
         widgets.append(bubble)
         action = {"user": ("edit", "pencil", self.edit), "assistant": ("regenerate", "refresh", self.regenerate)}.get(turn.role)
