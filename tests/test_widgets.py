@@ -635,3 +635,19 @@ def test_labels_switch_to_chinese_and_back(chat):
     assert chat.send_button.description == "Send" and "first token" in chat.status
     with pytest.raises(ValueError):
         chat.set_language("fr")
+
+
+def test_a_file_dropped_or_pasted_in_the_browser_joins_the_pending_ones(chat):
+    import base64
+    import json
+
+    # what the widget's drop / paste handler sends: the file as JSON through its hidden Text widget
+    data = base64.b64encode(png_bytes((120, 80))).decode()
+    browser_commits(chat.drop_sink, json.dumps({"name": "dropped.png", "data": data, "at": "1"}))
+    assert [p.caption for p in chat.pending] == ["dropped.png, 120x80"]
+    assert chat.drop_sink.value == ""  # the bytes do not stay in the widget's state
+    browser_commits(chat.drop_sink, json.dumps({"name": "notes.txt", "data": base64.b64encode(b"text").decode()}))
+    assert "notes.txt" in chat.error and len(chat.pending) == 1
+    from serving.notebook.render import style_html
+
+    assert "qv-drop-sink" in style_html() and "onerror=" in style_html()  # the browser side, installed once

@@ -14,7 +14,7 @@ LANGUAGES = (("English", "en"), ("中文", "zh"))
 LABELS = {
     "en": {
         "demo_note": "Demo model: random weights, its answers are meaningless text.",
-        "attach": "Attach images or a video (or drop / paste them onto the question box)",
+        "attach": "Attach images or a video (or drop them on the chat, or paste them into the question box)",
         "placeholder": "Ask about the images, then press Enter",
         "send": "Send",
         "stop": "Stop",
@@ -51,7 +51,7 @@ LABELS = {
         "download": "Download {name} ({size})",
         "language": "Language",
         # status lines
-        "ready": "ready: attach images (optional), type a question, press Enter or Send",
+        "ready": "ready: attach, drop or paste images (optional), type a question, press Enter or Send",
         "reading_video": "reading the video {name}...",
         "video_ready": "video {name}: {description}",
         "reading_prompt": "reading the prompt ({prompt_tokens} tokens)...",
@@ -83,7 +83,7 @@ LABELS = {
     },
     "zh": {
         "demo_note": "演示模型：随机权重，回答是无意义的文字。",
-        "attach": "添加图片或视频（也可拖放或粘贴到提问框）",
+        "attach": "添加图片或视频（也可拖放到对话区，或粘贴到提问框）",
         "placeholder": "针对图片提问，按回车发送",
         "send": "发送",
         "stop": "停止",
@@ -119,7 +119,7 @@ LABELS = {
         "import": "导入",
         "download": "下载 {name}（{size}）",
         "language": "语言",
-        "ready": "就绪：可添加图片，输入问题后按回车或点击发送",
+        "ready": "就绪：可添加、拖放或粘贴图片，输入问题后按回车或点击发送",
         "reading_video": "正在读取视频 {name}……",
         "video_ready": "视频 {name}：{description}",
         "reading_prompt": "正在读取提示（{prompt_tokens} 个 token）……",

@@ -133,9 +133,33 @@ STYLE = """
 .qv-chat .qv-large {max-width:640px; display:block; margin-top:4px; border:1px solid #ccc;}
 .qv-chat .qv-caption {font-size:11px; color:#555; max-width:160px;}
 .qv-chat .qv-actions button {font-size:11px; height:22px; line-height:20px;}
-.qv-chat .qv-drop.qv-over {outline:2px dashed #1976d2;}
+.qv-chat.qv-over {outline:2px dashed #1976d2; outline-offset:2px;}
 """
 
 
+# Drag-and-drop and paste of images: ipywidgets has no drop zone, and its FileUpload keeps its file input out of
+# reach. So the widget's style block carries a one-time installer (an image that fails to load runs it, since
+# innerHTML runs no <script>): files dropped on the widget or pasted into it are read in the browser and handed,
+# one by one as JSON {name, data (base64)}, to a hidden Text widget (.qv-drop-sink) that the kernel observes.
+_DROP_SCRIPT = (
+    "const root=this.closest('.qv-chat');if(!root||root.dataset.qvDrop)return;root.dataset.qvDrop='1';"
+    "let n=0;const send=files=>{for(const file of files){if(!/^(image|video)\\//.test(file.type))continue;"
+    "const reader=new FileReader();reader.onload=()=>{const box=root.querySelector('.qv-drop-sink input');"
+    "if(!box)return;box.value=JSON.stringify({name:file.name||('pasted-'+(++n)+'.png'),"
+    "data:String(reader.result).split(',')[1],at:Date.now()+'-'+(++n)});"
+    "box.dispatchEvent(new Event('change',{bubbles:true}))};reader.readAsDataURL(file)}};"
+    "root.addEventListener('dragover',e=>{if(e.dataTransfer&&[...e.dataTransfer.types].includes('Files'))"
+    "{e.preventDefault();root.classList.add('qv-over')}});"
+    "root.addEventListener('dragleave',e=>{if(e.target===root)root.classList.remove('qv-over')});"
+    "root.addEventListener('drop',e=>{root.classList.remove('qv-over');if(e.dataTransfer&&e.dataTransfer.files.length)"
+    "{e.preventDefault();e.stopPropagation();send(e.dataTransfer.files)}});"
+    "root.addEventListener('paste',e=>{const items=e.clipboardData?[...e.clipboardData.items]:[];"
+    "const files=items.filter(x=>x.kind==='file').map(x=>x.getAsFile()).filter(Boolean);"
+    "if(files.length){e.preventDefault();e.stopPropagation();send(files)}});"
+)
+
+
 def style_html() -> str:
-    return f"<style>{STYLE}</style>"
+    """The widget's style sheet, and the drag-and-drop / paste installer (see _DROP_SCRIPT)."""
+    return (f"<style>{STYLE}</style><img src='data:,' alt='' style='display:none' "
+            f"onerror=\"{html.escape(_DROP_SCRIPT)}\">")

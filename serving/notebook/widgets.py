@@ -149,6 +149,9 @@ class ChatWidget:
         self.upload = W.FileUpload(accept="image/*,video/*", multiple=True, icon="paperclip", description="")
         self.upload.add_class("qv-upload")  # icon only: its own "(n)" count would read (0) (see render.STYLE)
         self.upload.observe(self._on_upload, names="value")
+        self.drop_sink = W.Text(continuous_update=False, layout=W.Layout(display="none"))
+        self.drop_sink.add_class("qv-drop-sink")  # files dropped or pasted in the browser arrive here (render.style_html)
+        self.drop_sink.observe(self._on_drop, names="value")
         self.pending_label = W.HTML()
         self.pending_label.add_class("qv-pending-label")
         self.thumbnails = W.HBox(layout=W.Layout(flex_flow="row wrap"))
@@ -224,6 +227,7 @@ class ChatWidget:
 
         self.ui = W.VBox([
             self.style,
+            self.drop_sink,
             W.HBox([self.demo_note, self.language], layout=W.Layout(justify_content="space-between",
                                                                      align_items="center")),
             self.scroller,
@@ -656,6 +660,23 @@ class ChatWidget:
         self.upload.value = ()  # so the same file can be chosen again
         self._set_error("; ".join(errors))
 
+    def _on_drop(self, change) -> None:
+        """A file dropped on the widget or pasted into it: {"name", "data" (base64)} from the browser."""
+        import base64
+        import json
+
+        raw = change["new"]
+        if not raw:
+            return  # our own reset below
+        self.drop_sink.value = ""  # the file's bytes need not stay in the widget's state
+        try:
+            item = json.loads(raw)
+            name, data = str(item.get("name") or "pasted.png"), base64.b64decode(item["data"], validate=True)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._set_error(label(self.lang, "not_image", name="?"))
+            return
+        self.add_upload(name, data)
+
     def _on_import(self, change) -> None:
         files = change["new"]
         if not files:
@@ -811,9 +832,9 @@ class ChatWidget:
         remove.on_click(lambda _b, item=item: self.remove_pending(self._pending.index(item))
                         if item in self._pending else None)
         caption = W.HTML(f"<div class='qv-caption'>{html.escape(item.caption)}</div>")
-        picture = W.Image(value=item.thumbnail, format="png",
-                          layout=W.Layout() if item.is_video else W.Layout(max_width=f"{THUMBNAIL[0]}px"))
-        box = W.VBox([picture, caption, remove], layout=W.Layout(margin="2px 6px 2px 0"))
+        picture = W.Image(value=item.thumbnail, format="png", layout=W.Layout(width="auto", height="auto",
+                                                                             object_fit="contain"))
+        box = W.VBox([picture, caption, remove], layout=W.Layout(margin="2px 6px 2px 0", align_items="flex-start"))
         box.add_class("qv-pending-file")
         return box
 

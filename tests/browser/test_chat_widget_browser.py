@@ -267,6 +267,12 @@ def test_chat_widget_in_jupyterlab(lab):
             assert error.inner_text().strip() == ""
             shot("5_stopped")
 
+            # an image dropped on the widget and one pasted into the question box join the pending files
+            page.evaluate(_DROP_AND_PASTE)
+            page.wait_for_function("document.querySelectorAll('.qv-pending-file').length === 2", timeout=30_000)
+            dropped = page.locator(".qv-pending .qv-caption").all_inner_texts()
+            shot("5b_dropped_and_pasted")
+
             # Import a conversation whose answer is Markdown: rendered, with its Copy button
             page.locator(".qv-settings").get_by_text("Settings", exact=True).click()  # open the panel
             with page.expect_file_chooser(timeout=30_000) as chooser:
@@ -303,13 +309,32 @@ def test_chat_widget_in_jupyterlab(lab):
     assert copied == _MARKDOWN_ANSWER
     assert labels == {"qv-send": "发送", "qv-stop": "停止", "qv-clear": "清空"}, labels
     assert "模型" in transcript_zh and "重新生成" in transcript_zh
-    assert len(shots) == 7
+    assert dropped == ["dropped.png, 64x48", "pasted.png, 64x48"], dropped
+    assert len(shots) == 8
     assert lab.root.joinpath(NOTEBOOK).exists()
     assert _digest(ROOT / "notebooks" / NOTEBOOK) == source_digest  # nothing written back into the repo
 
 
 _MARKDOWN_ANSWER = ("Here is **bold** text.\n\n| item | value |\n|---|---|\n| answer | 42 |\n\n"
                     "```python\nprint('hello')\n```\n\nAnd math: $e^{i\\pi} + 1 = 0$")
+
+
+_DROP_AND_PASTE = """async () => {
+    const canvas = document.createElement('canvas');
+    canvas.width = 64; canvas.height = 48;
+    const ctx = canvas.getContext('2d');
+    ctx.fillStyle = '#c33'; ctx.fillRect(0, 0, 64, 48);
+    const blob = await new Promise(done => canvas.toBlob(done, 'image/png'));
+    const drop = new DataTransfer();
+    drop.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+    document.querySelector('.qv-scroll').dispatchEvent(
+        new DragEvent('drop', {dataTransfer: drop, bubbles: true, cancelable: true}));
+    await new Promise(done => setTimeout(done, 1500));  // one file after the other, as a person would
+    const paste = new DataTransfer();
+    paste.items.add(new File([blob], 'pasted.png', {type: 'image/png'}));
+    document.querySelector('.qv-question input').dispatchEvent(
+        new ClipboardEvent('paste', {clipboardData: paste, bubbles: true, cancelable: true}));
+}"""
 
 
 def _markdown_conversation(path: Path) -> Path:
