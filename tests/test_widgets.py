@@ -651,3 +651,22 @@ def test_a_file_dropped_or_pasted_in_the_browser_joins_the_pending_ones(chat):
     from serving.notebook.render import style_html
 
     assert "qv-drop-sink" in style_html() and "onerror=" in style_html()  # the browser side, installed once
+
+
+def test_json_mode_is_offered_only_by_an_engine_that_honours_response_format(engine, settings, monkeypatch):
+    import dataclasses
+
+    plain = ChatWidget(engine, settings)
+    assert plain.json_mode.layout.display == "none"  # the built-in engine writes free text only
+
+    seen = []
+    start = engine.start
+    monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, features=frozenset({"response_format"})))
+    monkeypatch.setattr(engine, "start", lambda turns, params: seen.append(params) or start(turns, params))
+    widget = ChatWidget(engine, settings, max_tokens=4)
+    assert widget.json_mode.layout.display != "none"
+    widget.json_mode.value = True
+    widget.question.value = "Reply in JSON"
+    widget.send()
+    assert widget.wait(60)
+    assert seen[-1].extra == {"response_format": {"type": "json_object"}}

@@ -107,6 +107,7 @@ def figure_html(thumbnail_url: str, caption: str, large_url: str) -> str:
 STYLE = """
 .qv-chat .qv-scroll {border:1px solid #ddd; padding:6px;}
 .qv-chat .qv-transcript, .qv-chat .qv-transcript > * {flex-shrink:0;}  /* rows keep their height: the box scrolls */
+.qv-chat .qv-row .widget-html-content, .qv-chat .qv-row .widget-htmlmath-content {width:100%;}
 .qv-chat .qv-msg {border-radius:6px; padding:4px 8px; margin:3px 0; word-break:break-word; line-height:1.45;}
 .qv-chat .qv-msg-user {background:#e3f2fd;}
 .qv-chat .qv-msg-assistant {background:#f5f5f5;}

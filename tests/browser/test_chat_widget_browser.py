@@ -229,7 +229,14 @@ def test_chat_widget_in_jupyterlab(lab):
             assert len([a for a in answers if _answer_text(a)]) > 2, answers  # it streamed
             assert any("reading the prompt" in s for s in page.evaluate("window.__statuses"))
             assert "first token after" in status.inner_text() and "tokens/s" in status.inner_text()
+            # a click on the question's picture enlarges it, a second click closes it
+            figure = page.locator(".qv-row .qv-figure").first
+            figure.locator("summary").click()
+            figure.locator("img.qv-large").wait_for(state="visible", timeout=10_000)
+            enlarged = figure.locator("img.qv-large").bounding_box()["width"]
             shot("2_first_answer")
+            figure.locator("summary").click()
+            figure.locator("img.qv-large").wait_for(state="hidden", timeout=10_000)
             for turn in range(2, 7):
                 box.fill(f"Follow-up number {turn}?")
                 box.press("Enter")
@@ -309,6 +316,7 @@ def test_chat_widget_in_jupyterlab(lab):
     assert copied == _MARKDOWN_ANSWER
     assert labels == {"qv-send": "发送", "qv-stop": "停止", "qv-clear": "清空"}, labels
     assert "模型" in transcript_zh and "重新生成" in transcript_zh
+    assert enlarged >= 300  # the 320x200 upload at its own size, not the 96-pixel thumbnail
     assert dropped == ["dropped.png, 64x48", "pasted.png, 64x48"], dropped
     assert len(shots) == 8
     assert lab.root.joinpath(NOTEBOOK).exists()
