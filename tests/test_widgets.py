@@ -374,6 +374,8 @@ def test_an_answer_with_boxes_draws_them_on_the_uploaded_image(chat, engine, set
     assert "shapes.png" in view.children[1].value
     assert "red square" in view.children[1].value
 
+    chat.set_language("zh")  # the rows are drawn again: the boxes stay below the answer
+    assert "qv-boxes" in chat.transcript.children[-1].children[-1]._dom_classes
     chat.clear()
     assert chat.boxes == [] and chat.boxes_image is None
 

@@ -112,6 +112,7 @@ class ChatWidget:
         self._pending: list[Pending] = []
         self._files: dict = {}  # id(sized image or video in the history) -> its Pending (name, file as uploaded)
         self._queue: list = []  # (text, [Pending]) asked while an answer was being written, in order
+        self._extras: dict = {}  # id(answer turn) -> {"stopped": bool, "boxes": (PNG, caption) or None}
         self._lock = threading.RLock()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()  # the running answer's own flag; each answer gets a new one
@@ -422,7 +423,7 @@ class ChatWidget:
             self._reply.cancel()
         with self._lock:
             self._generation += 1
-            self._history, self._pending, self._queue, self._files = [], [], [], {}
+            self._history, self._pending, self._queue, self._files, self._extras = [], [], [], {}, {}
             self.deltas, self.answer, self.last_result = [], "", None
             self.boxes, self.boxes_image = [], None
         self.question.value = ""
@@ -625,12 +626,9 @@ class ChatWidget:
                 answer = ChatTurn("assistant", [self.answer])
                 self._history.append(answer)
                 self.last_result = result
-                row = self._turn_row(answer, note=label(self.lang, "stopped") if result.finish_reason == "stopped"
-                                     else "")
-                boxes = self._boxes_view(turns, self.answer)
-                if boxes is not None:
-                    row.children = row.children + (boxes,)
-                self._rows.append((answer, row))
+                self._extras[id(answer)] = {"stopped": result.finish_reason == "stopped",
+                                            "boxes": self._boxes_view(turns, self.answer)}
+                self._rows.append((answer, self._turn_row(answer)))
             self._render_pending()
             self._render_transcript()
             self._answer_html.close()  # the streamed row; the answer's own row (with its actions) replaced it
@@ -751,7 +749,8 @@ class ChatWidget:
     def _boxes_view(self, turns: list, answer: str):
         """When `answer` holds Qwen2.5-VL boxes (bbox_2d): the image they are about (the last image of the
         conversation's latest turn with images) as uploaded, with the boxes mapped back onto it and drawn,
-        and their coordinates in its pixels. None when there are no boxes or no image."""
+        and their coordinates in its pixels, as (PNG, caption HTML) for _turn_row. None when there are no boxes
+        or no image."""
         found = grounding.find_boxes(answer)
         image = next((part for turn in reversed(turns) if turn.role == "user"
                       for part in reversed(turn.parts) if isinstance(part, PILImage.Image)), None)
@@ -771,11 +770,8 @@ class ChatWidget:
         self.boxes_image.save(buf, "PNG")
         caption = "; ".join(f"{html.escape(b.label or 'box')} {b.as_list()}" for b in boxes)
         name = html.escape(item.name) if item is not None else "image"
-        view = W.VBox([W.Image(value=buf.getvalue(), format="png", layout=W.Layout(max_width=f"{BOXES_MAX_SIDE}px")),
-                       W.HTML(f"<span style='color:#555'>{len(boxes)} box(es) in pixels of the uploaded "
-                              f"{name} ({size.width}x{size.height}): {caption}</span>")])
-        view.add_class("qv-boxes")
-        return view
+        return buf.getvalue(), (f"<span style='color:#555'>{len(boxes)} box(es) in pixels of the uploaded "
+                                f"{name} ({size.width}x{size.height}): {caption}</span>")
 
     # ------------------------------------------------------------------ widget updates
 
@@ -866,10 +862,12 @@ class ChatWidget:
                 children = [self._empty_note]
             self.transcript.children = children
 
-    def _turn_row(self, turn: ChatTurn, note: str = "") -> W.VBox:
-        """One message: its files (click to enlarge), its text, and its actions (edit a question, write an answer
-        again)."""
+    def _turn_row(self, turn: ChatTurn) -> W.VBox:
+        """One message: its files (click to enlarge), its text, its actions (edit a question, write an answer
+        again), and below an answer with boxes, the picture they were drawn on."""
         text = "".join(p for p in turn.parts if isinstance(p, str))
+        extras = self._extras.get(id(turn), {})
+        note = label(self.lang, "stopped") if extras.get("stopped") else ""
         widgets = []
         files = [p for p in turn.parts if not isinstance(p, str)]
         if files:
@@ -891,6 +889,12 @@ class ChatWidget:
             actions = W.HBox([button])
             actions.add_class("qv-actions")
             widgets.append(actions)
+        if extras.get("boxes"):
+            png, caption = extras["boxes"]
+            view = W.VBox([W.Image(value=png, format="png", layout=W.Layout(max_width=f"{BOXES_MAX_SIDE}px")),
+                           W.HTML(caption)])
+            view.add_class("qv-boxes")
+            widgets.append(view)
         row = W.VBox(widgets)
         row.add_class("qv-row")
         return row
@@ -914,6 +918,8 @@ class ChatWidget:
         self._history = self._history[:index]
         kept = {id(p) for t in self._history for p in t.parts if not isinstance(p, str)}
         self._files = {key: item for key, item in self._files.items() if key in kept}
+        turns = {id(t) for t in self._history}
+        self._extras = {key: extra for key, extra in self._extras.items() if key in turns}
 
 
 class QuestionBox(W.Text):
