@@ -6,6 +6,9 @@ why it is noise here:
 
 - "No ccache found" (Paddle's C++ extension helper): about compiling custom operators, which we never do.
 - "Setuptools is replacing distutils." (setuptools' distutils shim, on Python 3.11 and older).
+- "To copy construct from a tensor, it is recommended to use sourceTensor.clone().detach() ..." (Paddle's
+  creation.py, on the first request): paddle.to_tensor given a tensor inside PaddleFormers' generation code; it
+  copies, which is what that code wants.
 - "PyTorch was not found. Models won't be available ..." (transformers, printed twice): we use
   PaddleFormers' models and PaddlePaddle on purpose; AI Studio's service refuses PyTorch.
 - "Due to potential compatibility issues between PaddlePaddle and PyTorch ..." (PaddleFormers): the same.
@@ -19,7 +22,8 @@ from __future__ import annotations
 import logging
 import warnings
 
-WARNINGS = (r"No ccache found", r"Setuptools is replacing distutils")
+WARNINGS = (r"No ccache found", r"Setuptools is replacing distutils",
+            r"To copy construct from a tensor, it is recommended to use sourceTensor\.clone\(\)\.detach\(\)")
 LOG_LINES = {  # logger name -> starts of the messages dropped
     "transformers": ("PyTorch was not found.",),
     "PaddleFormers": ("Due to potential compatibility issues between PaddlePaddle and PyTorch",

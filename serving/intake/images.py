@@ -139,7 +139,8 @@ def decode_image_bytes(data: bytes, *, param: str, pixel_limit: int = _LIMITS.ma
     except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as exc:  # RuntimeError: AVIF's decoder
         if "truncated" in str(exc):
             raise ImageError("the image data is truncated: it ends before the picture does", param=param) from None
-        raise ImageError(f"the data is not an image Pillow can read ({type(exc).__name__})", param=param) from None
+        raise ImageError("the data is not an image in a format this server reads (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)",
+                         param=param) from None
 
 
 # Bytes per pixel Pillow keeps an image of each mode in (every mode of 2 to 4 bands takes 4)

@@ -313,7 +313,7 @@ def _open(data: bytes, param: str):
     try:
         return av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError, OSError, EOFError) as exc:
-        raise VideoError(f"the data is not a video FFmpeg can read ({_reason(exc)})", param=param) from None
+        raise VideoError("the data is not a video this server can decode (mp4, webm, mov, mkv, ...)", param=param) from None
 
 
 def _video_stream(container, param: str):
@@ -486,11 +486,6 @@ def _mime(container, data: bytes) -> str:
         if name in _MIME_BY_FORMAT:
             return _MIME_BY_FORMAT[name]
     return "application/octet-stream"
-
-
-def _reason(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or type(exc).__name__
-    return str(text).split(":")[0]
 
 
 # ---------------------------------------------------------------- a list of images as a video
