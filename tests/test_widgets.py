@@ -657,18 +657,22 @@ def test_a_file_dropped_or_pasted_in_the_browser_joins_the_pending_ones(chat):
 
 def test_json_mode_is_offered_only_by_an_engine_that_honours_response_format(engine, settings, monkeypatch):
     import dataclasses
+    import json
 
+    monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, features=frozenset()))
     plain = ChatWidget(engine, settings)
-    assert plain.json_mode.layout.display == "none"  # the built-in engine writes free text only
+    assert plain.json_mode.layout.display == "none"  # an engine that writes free text only
+    monkeypatch.undo()
 
     seen = []
     start = engine.start
-    monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, features=frozenset({"response_format"})))
     monkeypatch.setattr(engine, "start", lambda turns, params: seen.append(params) or start(turns, params))
-    widget = ChatWidget(engine, settings, max_tokens=4)
-    assert widget.json_mode.layout.display != "none"
+    widget = ChatWidget(engine, settings, max_tokens=48)
+    assert widget.json_mode.layout.display != "none"  # the built-in engine enforces JSON itself
     widget.json_mode.value = True
     widget.question.value = "Reply in JSON"
     widget.send()
     assert widget.wait(60)
-    assert seen[-1].extra == {"response_format": {"type": "json_object"}}
+    assert seen[-1].output is not None and not seen[-1].extra  # held to JSON by the engine's grammar
+    if widget.last_result.finish_reason == "stop":  # random weights: only a finished answer must parse
+        assert isinstance(json.loads(widget.answer), dict)

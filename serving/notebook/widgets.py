@@ -578,7 +578,13 @@ class ChatWidget:
         try:
             sampling = self.service.sampling_params(**params)
             if self.json_mode.value and self.json_mode.layout.display != "none":
-                sampling.extra = {"response_format": {"type": "json_object"}}
+                compile_output = getattr(self.engine, "compile_output", None)
+                if compile_output is not None:  # the built-in engine holds the answer to JSON itself
+                    from serving.structured import OutputSpec
+
+                    sampling.output = compile_output(OutputSpec(schema={"type": "object"}))
+                else:  # an upstream server is asked to
+                    sampling.extra = {"response_format": {"type": "json_object"}}
             reply = self.service.start(self._turns_to_send(turns), sampling)
             self._reply = reply
             if stop.is_set():
