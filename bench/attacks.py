@@ -785,7 +785,8 @@ def _mistake_body(body):
 
 
 def _cache_mb(server) -> float:
-    return sum(server.metric("qwenvl_image_cache_bytes", cache=c) or 0 for c in ("pixels", "vision")) / 2**20
+    images = sum(server.metric("qwenvl_image_cache_bytes", cache=c) or 0 for c in ("pixels", "vision"))
+    return (images + (server.metric("qwenvl_prefix_cache_bytes") or 0)) / 2**20  # the prefix cache fills by design too
 
 
 def _raise_file_limit(wanted: int) -> None:

@@ -312,7 +312,8 @@ def drive(server, mix, plan, args):
 
 def _cache_mb(server) -> float:
     """Bytes held by the engine's image caches (bounded by IMAGE_CACHE_MB), from /metrics."""
-    return sum(server.metric("qwenvl_image_cache_bytes", cache=c) or 0 for c in ("pixels", "vision")) / 2**20
+    images = sum(server.metric("qwenvl_image_cache_bytes", cache=c) or 0 for c in ("pixels", "vision"))
+    return (images + (server.metric("qwenvl_prefix_cache_bytes") or 0)) / 2**20  # the prefix cache fills by design too
 
 
 def run(args, server) -> int:
@@ -333,7 +334,7 @@ def run(args, server) -> int:
     counted = _settle(lambda: (server.metric("qwenvl_requests_total", endpoint=CHAT) or 0) - counted_before, sent)
     rss_after = server.rss_mb()
     caches_growth = _cache_mb(server) - caches_before
-    # the image caches are bounded by IMAGE_CACHE_MB and fill by design: what else grew is the question
+    # the image and prefix caches are bounded (IMAGE_CACHE_MB, PREFIX_CACHE_MB) and fill by design: what else grew is the question
     growth = rss_after - rss_before - caches_growth if rss_before is not None and rss_after is not None else 0.0
 
     def total(outcome):
@@ -394,7 +395,8 @@ def rss_after_requests(server, checkpoints, *, token_mix=(8,), concurrency=8, se
             outcomes[outcome] += n
         problems += found
         readings.append({"requests": sent, "rss_mb": round(server.rss_mb() or 0.0, 1),
-                         "image_cache_mb": round(_cache_mb(server), 1)})
+                         "cache_mb": round(_cache_mb(server), 1),  # image and prefix caches: bounded, fill by design
+                         "prefix_cache_mb": round((server.metric("qwenvl_prefix_cache_bytes") or 0) / 2**20, 1)})
         on_reading(readings[-1])
     return {"readings": readings, "outcomes": dict(outcomes), "problems": problems[:5],
             "token_mix": list(mix.token_choices), "clients": concurrency}

@@ -328,6 +328,17 @@ def test_a_failure_to_fill_the_cache_fails_no_request(engine, cache, monkeypatch
     assert engine.health() == (True, "ok")
 
 
+def test_prefix_cache_mb_is_a_setting_with_a_size_by_device(engine):
+    from serving.config import SettingsError, load_settings
+
+    assert load_settings([], {}).prefix_cache_mb == -1  # auto
+    assert load_settings(["--prefix-cache-mb", "0"], {}).prefix_cache_mb == 0
+    assert load_settings([], {"PREFIX_CACHE_MB": "64"}).prefix_cache_mb == 64
+    with pytest.raises(SettingsError):
+        load_settings(["--prefix-cache-mb", "-2"], {})
+    assert engine.loaded.device == "cpu" and engine.prefix_cache.max_bytes == pc.AUTO_MB["cpu"] * 2**20
+
+
 # ---------------------------------------------------------------- the keys, without the model
 
 

@@ -99,6 +99,7 @@ class PaddleEngine:
         atexit.register(self.close, 5.0)  # Paddle can abort the process if it exits mid-step
         log.info("continuous batching: up to %d rows, %d KV tokens, %d prompt tokens prefilled per step",
                  self.max_batch_size, self.max_batch_tokens, self.prefill_chunk_tokens)
+        log.info("prefix cache: %s", f"{prefix_cache_bytes / 2**20:g} MB" if prefix_cache_bytes else "off")
 
     # ------------------------------------------------------------------ prompts
 
