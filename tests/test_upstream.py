@@ -815,3 +815,63 @@ def test_an_absurd_usage_count_does_not_reach_the_metrics(settings):
             assert "e+30" not in text and "1e30" not in text
     finally:
         up.stop()
+
+
+def test_comments_after_done_hold_the_call_at_most_the_drain_time(settings):
+    """An upstream that keeps sending SSE comments after [DONE] (each read within the per-read timeout) held a
+    thread and an in-flight count per finished answer without end (issue 21, 14): now DRAIN_SECONDS in all."""
+    from serving.engines import upstream
+
+    def respond(h, _):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for data in [b"data: " + json.dumps(e).encode() + b"\n\n" for e in (chunk("fine"), chunk(finish="stop"))] \
+                + [b"data: [DONE]\n\n"]:
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        try:
+            for _ in range(100):  # a comment every 0.3 s for 30 s
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(b": ping\n\n"), b": ping\n\n"))
+                h.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            scripted.closed.set()
+
+    scripted = up = Scripted(respond)
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            r = chat(gw.url, QUESTIONS[0])
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+            done = time.monotonic()
+            assert wait_until(lambda: gw.engine.replicas[0].in_flight == 0, upstream.DRAIN_SECONDS + 3)
+            assert time.monotonic() - done < upstream.DRAIN_SECONDS + 2
+            assert up.closed.wait(5)  # the connection was shut, not kept
+    finally:
+        up.stop()
+
+
+def test_reading_events_is_linear_in_a_long_line():
+    """A `data:` line sent in many small blocks without its newline cost time quadratic in its length (20 MB:
+    1.6 s); a line past MAX_EVENT_BYTES is refused."""
+    from serving.engines import upstream
+    from serving.errors import UpstreamError
+
+    class Raw:
+        chunked = False
+
+        def __init__(self, blocks):
+            self.blocks = iter(blocks)
+
+        def read1(self, n):
+            return next(self.blocks, b"")
+
+    class Response:
+        def __init__(self, blocks):
+            self.raw = Raw(blocks)
+
+    payload = b"x" * (4 * 2**20)
+    blocks = [b"data: "] + [payload[k:k + 4096] for k in range(0, len(payload), 4096)] + [b"\n\n"]
+    started = time.perf_counter()
+    events = list(upstream.sse_events(Response(blocks)))
+    assert time.perf_counter() - started < 1.0 and len(events) == 1 and len(events[0]) == len(payload)
+    huge = [b"data: "] + [b"x" * 2**20] * (upstream.MAX_EVENT_BYTES // 2**20 + 2)
+    with pytest.raises(UpstreamError):
+        list(upstream.sse_events(Response(huge)))

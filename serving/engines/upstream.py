@@ -45,7 +45,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -65,7 +65,8 @@ CHECK_TIMEOUT = 5.0  # seconds a health check may take to answer
 RETRY_SECONDS = 5  # Retry-After when no upstream can take a request
 WAIT_LOG_SECONDS = 30.0  # while waiting for a first healthy upstream, how often to say so
 ERROR_BODY_BYTES = 16384  # most of an upstream's error body read
-DRAIN_SECONDS = 2.0  # after [DONE], how long the rest of the body may take (read so the connection is kept alive)
+DRAIN_SECONDS = 2.0  # after [DONE], how long the rest of the body may take in all (read so the connection is kept alive)
+MAX_EVENT_BYTES = 8 * 2**20  # one server-sent event line from an upstream at most
 IMAGE_PATCH_TOKENS = 28 * 28  # Qwen2.5-VL: one prompt token per 28x28 pixels (for estimates only)
 # the answer-changing OpenAI features an upstream honours: the chat service passes their fields on as sent
 # (SamplingParams.extra: response_format; tools, tool_choice, parallel_tool_calls...; logit_bias)
@@ -596,18 +597,25 @@ class UpstreamCall:
     def _read(self, response) -> None:
         finish_reason, usage, chunks, pieces, tool_calls = None, None, 0, [], {}
         restore = None
-        for data in sse_events(response):
+        drain_until = []  # after [DONE]: when reading the rest must end (one item)
+
+        def drained_too_long() -> bool:
+            return bool(drain_until) and time.monotonic() > drain_until[0]
+
+        for data in sse_events(response, stop=drained_too_long):
             if self.cancelled.is_set():
                 return
             if self._finished:
                 continue  # after [DONE]: read to the end of the body, so the connection can be kept alive
             if data == "[DONE]":
                 self._finish(finish_reason, usage, chunks, pieces, tool_calls)
-                # read the rest (the chunked body's end) so the connection is kept alive, for at most DRAIN_SECONDS;
+                # read the rest (the chunked body's end) so the connection is kept alive, for at most DRAIN_SECONDS
+                # in all (an upstream sending comments after [DONE] held a thread per answer, without end);
                 # a body that ends when the connection closes cannot be kept: stop here
                 restore = self._bound_reads(DRAIN_SECONDS)
                 if restore is None:
                     break
+                drain_until.append(time.monotonic() + DRAIN_SECONDS)
                 continue
             try:
                 event = json.loads(data)
@@ -639,6 +647,9 @@ class UpstreamCall:
                     finish_reason = choice["finish_reason"]
         if not self._finished and not self.cancelled.is_set():  # the body ended without [DONE]
             self._finish(finish_reason, usage, chunks, pieces, tool_calls)
+        elif drained_too_long():
+            with self._conn_lock:
+                _shutdown(self._conn)  # its body was not read to the end: the connection is not kept
         elif restore is not None:
             restore()
 
@@ -722,23 +733,34 @@ def _shutdown(conn) -> None:
 
 # ---------------------------------------------------------------- the wire
 
-def sse_events(response) -> Iterator[str]:
-    """The data of each server-sent event of a streamed response, as it arrives (no buffering)."""
-    buffer = b""
+def sse_events(response, stop: Optional[Callable[[], bool]] = None) -> Iterator[str]:
+    """The data of each server-sent event of a streamed response, as it arrives (no buffering). Linear in the
+    bytes (a 20 MB line without its newline took 1.6 s: each block was appended by copying and searched from
+    the start); a line longer than MAX_EVENT_BYTES is an UpstreamError. `stop()`, asked after each block read,
+    ends the events early."""
+    buffer = bytearray()
     lines: list = []
     for block in _blocks(response.raw):
+        searched = len(buffer)  # the newline, if any, is in the new bytes
         buffer += block
+        start = 0
         while True:
-            end = buffer.find(b"\n")
+            end = buffer.find(b"\n", max(start, searched))
             if end < 0:
                 break
-            line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1:]
+            line, start = bytes(buffer[start:end]).rstrip(b"\r"), end + 1
             if not line:
                 if lines:
                     yield "\n".join(lines)
                     lines = []
             elif line.startswith(b"data:"):
                 lines.append(line[5:].lstrip(b" ").decode("utf-8", "replace"))
+        del buffer[:start]
+        if len(buffer) > MAX_EVENT_BYTES:
+            raise UpstreamError(f"the upstream server sent an event line longer than {MAX_EVENT_BYTES} bytes",
+                                code="upstream_bad_response")
+        if stop is not None and stop():
+            return
     if lines:
         yield "\n".join(lines)
 
