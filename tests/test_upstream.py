@@ -875,3 +875,82 @@ def test_reading_events_is_linear_in_a_long_line():
     huge = [b"data: "] + [b"x" * 2**20] * (upstream.MAX_EVENT_BYTES // 2**20 + 2)
     with pytest.raises(UpstreamError):
         list(upstream.sse_events(Response(huge)))
+
+
+class ModelsServer:
+    """An upstream whose /v1/models answers as `answer(handler)` says; counts the checks it gets."""
+
+    def __init__(self, answer):
+        server_self = self
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self):
+                server_self.hits += 1
+                answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _models(h, body=None):
+    data = body if body is not None else json.dumps({"object": "list", "data": [{"id": "m"}]}).encode()
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    try:
+        h.wfile.write(data)
+    except OSError:
+        pass
+
+
+def _trickle(h):
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.end_headers()
+    try:
+        for _ in range(60):  # a byte every 0.5 s: each read is well within its timeout
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(0.5)
+    except OSError:
+        pass
+
+
+def test_health_checks_run_per_upstream_each_bounded_in_time_and_size(monkeypatch):
+    """Issue 21, 6: the checks ran as one batch waiting for the slowest (an upstream trickling its /v1/models held
+    every other upstream's checks), with no total deadline and no size cap (a 200 MB answer was read whole)."""
+    from serving.engines import upstream
+
+    monkeypatch.setattr(upstream, "CHECK_TIMEOUT", 1.0)
+    monkeypatch.setattr(upstream, "MAX_MODELS_BYTES", 10_000, raising=False)
+    good, slow = ModelsServer(_models), ModelsServer(_trickle)
+    big = ModelsServer(lambda h: _models(h, b'{"data": [{"id": "m"}], "pad": "' + b"x" * 100_000 + b'"}'))
+    engine = UpstreamEngine([good.url, slow.url, big.url], health_interval=0.3)
+    try:
+        started = time.monotonic()
+        engine.start_checks(wait=True, timeout=10)
+        assert time.monotonic() - started < 3  # the first round waited at most CHECK_TIMEOUT for the slow one
+        hits = good.hits
+        time.sleep(3)
+        assert good.hits - hits >= 5  # checked every 0.3 s meanwhile, whatever the slow one did
+        states = {r.label: r for r in engine.replicas}
+        assert states[upstream.url_label(good.url)].healthy
+        assert "took longer than 1 s" in states[upstream.url_label(slow.url)].reason
+        assert "larger than 10000 bytes" in states[upstream.url_label(big.url)].reason
+    finally:
+        engine.close()
+        for server in (good, slow, big):
+            server.stop()

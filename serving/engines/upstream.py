@@ -61,7 +61,8 @@ from serving.intake.video import Video
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection to an upstream
-CHECK_TIMEOUT = 5.0  # seconds a health check may take to answer
+CHECK_TIMEOUT = 5.0  # seconds a health check may take in all, its answer read to the end
+MAX_MODELS_BYTES = 2**20  # the most of an upstream's /v1/models answer a health check reads
 RETRY_SECONDS = 5  # Retry-After when no upstream can take a request
 WAIT_LOG_SECONDS = 30.0  # while waiting for a first healthy upstream, how often to say so
 ERROR_BODY_BYTES = 16384  # most of an upstream's error body read
@@ -82,7 +83,14 @@ _CALLER = threading.local()  # the UpstreamCall whose thread is sending a reques
 
 class _TrackedHTTPConnection(urllib3.connection.HTTPConnection):
     """Hands itself to the call being sent, so cancel() can shut its socket down even while the
-    request still waits for the upstream's first byte."""
+    request still waits for the upstream's first byte. `opened_sock`: its socket, kept after http.client lets
+    go of it (with "Connection: close" the response alone holds it)."""
+
+    opened_sock = None
+
+    def connect(self):
+        super().connect()
+        self.opened_sock = self.sock
 
     def request(self, *args, **kwargs):
         call = getattr(_CALLER, "call", None)
@@ -92,6 +100,12 @@ class _TrackedHTTPConnection(urllib3.connection.HTTPConnection):
 
 
 class _TrackedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    opened_sock = None
+
+    def connect(self):
+        super().connect()
+        self.opened_sock = self.sock
+
     def request(self, *args, **kwargs):
         call = getattr(_CALLER, "call", None)
         if call is not None:
@@ -154,7 +168,7 @@ class Replica:
         self.chat_url = self.url + "/v1/chat/completions"
         self.models_url = self.url + "/v1/models"
         self.session = _session(pool_size, tracked=True)
-        self.check_session = _session(2, tracked=False)
+        self.check_session = _session(2, tracked=True)  # tracked: a check past its deadline is shut down
         self.healthy = False
         self.reason = "not checked yet"
         self.model: Optional[str] = None  # the id its /v1/models names (sent as each request's "model")
@@ -173,6 +187,38 @@ class Replica:
 
 
 # ---------------------------------------------------------------- the engine
+
+class _CheckWatch:
+    """A health check's connection (handed over as the request is sent), shut down when its time is up."""
+
+    def __init__(self):
+        self.conn, self.expired = None, False
+        self._lock = threading.Lock()
+
+    def _attach(self, conn) -> None:
+        with self._lock:
+            self.conn = conn
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = getattr(self.conn, "opened_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _read_capped(response, limit: int) -> bytes:
+    """A response's body, at most `limit` bytes (_CheckFailed beyond)."""
+    body = bytearray()
+    for block in response.iter_content(65536):
+        body += block
+        if len(body) > limit:
+            raise _CheckFailed(f"its /v1/models answer is larger than {limit} bytes")
+    return bytes(body)
+
 
 class UpstreamEngine:
     """serving.engines.base.Engine over OpenAI-compatible servers."""
@@ -199,7 +245,7 @@ class UpstreamEngine:
         self._closed = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.replicas),
                                                            thread_name_prefix="upstream-check")
-        self._checker: Optional[threading.Thread] = None
+        self._checkers: list = []  # one thread per replica: a slow upstream delays only its own checks
         self.info = ModelInfo(name=served_model_name or "upstream", source=self.source, is_demo=False,
                               context_length=0, features=FEATURES)
 
@@ -238,31 +284,48 @@ class UpstreamEngine:
             self._closed.wait(min(self.health_interval, 2.0))
             self.check_all()
         self._refresh_info()
-        if self._checker is None:
-            self._checker = threading.Thread(target=self._check_loop, name="upstream-health", daemon=True)
-            self._checker.start()
+        if not self._checkers:
+            self._checkers = [threading.Thread(target=self._check_loop, args=(replica,), daemon=True,
+                                               name=f"upstream-health-{k}") for k, replica in enumerate(self.replicas)]
+            for thread in self._checkers:
+                thread.start()
 
     def check_all(self) -> None:
         list(self._pool.map(self.check, self.replicas))
 
     def check(self, replica: Replica) -> bool:
-        """One active health check: GET /v1/models answers 200 with at least one model."""
+        """One active health check: GET /v1/models answers 200 with at least one model, whole within
+        CHECK_TIMEOUT (a watchdog shuts the connection down then: an upstream trickling a byte every 2 s
+        held the checks of every upstream) and within MAX_MODELS_BYTES (a 200 MB answer was read whole)."""
+        watch = _CheckWatch()
+        timer = threading.Timer(CHECK_TIMEOUT, watch.expire)
+        timer.daemon = True
+        timer.start()
+        _CALLER.call = watch
         try:
             # a new connection each time: a kept-alive one the upstream has just closed would fail the check
-            response = replica.check_session.get(replica.models_url, headers={**self.headers, "Connection": "close"},
-                                                 timeout=(CONNECT_TIMEOUT, CHECK_TIMEOUT))
+            with replica.check_session.get(replica.models_url, headers={**self.headers, "Connection": "close"},
+                                           timeout=(CONNECT_TIMEOUT, CHECK_TIMEOUT), stream=True) as response:
+                body = _read_capped(response, MAX_MODELS_BYTES)
             if response.status_code != 200:
-                message, _, _ = parse_error_body(response.content[:ERROR_BODY_BYTES])
+                message, _, _ = parse_error_body(body[:ERROR_BODY_BYTES])
                 raise _CheckFailed(f"HTTP {response.status_code}" + (f": {message}" if message else ""))
             try:
-                card = response.json()["data"][0]
+                card = json.loads(body)["data"][0]
                 model = str(card["id"])
             except (ValueError, KeyError, IndexError, TypeError):
                 raise _CheckFailed("its /v1/models answer names no model") from None
-        except (requests.RequestException, _CheckFailed) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, _CheckFailed) as exc:
             replica.checks_failed += 1
-            self._mark_down(replica, describe_exception(exc) if isinstance(exc, requests.RequestException) else str(exc))
+            if watch.expired:
+                reason = f"its /v1/models answer took longer than {CHECK_TIMEOUT:g} s"
+            else:
+                reason = describe_exception(exc) if isinstance(exc, requests.RequestException) else str(exc)
+            self._mark_down(replica, reason)
             return False
+        finally:
+            _CALLER.call = None
+            timer.cancel()
         replica.model = model
         length = card.get("max_model_len")
         replica.context_length = int(length) if isinstance(length, int) and length > 0 else None
@@ -277,12 +340,9 @@ class UpstreamEngine:
             log.warning("upstream %s is down: %s", replica.label, reason)
         replica.healthy, replica.reason = False, reason
 
-    def _check_loop(self) -> None:
+    def _check_loop(self, replica: Replica) -> None:
         while not self._closed.wait(self.health_interval):
-            try:
-                self.check_all()
-            except RuntimeError:  # the executor shut down: closing
-                return
+            self.check(replica)
 
     def _refresh_info(self) -> None:
         healthy = [r for r in self.replicas if r.healthy] or self.replicas
