@@ -954,3 +954,36 @@ def test_health_checks_run_per_upstream_each_bounded_in_time_and_size(monkeypatc
         engine.close()
         for server in (good, slow, big):
             server.stop()
+
+
+def test_resized_images_go_upstream_compressed_and_a_413_names_the_upstream(settings):
+    """Issue 21, 12: an image intake resized went upstream as an uncompressed PNG (3 bytes a pixel, ~4 MB of base64
+    a megapixel), so a valid request could outgrow its upstream's limit, and the client then read the upstream's
+    own words, "this server's limit". Now a fast compressed PNG, the same pixels, and a 413 that says whose."""
+    import numpy as np
+
+    gradient = np.linspace(0, 255, 1200, dtype=np.uint8)
+    picture = Image.fromarray(np.stack([np.tile(gradient, (900, 1))] * 3, axis=-1))  # 1200x900: resized by intake
+    buf = io.BytesIO()
+    picture.save(buf, "PNG")
+    up = Scripted(lambda h, b: h.send_events([chunk("ok"), chunk(finish="stop")]))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            body = {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(buf.getvalue())}"}}]}]}
+            assert chat(gw.url, body).status_code == 200
+            url = up.bodies[-1]["messages"][0]["content"][0]["image_url"]["url"]
+            sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+            assert sent.format == "PNG" and sent.size != picture.size
+            assert len(url) < sent.size[0] * sent.size[1]  # under a byte of base64 a pixel (it was 4)
+    finally:
+        up.stop()
+    limit = Scripted(lambda h, b: h.send_json(413, {"error": {"message": "the request body is larger than this "
+                                                                        "server's limit of 1000 bytes"}}))
+    try:
+        with Gateway(settings, [limit.url]) as gw:
+            r = chat(gw.url, {"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+            assert r.json()["error"]["message"].startswith("the request, as sent on to the upstream server")
+    finally:
+        limit.stop()
