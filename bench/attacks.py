@@ -14,7 +14,8 @@ The attacks: 1,000 idle connections; 100 slowloris connections (headers a byte a
 whose server sends its headers a byte a second; a million one-letter messages and a 30 MB text;
 megabytes of empty JSON objects, nested or flat; GIFs whose screen makes each tiny frame a huge picture;
 1-bit 7000x7000 PNGs and truncated JPEGs declaring 7000x7000; client mistakes that used to be 500s;
-`Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; clients that hang
+`Expect: 100-continue` over the body limit; a browser's simple POSTs, a log line forged through the URL and a
+request pipelined behind a stream; distinct 1000x1000 images for memory; clients that hang
 up on long plain answers and SIGTERM while streams run and requests wait (each on a server of its own).
 """
 
@@ -65,7 +66,7 @@ SIZES = {
                   video_bombs=1, hangups=4),
 }
 ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes", "expect",
-           "memory", "hangups", "shutdown")
+           "web", "memory", "hangups", "shutdown")
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -481,6 +482,73 @@ def attack_expect(server, size, config) -> Result:
     return r
 
 
+FORGED = "request 0 POST /v1/chat/completions status=200 latency=0.001s"  # a log line in the server's format
+
+
+def attack_web(server, size, config) -> Result:
+    """What a web page or a crafted URL can do: a browser's simple POST (text/plain, a form: no CORS preflight),
+    a forged log line through %0a in the path, and a request pipelined behind a stream."""
+    r = Result("web", "a browser's text/plain and form POSTs, a log line forged with %0a in the URL path, a request "
+                      "pipelined behind a stream")
+    out = {}
+
+    def attack():
+        body = json.dumps(SMALL)
+        for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded"):
+            resp = requests.post(server.url + CHAT, data=body, headers={**server.headers, "Content-Type": kind},
+                                 timeout=30)
+            out[kind] = (resp.status_code, _code(resp.json()))
+            r.by_status[resp.status_code] += 1
+        resp = requests.get(server.url + "/x%0a" + FORGED.replace(" ", "%20"), timeout=30)
+        out["forged"] = (resp.status_code, resp.json()["error"]["message"])
+        r.by_status[resp.status_code] += 1
+        out["pipelined"] = _pipelined(server)
+        r.sent += 4
+
+    measured(server, r, attack)
+    for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded"):
+        r.check(out[kind] == (415, "unsupported_media_type"), f"a {kind.split(';')[0]} POST: {out[kind][0]} "
+                                                               f"{out[kind][1]} (a browser sends it with no preflight)")
+    status, message = out["forged"]
+    r.check(status == 404 and "\n" not in message and "\\x0a" in message,
+            f"a path with %0a: {status}, the newline escaped in the answer ({message[:60]}...)")
+    log_path = getattr(server, "log_path", None)
+    if log_path:
+        forged_lines = [line for line in Path(log_path).read_text(errors="replace").splitlines()
+                        if line.startswith(FORGED)]
+        r.check(not forged_lines, f"no forged line in the server's log ({len(forged_lines)} found)")
+    statuses, closed = out["pipelined"]
+    r.figures["pipelined"] = f"statuses {statuses}, connection {'closed' if closed else 'kept open'}"
+    r.check(statuses == [200, 200], "a request pipelined behind a stream is answered on the same connection")
+    return r
+
+
+def _pipelined(server) -> tuple:
+    """A stream and a plain request sent back to back on one connection: (the statuses read, closed early?)."""
+    def request(body):
+        payload = json.dumps(body).encode()
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"".join(f"{k}: {v}\r\n".encode() for k, v in server.headers.items())
+                + b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+
+    data, closed = b"", False
+    with socket.create_connection(_addr(server), timeout=10) as sock:
+        sock.sendall(request(dict(SMALL, stream=True)) + request(SMALL))
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (data.count(b"HTTP/1.1 ") >= 2 and data.rstrip().endswith(b"}")):
+            try:
+                block = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not block:
+                closed = True
+                break
+            data += block
+    statuses = [int(part.split(b" ", 1)[0]) for part in data.split(b"HTTP/1.1 ")[1:] if part[:3].isdigit()]
+    return statuses, closed
+
+
 def attack_memory(server, size, config) -> Result:
     n = size["memory_images"]
     r = Result("memory", f"{n} requests with distinct 1000x1000 images (4 at a time): where RSS goes")
@@ -834,7 +902,7 @@ def parse_args(argv):
 RUNNERS = {"idle": attack_idle, "slowloris": attack_slowloris, "slow_image": attack_slow_image,
            "costly": attack_costly, "json_shapes": attack_json_shapes, "bombs": attack_bombs,
            "video_bombs": attack_video_bombs,
-           "mistakes": attack_mistakes, "expect": attack_expect,
+           "mistakes": attack_mistakes, "expect": attack_expect, "web": attack_web,
            "memory": attack_memory}
 
 

@@ -24,9 +24,9 @@ def test_every_attack_held(quick_run):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     names = [a["name"] for a in results["attacks"]]
     assert names == ["idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes",
-                     "expect", "memory", "hangups", "shutdown"]
+                     "expect", "web", "memory", "hangups", "shutdown"]
     assert all(a["held"] and a["checks"] for a in results["attacks"])
-    assert "12 of 12 attacks held" in proc.stdout
+    assert "13 of 13 attacks held" in proc.stdout
 
 
 def test_each_attack_reports_what_was_held(quick_run):
@@ -43,6 +43,7 @@ def test_each_attack_reports_what_was_held(quick_run):
     assert attacks["video_bombs"]["by_status"] == {"400": 2}
     assert attacks["mistakes"]["by_status"].get("500") is None
     assert attacks["expect"]["by_status"] == {"413": 1}
+    assert attacks["web"]["by_status"] == {"415": 2, "404": 1}
     assert attacks["memory"]["by_status"] == {"200": 4}
     assert attacks["hangups"]["checks"] and attacks["hangups"]["held"]
     assert attacks["shutdown"]["figures"]["exit status"] == 0
