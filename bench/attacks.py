@@ -3,7 +3,7 @@
     python -m bench.attacks                   # every attack, on a demo server it starts on loopback (~5 min)
     python -m bench.attacks --quick           # the short run CI does (tests/test_attacks.py, under a minute)
     python -m bench.attacks --only idle,slowloris --json out.json
-    python -m bench.attacks --url http://127.0.0.1:8080 --pid 1234   # a server of yours (loopback; no shutdown or hangups)
+    python -m bench.attacks --url http://127.0.0.1:8080 --pid 1234   # a server of yours (loopback; some skipped)
 
 While each attack runs, a prober asks for /health every 0.2 s and for a small chat (2 tokens) every
 second. Printed per attack: the attack's own requests (sent, answered, by status), the probes'
@@ -14,8 +14,10 @@ The attacks: 1,000 idle connections; 100 slowloris connections (headers a byte a
 whose server sends its headers a byte a second; a million one-letter messages and a 30 MB text;
 megabytes of empty JSON objects, nested or flat; GIFs whose screen makes each tiny frame a huge picture;
 1-bit 7000x7000 PNGs and truncated JPEGs declaring 7000x7000; client mistakes that used to be 500s;
-`Expect: 100-continue` over the body limit; distinct 1000x1000 images for memory; clients that hang
-up on long plain answers and SIGTERM while streams run and requests wait (each on a server of its own).
+`Expect: 100-continue` over the body limit; a browser's simple POSTs, a log line forged through the URL and a
+request pipelined behind a stream; distinct 1000x1000 images for memory; clients that hang
+up on long plain answers, a gateway before misbehaving upstreams, and SIGTERM while streams run and requests
+wait (each on a server of its own).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ SIZES = {
                   video_bombs=1, hangups=4),
 }
 ATTACKS = ("idle", "slowloris", "slow_image", "costly", "json_shapes", "bombs", "video_bombs", "mistakes", "expect",
-           "memory", "hangups", "shutdown")
+           "web", "memory", "hangups", "gateway", "shutdown")
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -481,6 +483,73 @@ def attack_expect(server, size, config) -> Result:
     return r
 
 
+FORGED = "request 0 POST /v1/chat/completions status=200 latency=0.001s"  # a log line in the server's format
+
+
+def attack_web(server, size, config) -> Result:
+    """What a web page or a crafted URL can do: a browser's simple POST (text/plain, a form: no CORS preflight),
+    a forged log line through %0a in the path, and a request pipelined behind a stream."""
+    r = Result("web", "a browser's text/plain and form POSTs, a log line forged with %0a in the URL path, a request "
+                      "pipelined behind a stream")
+    out = {}
+
+    def attack():
+        body = json.dumps(SMALL)
+        for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded"):
+            resp = requests.post(server.url + CHAT, data=body, headers={**server.headers, "Content-Type": kind},
+                                 timeout=30)
+            out[kind] = (resp.status_code, _code(resp.json()))
+            r.by_status[resp.status_code] += 1
+        resp = requests.get(server.url + "/x%0a" + FORGED.replace(" ", "%20"), timeout=30)
+        out["forged"] = (resp.status_code, resp.json()["error"]["message"])
+        r.by_status[resp.status_code] += 1
+        out["pipelined"] = _pipelined(server)
+        r.sent += 4
+
+    measured(server, r, attack)
+    for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded"):
+        r.check(out[kind] == (415, "unsupported_media_type"), f"a {kind.split(';')[0]} POST: {out[kind][0]} "
+                                                               f"{out[kind][1]} (a browser sends it with no preflight)")
+    status, message = out["forged"]
+    r.check(status == 404 and "\n" not in message and "\\x0a" in message,
+            f"a path with %0a: {status}, the newline escaped in the answer ({message[:60]}...)")
+    log_path = getattr(server, "log_path", None)
+    if log_path:
+        forged_lines = [line for line in Path(log_path).read_text(errors="replace").splitlines()
+                        if line.startswith(FORGED)]
+        r.check(not forged_lines, f"no forged line in the server's log ({len(forged_lines)} found)")
+    statuses, closed = out["pipelined"]
+    r.figures["pipelined"] = f"statuses {statuses}, connection {'closed' if closed else 'kept open'}"
+    r.check(statuses == [200, 200], "a request pipelined behind a stream is answered on the same connection")
+    return r
+
+
+def _pipelined(server) -> tuple:
+    """A stream and a plain request sent back to back on one connection: (the statuses read, closed early?)."""
+    def request(body):
+        payload = json.dumps(body).encode()
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"".join(f"{k}: {v}\r\n".encode() for k, v in server.headers.items())
+                + b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+
+    data, closed = b"", False
+    with socket.create_connection(_addr(server), timeout=10) as sock:
+        sock.sendall(request(dict(SMALL, stream=True)) + request(SMALL))
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (data.count(b"HTTP/1.1 ") >= 2 and data.rstrip().endswith(b"}")):
+            try:
+                block = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not block:
+                closed = True
+                break
+            data += block
+    statuses = [int(part.split(b" ", 1)[0]) for part in data.split(b"HTTP/1.1 ")[1:] if part[:3].isdigit()]
+    return statuses, closed
+
+
 def attack_memory(server, size, config) -> Result:
     n = size["memory_images"]
     r = Result("memory", f"{n} requests with distinct 1000x1000 images (4 at a time): where RSS goes")
@@ -542,6 +611,169 @@ def attack_hangups(size, log_dir: Path) -> Result:
                        "answer: 214-240 s)")
     r.check(all(s == 200 for s, _, _ in out), f"then {n} small chats at once all answered 200 (no 429)")
     return r
+
+
+def attack_gateway(size, log_dir: Path) -> Result:
+    """A gateway (--backend openai, a process of its own) in front of two misbehaving upstreams run here on
+    loopback: one trickles its /v1/models a byte every 0.5 s; the other answers chats as the question asks
+    ("hang": nothing at all; "nan": a NaN logprob; "comments": SSE comments for 30 s after [DONE]; else "ok")."""
+    r = Result("gateway", "a gateway before an upstream trickling its health answer and one that hangs, sends NaN "
+                          "logprobs, or keeps sending comments after [DONE]")
+    good, slow = FakeUpstream(), FakeUpstream(trickle_models=True)
+    server, started = None, time.monotonic()
+    try:
+        server = spawn(log_dir, {"backend": "openai", "upstream": f"{good.url},{slow.url}",
+                                 "upstream_health_interval": 0.5, "request_timeout": 30}, name="attack-gateway")
+        r.rss["before"] = server.rss_mb()
+        hits = good.model_checks
+        time.sleep(4)
+        checks = good.model_checks - hits
+        r.figures["health checks of the sound upstream in 4 s"] = checks
+        r.check(checks >= 4, f"the sound upstream was checked {checks} times in 4 s (every 0.5 s) while the other "
+                             "trickled its answer (the checks used to wait for the slowest)")
+
+        def ask(text, **extra):
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 2, **extra}
+            return requests.post(server.url + CHAT, json=body, timeout=60)
+
+        payload = json.dumps({"messages": [{"role": "user", "content": "hang"}], "max_tokens": 2}).encode()
+        with socket.create_connection(_addr(server), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            good.arrived.wait(10)
+            time.sleep(0.3)
+        left = time.monotonic()
+        shut = good.hang_closed.wait(10)
+        r.sent += 1
+        r.figures["upstream connection closed after the client left"] = \
+            f"{time.monotonic() - left:.1f} s" if shut else "not within 10 s"
+        r.check(shut and time.monotonic() - left < 2, "a client gone before the upstream's first byte: the upstream "
+                                                      "connection is shut within 2 s (it was REQUEST_TIMEOUT)")
+        nan = ask("nan", logprobs=True)
+        r.sent += 1
+        r.by_status[nan.status_code] += 1
+        r.check(nan.status_code == 502 and b"NaN" not in nan.content and _code(nan.json()) == "upstream_bad_response",
+                f"a NaN logprob upstream: {nan.status_code} {_code(nan.json())}, no bare NaN written")
+        threads = _threads(server)
+        answers = post_all(server, [{"messages": [{"role": "user", "content": "comments"}], "max_tokens": 2}] * 8,
+                           r, timeout=60)
+        done = time.monotonic()
+        while (server.metric("qwenvl_upstream_in_flight") or 0) > 0 and time.monotonic() - done < 30:
+            time.sleep(0.1)
+        drained = time.monotonic() - done
+        r.figures["in-flight upstream calls back to 0 after"] = f"{drained:.1f} s (threads {threads} before, " \
+                                                                 f"{_threads(server)} after)"
+        r.check(all(s == 200 for s, _, _ in answers) and drained < 2 + 2,
+                f"8 answers whose upstream sends comments after [DONE]: 200, and let go of {drained:.1f} s later "
+                "(at most 2 s of draining; they used to be held 30 s and more)")
+        r.rss["after"] = server.rss_mb()
+        r.seconds = time.monotonic() - started
+    finally:
+        if server is not None:
+            server.stop()
+        good.stop()
+        slow.stop()
+    return r
+
+
+class FakeUpstream:
+    """An OpenAI-compatible upstream on 127.0.0.1 that misbehaves on purpose (see attack_gateway)."""
+
+    def __init__(self, trickle_models=False):
+        import http.server
+
+        fake = self
+        self.model_checks = 0
+        self.arrived, self.hang_closed = threading.Event(), threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                fake.model_checks += 1
+                if trickle_models:
+                    self._trickle()
+                    return
+                self._send(200, json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode())
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][-1]["content"]
+                text = text if isinstance(text, str) else " ".join(p.get("text", "") for p in text)
+                if text == "hang":
+                    fake.arrived.set()
+                    self.connection.settimeout(30)
+                    try:
+                        while self.connection.recv(1024):
+                            pass
+                    except OSError:
+                        pass
+                    fake.hang_closed.set()
+                    self.close_connection = True
+                    return
+                logprobs = {"content": [{"token": "a", "logprob": float("nan"), "bytes": [97], "top_logprobs": []}]}
+                events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"},
+                                        "logprobs": logprobs if text == "nan" else None, "finish_reason": None}]},
+                          {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for data in [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]:
+                        self._chunk(data)
+                    if text == "comments":
+                        for _ in range(60):
+                            self._chunk(b": ping\n\n")
+                            time.sleep(0.5)
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.close_connection = True
+
+            def _chunk(self, data):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _send(self, status, data):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _trickle(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                try:
+                    for _ in range(120):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.5)
+                except OSError:
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _threads(server):
+    try:
+        import psutil
+
+        return psutil.Process(server.pid).num_threads()
+    except Exception:  # noqa: BLE001  (no psutil, or the process is gone)
+        return None
 
 
 def attack_shutdown(size, log_dir: Path) -> Result:
@@ -817,7 +1049,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller attacks, for CI")
     p.add_argument("--only", default="", help=f"comma-separated attacks: {', '.join(ATTACKS)}")
-    p.add_argument("--url", help="a server already running on this machine (loopback only; no shutdown or hangups attack)")
+    p.add_argument("--url", help="a server already running on this machine (loopback only; the attacks that need "
+                                 "servers of their own are skipped: hangups, gateway, shutdown)")
     p.add_argument("--pid", type=int, help="the --url server's process id, for its RSS (else read from /metrics)")
     p.add_argument("--api-key", default=os.environ.get("API_KEY", ""), help="bearer key for --url")
     p.add_argument("--json", help="write the results to this file")
@@ -835,19 +1068,19 @@ def parse_args(argv):
 RUNNERS = {"idle": attack_idle, "slowloris": attack_slowloris, "slow_image": attack_slow_image,
            "costly": attack_costly, "json_shapes": attack_json_shapes, "bombs": attack_bombs,
            "video_bombs": attack_video_bombs,
-           "mistakes": attack_mistakes, "expect": attack_expect,
+           "mistakes": attack_mistakes, "expect": attack_expect, "web": attack_web,
            "memory": attack_memory}
 
 
-OWN_SERVER = {"hangups": attack_hangups, "shutdown": attack_shutdown}  # each starts a server of its own
+OWN_SERVER = {"hangups": attack_hangups, "gateway": attack_gateway, "shutdown": attack_shutdown}  # own servers
 
 
 def run_attacks(server, *, names=ATTACKS, size="quick", config=None, log_dir=None, show=True) -> list:
     """Run the named attacks on `server` (anything with .url, .headers, .rss_mb(), .metric(): this module's
     Server or bench.load's) and return their Results. `config`: the server's settings that the checks
-    judge by (idle_timeout, header_timeout, image_fetch_timeout; an unknown one is not judged). "hangups" and
-    "shutdown" start servers of their own (in `log_dir`) and are skipped without one. `size`: "quick", "full" or
-    a dict."""
+    judge by (idle_timeout, header_timeout, image_fetch_timeout; an unknown one is not judged). "hangups",
+    "gateway" and "shutdown" start servers of their own (in `log_dir`) and are skipped without one. `size`:
+    "quick", "full" or a dict."""
     size = dict(SIZES[size]) if isinstance(size, str) else size
     _raise_file_limit(size["idle"] + size["slowloris"] + 512)
     results = []

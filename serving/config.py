@@ -185,9 +185,9 @@ class Settings:
                 "requests until a check passes again"})
     upstream_image_format: str = field(default="png", metadata={
         "help": "how images intake resized or turned go to the upstreams, at the size the model sees (others go as "
-                "sent): png (lossless, uncompressed: the same "
-                "answers as asking the upstream directly, ~1 ms per image, 3 bytes per pixel) or jpeg (quality 95: "
-                "a fifth of the bytes, for upstreams behind a slow link)", "type": _image_format})
+                "sent): png (lossless, fast compression: the same answers as asking the upstream directly, ~50 ms "
+                "a megapixel, 1-2 bytes a pixel for photos) or jpeg (quality 95: fewer bytes still, for upstreams "
+                "behind a slow link)", "type": _image_format})
     tensor_parallel: int = field(default=0, metadata={
         "help": "--backend fastdeploy: GPUs the model is split over (--tensor-parallel-size; 0: every visible GPU)"})
     gpu_memory_utilization: float = field(default=0.9, metadata={

@@ -176,3 +176,33 @@ def test_a_plain_answer_is_cancelled_when_its_client_hangs_up(serve_app, caplog)
     assert server.app.extensions["qwenvl"].disconnects.cancelled == 1
     assert any("status=499" in rec.getMessage() and "/v1/chat/completions" in rec.getMessage()
                for rec in caplog.records), [rec.getMessage() for rec in caplog.records]
+
+
+def test_a_request_pipelined_behind_a_stream_is_answered(serve_app):
+    """waitress closed the connection after every streamed (chunked) answer, dropping the requests a client had
+    pipelined behind it; the stream's end is marked by its last chunk, so the connection now carries on."""
+    server = serve_app()
+
+    def request(body):
+        payload = json.dumps(body).encode()
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+
+    sock = connect(server)
+    sock.sendall(request(dict(SMALL, stream=True)) + request(SMALL))
+    sock.settimeout(0.5)
+    data, deadline = b"", time.monotonic() + 30
+    while data.count(b"HTTP/1.1 200") < 2 or not data.rstrip().endswith(b"}"):
+        if time.monotonic() > deadline:
+            break
+        try:
+            block = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not block:
+            break
+        data += block
+    sock.close()
+    assert data.count(b"HTTP/1.1 200") == 2 and b"[DONE]" in data, data[-500:]
+    assert b"Connection: close" not in data
+    assert b'"chat.completion"' in data.split(b"0\r\n\r\n", 1)[1]  # after the stream's last chunk: the plain answer

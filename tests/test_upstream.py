@@ -821,3 +821,175 @@ def test_an_absurd_usage_count_does_not_reach_the_metrics(settings):
             assert "e+30" not in text and "1e30" not in text
     finally:
         up.stop()
+
+
+def test_comments_after_done_hold_the_call_at_most_the_drain_time(settings):
+    """An upstream that keeps sending SSE comments after [DONE] (each read within the per-read timeout) held a
+    thread and an in-flight count per finished answer without end (issue 21, 14): now DRAIN_SECONDS in all."""
+    from serving.engines import upstream
+
+    def respond(h, _):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for data in [b"data: " + json.dumps(e).encode() + b"\n\n" for e in (chunk("fine"), chunk(finish="stop"))] \
+                + [b"data: [DONE]\n\n"]:
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        try:
+            for _ in range(100):  # a comment every 0.3 s for 30 s
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(b": ping\n\n"), b": ping\n\n"))
+                h.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            scripted.closed.set()
+
+    scripted = up = Scripted(respond)
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            r = chat(gw.url, QUESTIONS[0])
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+            done = time.monotonic()
+            assert wait_until(lambda: gw.engine.replicas[0].in_flight == 0, upstream.DRAIN_SECONDS + 3)
+            assert time.monotonic() - done < upstream.DRAIN_SECONDS + 2
+            assert up.closed.wait(5)  # the connection was shut, not kept
+    finally:
+        up.stop()
+
+
+def test_reading_events_is_linear_in_a_long_line():
+    """A `data:` line sent in many small blocks without its newline cost time quadratic in its length (20 MB:
+    1.6 s); a line past MAX_EVENT_BYTES is refused."""
+    from serving.engines import upstream
+    from serving.errors import UpstreamError
+
+    class Raw:
+        chunked = False
+
+        def __init__(self, blocks):
+            self.blocks = iter(blocks)
+
+        def read1(self, n):
+            return next(self.blocks, b"")
+
+    class Response:
+        def __init__(self, blocks):
+            self.raw = Raw(blocks)
+
+    payload = b"x" * (4 * 2**20)
+    blocks = [b"data: "] + [payload[k:k + 4096] for k in range(0, len(payload), 4096)] + [b"\n\n"]
+    started = time.perf_counter()
+    events = list(upstream.sse_events(Response(blocks)))
+    assert time.perf_counter() - started < 1.0 and len(events) == 1 and len(events[0]) == len(payload)
+    huge = [b"data: "] + [b"x" * 2**20] * (upstream.MAX_EVENT_BYTES // 2**20 + 2)
+    with pytest.raises(UpstreamError):
+        list(upstream.sse_events(Response(huge)))
+
+
+class ModelsServer:
+    """An upstream whose /v1/models answers as `answer(handler)` says; counts the checks it gets."""
+
+    def __init__(self, answer):
+        server_self = self
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self):
+                server_self.hits += 1
+                answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _models(h, body=None):
+    data = body if body is not None else json.dumps({"object": "list", "data": [{"id": "m"}]}).encode()
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    try:
+        h.wfile.write(data)
+    except OSError:
+        pass
+
+
+def _trickle(h):
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.end_headers()
+    try:
+        for _ in range(60):  # a byte every 0.5 s: each read is well within its timeout
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(0.5)
+    except OSError:
+        pass
+
+
+def test_health_checks_run_per_upstream_each_bounded_in_time_and_size(monkeypatch):
+    """Issue 21, 6: the checks ran as one batch waiting for the slowest (an upstream trickling its /v1/models held
+    every other upstream's checks), with no total deadline and no size cap (a 200 MB answer was read whole)."""
+    from serving.engines import upstream
+
+    monkeypatch.setattr(upstream, "CHECK_TIMEOUT", 1.0)
+    monkeypatch.setattr(upstream, "MAX_MODELS_BYTES", 10_000, raising=False)
+    good, slow = ModelsServer(_models), ModelsServer(_trickle)
+    big = ModelsServer(lambda h: _models(h, b'{"data": [{"id": "m"}], "pad": "' + b"x" * 100_000 + b'"}'))
+    engine = UpstreamEngine([good.url, slow.url, big.url], health_interval=0.3)
+    try:
+        started = time.monotonic()
+        engine.start_checks(wait=True, timeout=10)
+        assert time.monotonic() - started < 3  # the first round waited at most CHECK_TIMEOUT for the slow one
+        hits = good.hits
+        time.sleep(3)
+        assert good.hits - hits >= 5  # checked every 0.3 s meanwhile, whatever the slow one did
+        states = {r.label: r for r in engine.replicas}
+        assert states[upstream.url_label(good.url)].healthy
+        assert "took longer than 1 s" in states[upstream.url_label(slow.url)].reason
+        assert "larger than 10000 bytes" in states[upstream.url_label(big.url)].reason
+    finally:
+        engine.close()
+        for server in (good, slow, big):
+            server.stop()
+
+
+def test_resized_images_go_upstream_compressed_and_a_413_names_the_upstream(settings):
+    """Issue 21, 12: an image intake resized went upstream as an uncompressed PNG (3 bytes a pixel, ~4 MB of base64
+    a megapixel), so a valid request could outgrow its upstream's limit, and the client then read the upstream's
+    own words, "this server's limit". Now a fast compressed PNG, the same pixels, and a 413 that says whose."""
+    import numpy as np
+
+    gradient = np.linspace(0, 255, 1200, dtype=np.uint8)
+    picture = Image.fromarray(np.stack([np.tile(gradient, (900, 1))] * 3, axis=-1))  # 1200x900: resized by intake
+    buf = io.BytesIO()
+    picture.save(buf, "PNG")
+    up = Scripted(lambda h, b: h.send_events([chunk("ok"), chunk(finish="stop")]))
+    try:
+        with Gateway(settings, [up.url]) as gw:
+            body = {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(buf.getvalue())}"}}]}]}
+            assert chat(gw.url, body).status_code == 200
+            url = up.bodies[-1]["messages"][0]["content"][0]["image_url"]["url"]
+            sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+            assert sent.format == "PNG" and sent.size != picture.size
+            assert len(url) < sent.size[0] * sent.size[1]  # under a byte of base64 a pixel (it was 4)
+    finally:
+        up.stop()
+    limit = Scripted(lambda h, b: h.send_json(413, {"error": {"message": "the request body is larger than this "
+                                                                        "server's limit of 1000 bytes"}}))
+    try:
+        with Gateway(settings, [limit.url]) as gw:
+            r = chat(gw.url, {"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+            assert r.json()["error"]["message"].startswith("the request, as sent on to the upstream server")
+    finally:
+        limit.stop()

@@ -45,7 +45,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -61,11 +61,13 @@ from serving.intake.video import Video
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection to an upstream
-CHECK_TIMEOUT = 5.0  # seconds a health check may take to answer
+CHECK_TIMEOUT = 5.0  # seconds a health check may take in all, its answer read to the end
+MAX_MODELS_BYTES = 2**20  # the most of an upstream's /v1/models answer a health check reads
 RETRY_SECONDS = 5  # Retry-After when no upstream can take a request
 WAIT_LOG_SECONDS = 30.0  # while waiting for a first healthy upstream, how often to say so
 ERROR_BODY_BYTES = 16384  # most of an upstream's error body read
-DRAIN_SECONDS = 2.0  # after [DONE], how long the rest of the body may take (read so the connection is kept alive)
+DRAIN_SECONDS = 2.0  # after [DONE], how long the rest of the body may take in all (read so the connection is kept alive)
+MAX_EVENT_BYTES = 8 * 2**20  # one server-sent event line from an upstream at most
 IMAGE_PATCH_TOKENS = 28 * 28  # Qwen2.5-VL: one prompt token per 28x28 pixels (for estimates only)
 # the answer-changing OpenAI features an upstream honours: the chat service passes their fields on as sent
 # (SamplingParams.extra: response_format; tools, tool_choice, parallel_tool_calls...; logit_bias)
@@ -81,7 +83,14 @@ _CALLER = threading.local()  # the UpstreamCall whose thread is sending a reques
 
 class _TrackedHTTPConnection(urllib3.connection.HTTPConnection):
     """Hands itself to the call being sent, so cancel() can shut its socket down even while the
-    request still waits for the upstream's first byte."""
+    request still waits for the upstream's first byte. `opened_sock`: its socket, kept after http.client lets
+    go of it (with "Connection: close" the response alone holds it)."""
+
+    opened_sock = None
+
+    def connect(self):
+        super().connect()
+        self.opened_sock = self.sock
 
     def request(self, *args, **kwargs):
         call = getattr(_CALLER, "call", None)
@@ -91,6 +100,12 @@ class _TrackedHTTPConnection(urllib3.connection.HTTPConnection):
 
 
 class _TrackedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    opened_sock = None
+
+    def connect(self):
+        super().connect()
+        self.opened_sock = self.sock
+
     def request(self, *args, **kwargs):
         call = getattr(_CALLER, "call", None)
         if call is not None:
@@ -153,7 +168,7 @@ class Replica:
         self.chat_url = self.url + "/v1/chat/completions"
         self.models_url = self.url + "/v1/models"
         self.session = _session(pool_size, tracked=True)
-        self.check_session = _session(2, tracked=False)
+        self.check_session = _session(2, tracked=True)  # tracked: a check past its deadline is shut down
         self.healthy = False
         self.reason = "not checked yet"
         self.model: Optional[str] = None  # the id its /v1/models names (sent as each request's "model")
@@ -172,6 +187,38 @@ class Replica:
 
 
 # ---------------------------------------------------------------- the engine
+
+class _CheckWatch:
+    """A health check's connection (handed over as the request is sent), shut down when its time is up."""
+
+    def __init__(self):
+        self.conn, self.expired = None, False
+        self._lock = threading.Lock()
+
+    def _attach(self, conn) -> None:
+        with self._lock:
+            self.conn = conn
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = getattr(self.conn, "opened_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _read_capped(response, limit: int) -> bytes:
+    """A response's body, at most `limit` bytes (_CheckFailed beyond)."""
+    body = bytearray()
+    for block in response.iter_content(65536):
+        body += block
+        if len(body) > limit:
+            raise _CheckFailed(f"its /v1/models answer is larger than {limit} bytes")
+    return bytes(body)
+
 
 class UpstreamEngine:
     """serving.engines.base.Engine over OpenAI-compatible servers."""
@@ -198,7 +245,7 @@ class UpstreamEngine:
         self._closed = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.replicas),
                                                            thread_name_prefix="upstream-check")
-        self._checker: Optional[threading.Thread] = None
+        self._checkers: list = []  # one thread per replica: a slow upstream delays only its own checks
         self.info = ModelInfo(name=served_model_name or "upstream", source=self.source, is_demo=False,
                               context_length=0, features=FEATURES)
 
@@ -237,31 +284,48 @@ class UpstreamEngine:
             self._closed.wait(min(self.health_interval, 2.0))
             self.check_all()
         self._refresh_info()
-        if self._checker is None:
-            self._checker = threading.Thread(target=self._check_loop, name="upstream-health", daemon=True)
-            self._checker.start()
+        if not self._checkers:
+            self._checkers = [threading.Thread(target=self._check_loop, args=(replica,), daemon=True,
+                                               name=f"upstream-health-{k}") for k, replica in enumerate(self.replicas)]
+            for thread in self._checkers:
+                thread.start()
 
     def check_all(self) -> None:
         list(self._pool.map(self.check, self.replicas))
 
     def check(self, replica: Replica) -> bool:
-        """One active health check: GET /v1/models answers 200 with at least one model."""
+        """One active health check: GET /v1/models answers 200 with at least one model, whole within
+        CHECK_TIMEOUT (a watchdog shuts the connection down then: an upstream trickling a byte every 2 s
+        held the checks of every upstream) and within MAX_MODELS_BYTES (a 200 MB answer was read whole)."""
+        watch = _CheckWatch()
+        timer = threading.Timer(CHECK_TIMEOUT, watch.expire)
+        timer.daemon = True
+        timer.start()
+        _CALLER.call = watch
         try:
             # a new connection each time: a kept-alive one the upstream has just closed would fail the check
-            response = replica.check_session.get(replica.models_url, headers={**self.headers, "Connection": "close"},
-                                                 timeout=(CONNECT_TIMEOUT, CHECK_TIMEOUT))
+            with replica.check_session.get(replica.models_url, headers={**self.headers, "Connection": "close"},
+                                           timeout=(CONNECT_TIMEOUT, CHECK_TIMEOUT), stream=True) as response:
+                body = _read_capped(response, MAX_MODELS_BYTES)
             if response.status_code != 200:
-                message, _, _ = parse_error_body(response.content[:ERROR_BODY_BYTES])
+                message, _, _ = parse_error_body(body[:ERROR_BODY_BYTES])
                 raise _CheckFailed(f"HTTP {response.status_code}" + (f": {message}" if message else ""))
             try:
-                card = response.json()["data"][0]
+                card = json.loads(body)["data"][0]
                 model = str(card["id"])
             except (ValueError, KeyError, IndexError, TypeError):
                 raise _CheckFailed("its /v1/models answer names no model") from None
-        except (requests.RequestException, _CheckFailed) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, _CheckFailed) as exc:
             replica.checks_failed += 1
-            self._mark_down(replica, describe_exception(exc) if isinstance(exc, requests.RequestException) else str(exc))
+            if watch.expired:
+                reason = f"its /v1/models answer took longer than {CHECK_TIMEOUT:g} s"
+            else:
+                reason = describe_exception(exc) if isinstance(exc, requests.RequestException) else str(exc)
+            self._mark_down(replica, reason)
             return False
+        finally:
+            _CALLER.call = None
+            timer.cancel()
         replica.model = model
         length = card.get("max_model_len")
         replica.context_length = int(length) if isinstance(length, int) and length > 0 else None
@@ -276,12 +340,9 @@ class UpstreamEngine:
             log.warning("upstream %s is down: %s", replica.label, reason)
         replica.healthy, replica.reason = False, reason
 
-    def _check_loop(self) -> None:
+    def _check_loop(self, replica: Replica) -> None:
         while not self._closed.wait(self.health_interval):
-            try:
-                self.check_all()
-            except RuntimeError:  # the executor shut down: closing
-                return
+            self.check(replica)
 
     def _refresh_info(self) -> None:
         healthy = [r for r in self.replicas if r.healthy] or self.replicas
@@ -394,7 +455,7 @@ class UpstreamEngine:
             buf = io.BytesIO()
             img.convert("RGB").save(buf, "JPEG", quality=95, subsampling=0)
             return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-        return "data:image/png;base64," + base64.b64encode(stored_png(img)).decode("ascii")
+        return "data:image/png;base64," + base64.b64encode(fast_png(img)).decode("ascii")
 
     def count_tokens(self, text: str) -> int:
         """With the model's tokenizer.json (FastDeploy: the model folder), exact; otherwise an estimate
@@ -596,18 +657,25 @@ class UpstreamCall:
     def _read(self, response) -> None:
         finish_reason, usage, chunks, pieces, tool_calls = None, None, 0, [], {}
         restore = None
-        for data in sse_events(response):
+        drain_until = []  # after [DONE]: when reading the rest must end (one item)
+
+        def drained_too_long() -> bool:
+            return bool(drain_until) and time.monotonic() > drain_until[0]
+
+        for data in sse_events(response, stop=drained_too_long):
             if self.cancelled.is_set():
                 return
             if self._finished:
                 continue  # after [DONE]: read to the end of the body, so the connection can be kept alive
             if data == "[DONE]":
                 self._finish(finish_reason, usage, chunks, pieces, tool_calls)
-                # read the rest (the chunked body's end) so the connection is kept alive, for at most DRAIN_SECONDS;
+                # read the rest (the chunked body's end) so the connection is kept alive, for at most DRAIN_SECONDS
+                # in all (an upstream sending comments after [DONE] held a thread per answer, without end);
                 # a body that ends when the connection closes cannot be kept: stop here
                 restore = self._bound_reads(DRAIN_SECONDS)
                 if restore is None:
                     break
+                drain_until.append(time.monotonic() + DRAIN_SECONDS)
                 continue
             try:
                 event = json.loads(data)
@@ -639,6 +707,9 @@ class UpstreamCall:
                     finish_reason = choice["finish_reason"]
         if not self._finished and not self.cancelled.is_set():  # the body ended without [DONE]
             self._finish(finish_reason, usage, chunks, pieces, tool_calls)
+        elif drained_too_long():
+            with self._conn_lock:
+                _shutdown(self._conn)  # its body was not read to the end: the connection is not kept
         elif restore is not None:
             restore()
 
@@ -689,26 +760,30 @@ def passed_on_bytes(img) -> Optional[str]:
     return f"data:{images.PASSABLE_FORMATS[fmt]};base64," + base64.b64encode(data).decode("ascii")
 
 
-def stored_png(img) -> bytes:
-    """A lossless PNG of an RGB image with its pixels stored uncompressed (filter 0, zlib level 0).
+def fast_png(img) -> bytes:
+    """A lossless PNG of an RGB image, made fast: each row with PNG's Sub filter (each byte minus the one a pixel
+    to its left), zlib level 1.
 
-    About 1 ms for 448x448 and 7 ms for a megapixel, against 15-100 ms for a compressed PNG (Pillow,
-    level 1), and as quick to decode: on loopback, where the upstream usually is, bytes are cheap and
-    CPU is not. Three bytes per pixel, plus a third for base64 (UPSTREAM_IMAGE_FORMAT=jpeg for a slow link).
+    About 50 ms a megapixel. It used to be stored uncompressed (7 ms, 3 bytes a pixel, ~4 MB of base64 a
+    megapixel), so a valid 7.3 MB request became larger than its upstream takes; photos now take ~1-2 bytes a
+    pixel, smooth pictures far less (a 1000x1000 upscaled photo: 0.46 MB instead of 3.0 MB). UPSTREAM_IMAGE_FORMAT
+    =jpeg is smaller still.
     """
     import numpy as np
 
     pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     height, width = pixels.shape[:2]
+    flat = pixels.reshape(height, width * 3)
     rows = np.empty((height, width * 3 + 1), np.uint8)
-    rows[:, 0] = 0  # filter type None on every row
-    rows[:, 1:] = pixels.reshape(height, width * 3)
+    rows[:, 0] = 1  # filter type Sub on every row
+    rows[:, 1:4] = flat[:, :3]
+    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:], dtype=np.uint8, casting="unsafe")  # modulo 256
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 0))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
             + chunk(b"IEND", b""))
 
 
@@ -725,23 +800,34 @@ def _shutdown(conn) -> None:
 
 # ---------------------------------------------------------------- the wire
 
-def sse_events(response) -> Iterator[str]:
-    """The data of each server-sent event of a streamed response, as it arrives (no buffering)."""
-    buffer = b""
+def sse_events(response, stop: Optional[Callable[[], bool]] = None) -> Iterator[str]:
+    """The data of each server-sent event of a streamed response, as it arrives (no buffering). Linear in the
+    bytes (a 20 MB line without its newline took 1.6 s: each block was appended by copying and searched from
+    the start); a line longer than MAX_EVENT_BYTES is an UpstreamError. `stop()`, asked after each block read,
+    ends the events early."""
+    buffer = bytearray()
     lines: list = []
     for block in _blocks(response.raw):
+        searched = len(buffer)  # the newline, if any, is in the new bytes
         buffer += block
+        start = 0
         while True:
-            end = buffer.find(b"\n")
+            end = buffer.find(b"\n", max(start, searched))
             if end < 0:
                 break
-            line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1:]
+            line, start = bytes(buffer[start:end]).rstrip(b"\r"), end + 1
             if not line:
                 if lines:
                     yield "\n".join(lines)
                     lines = []
             elif line.startswith(b"data:"):
                 lines.append(line[5:].lstrip(b" ").decode("utf-8", "replace"))
+        del buffer[:start]
+        if len(buffer) > MAX_EVENT_BYTES:
+            raise UpstreamError(f"the upstream server sent an event line longer than {MAX_EVENT_BYTES} bytes",
+                                code="upstream_bad_response")
+        if stop is not None and stop():
+            return
     if lines:
         yield "\n".join(lines)
 
@@ -875,9 +961,10 @@ def error_for_status(status: int, body: bytes, label: str, retry_after=None) -> 
         seconds = int(retry_after) if str(retry_after or "").isdigit() else RETRY_SECONDS
         return ServerBusy(message or "the upstream server is busy; try again shortly", code=code or "queue_full",
                           retry_after=seconds)
-    if status == 413:
-        return InvalidRequest(message or "the request is larger than the upstream server takes",
-                              param=param, code="request_too_large")
+    if status == 413:  # the upstream's own words would say "this server's limit": not this server's
+        said = f" (it said: {message})" if message else ""
+        return InvalidRequest(f"the request, as sent on to the upstream server {label} (images re-encoded), is larger "
+                              f"than that server takes{said}", param=param, code="request_too_large")
     if 400 <= status < 500:
         return InvalidRequest(message or f"the upstream server refused the request (HTTP {status})",
                               param=param, code=code or "invalid_value")

@@ -16,7 +16,9 @@ worker thread sees it: a slow client costs a socket, never a worker. What it lac
 - `Expect: 100-continue` with a Content-Length over the body limit is answered 413 at once (waitress
   sends "100 Continue" and then waits for a body it will refuse);
 - a connection is read on while its request runs (`channel_request_lookahead`), so a client that hangs
-  up is seen at once (serving.web.disconnects cancels its answer).
+  up is seen at once (serving.web.disconnects cancels its answer);
+- a streamed (chunked) answer keeps its connection open like any other: waitress closed it after every
+  stream, dropping requests the client had pipelined behind it.
 
 `create(app, settings)` makes the server; serving.web.server runs it.
 """
@@ -29,6 +31,7 @@ import time
 
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
+from waitress.task import WSGITask
 
 from serving.web.waitress_errors import JSONErrorChannel
 
@@ -57,8 +60,22 @@ class GuardedParser(HTTPRequestParser):
         return consumed
 
 
+class KeepAliveTask(WSGITask):
+    """waitress's task, except that an HTTP/1.1 answer sent chunked (an SSE stream) does not close the connection:
+    its end is marked by the last chunk, so the connection can carry the next request. (waitress closes it
+    always; the requests a client pipelined behind a stream were then dropped.)"""
+
+    def set_close_on_finish(self):
+        chunked_end_is_marked = (self.version == "1.1" and self.chunked_response
+                                 and self.request.headers.get("CONNECTION", "").lower() != "close")
+        if chunked_end_is_marked and not self.close_on_finish:
+            return
+        super().set_close_on_finish()
+
+
 class GuardedChannel(JSONErrorChannel):
     parser_class = GuardedParser
+    task_class = KeepAliveTask
 
 
 class GuardedServer(TcpWSGIServer):

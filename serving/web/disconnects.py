@@ -8,6 +8,8 @@ connection while its request runs and marks it disconnected at EOF; `environ["wa
 tells. One thread looks at every watched answer a few times a second and aborts the answers whose client
 has gone with ClientGone (answered, and logged, as 499): the engine drops the row at its next step (an
 upstream engine shuts its upstream connection), and the request's place is free as soon as its handler returns.
+A client that shuts down only its sending side after its request (a half-close, rare in HTTP clients) reads the
+same as one that left, as with uvicorn.
 """
 
 from __future__ import annotations

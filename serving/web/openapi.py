@@ -19,7 +19,8 @@ def _json(name: str, description: str) -> dict:
 
 def _errors(*statuses: int) -> dict:
     meaning = {400: "invalid request", 401: "missing or invalid API key", 404: "not found",
-               405: "method not allowed", 413: "request body too large", 429: "server busy (see Retry-After)",
+               405: "method not allowed", 413: "request body too large",
+               415: "the body is not sent as application/json", 429: "server busy (see Retry-After)",
                500: "internal error", 503: "model still loading, or the engine cannot serve (see Retry-After)",
                504: "request timed out"}
     return {str(s): _json("ErrorResponse", meaning[s]) for s in statuses}
@@ -31,7 +32,7 @@ def build_spec(settings, version: str = "1.0") -> dict:
               (protocol.ErrorResponse, "serialization"), (protocol.Health, "serialization")]
     _, top = models_json_schema(models, ref_template=REF)
     v1_errors = (401, 500) if settings.api_key else (500,)
-    chat_errors = _errors(400, 413, 429, 503, 504, *v1_errors)
+    chat_errors = _errors(400, 413, 415, 429, 503, 504, *v1_errors)
     chat_ok = {"description": "a chat.completion, or with stream=true server-sent chat.completion.chunk events "
                               "ending with 'data: [DONE]'",
                "content": {"application/json": {"schema": _ref("ChatCompletion")},
