@@ -129,19 +129,19 @@ def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None) -> tuple
     logprobs[i] is a TokenLogprob when row i asked for logprobs (the tokenizer then names the tokens),
     else None. Each sampling row consumes one draw of its generator; no row's state changes otherwise
     (record kept tokens with RowSampler.accept)."""
-    import paddle
-
     _check_batch(logits, samplers)
     scores = penalized_logits(logits, samplers)
-    chosen = paddle.argmax(scores, axis=-1)  # the greedy pick of every row; sampling rows replace theirs
+    chosen = greedy_picks(scores)  # the argmax of every row; sampling rows replace theirs
     sampling_rows = [i for i, sampler in enumerate(samplers) if not sampler.greedy]
     if sampling_rows:
-        rows = paddle.to_tensor(sampling_rows, dtype="int64")
         row_samplers = [samplers[i] for i in sampling_rows]
-        probs = sampling_probs(paddle.gather(scores, rows, axis=0), row_samplers)
-        uniforms = [sampler.rng.random() for sampler in row_samplers]
-        chosen = paddle.scatter(chosen, rows, draw(probs, uniforms))
-    tokens = [int(t) for t in chosen.numpy().reshape(-1)]
+        probs = sampling_probs(scores, sampling_rows, row_samplers)
+        for i, sampler, row in zip(sampling_rows, row_samplers, probs):
+            ids, kept = kept_tokens(row, sampler.top_k, sampler.top_p)
+            token = draw(ids, kept, sampler.rng.random())
+            if token is not None:  # None: no token has mass (NaN logits): the argmax stands
+                chosen[i] = token
+    tokens = [int(t) for t in chosen]
     return tokens, token_logprobs(logits, tokens, samplers, tokenizer)
 
 
@@ -171,46 +171,84 @@ def penalized_logits(logits, samplers: Sequence[RowSampler]):
     return flat.reshape([batch, vocab])
 
 
-def sampling_probs(scores, samplers: Sequence[RowSampler]):
-    """float32 [S, V]: the probabilities each sampling row draws from, after temperature, top-k and
-    top-p; filtered tokens are 0 and the rows are not renormalised (the draw scales by each row's sum,
-    as paddle.multinomial does in generate)."""
+def greedy_picks(scores) -> np.ndarray:
+    """int64 [B]: each row's first most likely token. On a CPU numpy's argmax (Paddle's costs ~10x more
+    per row at 151,936 tokens); elsewhere on the device, so only B ids travel."""
+    if scores.place.is_cpu_place():
+        return np.argmax(scores.numpy(), axis=-1).astype(np.int64)
+    import paddle
+
+    return paddle.argmax(scores, axis=-1).numpy().reshape(-1).astype(np.int64)
+
+
+def sampling_probs(scores, rows: Sequence[int], samplers: Sequence[RowSampler]) -> np.ndarray:
+    """float32 numpy [S, V]: softmax(scores[rows] / temperature), by Paddle's own softmax kernel on the
+    scores' device (the probabilities generate computes there, bit for bit; on a GPU the S rows are then
+    copied to the host, ~0.6 MB each at 151,936 tokens). Filtering and the draw work on these values."""
     import paddle
     import paddle.nn.functional as F
 
+    if len(rows) != scores.shape[0]:
+        scores = paddle.gather(scores, paddle.to_tensor(list(rows), dtype="int64"), axis=0)
     temperature = np.array([[s.temperature] for s in samplers], dtype=np.float32)
-    probs = F.softmax(scores / paddle.to_tensor(temperature), axis=-1)
-    if any(s.top_k for s in samplers):
-        probs = _keep_top_k(probs, [s.top_k for s in samplers])
-    nucleus_rows = [j for j, s in enumerate(samplers) if s.top_p < 1.0]
-    if len(nucleus_rows) == len(samplers):
-        probs = _keep_top_p(probs, [s.top_p for s in samplers])
-    elif nucleus_rows:  # sorting the vocabulary is the costly part: only for the rows that need it
-        index = paddle.to_tensor(nucleus_rows, dtype="int64")
-        kept = _keep_top_p(paddle.gather(probs, index, axis=0), [samplers[j].top_p for j in nucleus_rows])
-        probs = paddle.scatter(probs, index, kept)
-    return probs
+    return F.softmax(scores / paddle.to_tensor(temperature), axis=-1).numpy()
 
 
-def draw(probs, uniforms: Sequence[float]):
-    """int64 [S]: row i's token is the first whose cumulative probability passes uniforms[i] of the
-    row's total (inverse CDF, in float64 so a 150k-token vocabulary sums without visible error)."""
-    import paddle
+NUCLEUS_CANDIDATES = (64, 1024)  # top-p alone: candidates tried before sorting the whole vocabulary
 
-    cdf = paddle.cumsum(probs.astype("float64"), axis=-1)
-    target = paddle.to_tensor(np.asarray(uniforms, dtype=np.float64).reshape(-1, 1)) * cdf[:, -1:]
-    index = paddle.searchsorted(cdf, target, right=True).reshape([-1])
+
+def kept_tokens(probs: np.ndarray, top_k: int, top_p: float) -> tuple:
+    """(ids in vocabulary order, their probabilities): the tokens with mass that TopKProcess then
+    TopPProcess keep in one row of probabilities; (None, probs) when neither filters.
+
+    Only candidates are sorted: top-k sorts the tokens at least as likely as its k-th (ties kept); top-p
+    alone sorts the 64, then 1024 most likely and checks that their cumulative sum (float32, in the same
+    order as the full sort, so the same sums) crosses top_p before falling back to the whole vocabulary.
+    Among equally likely tokens the lower id comes first (the full sort left that order to std::sort)."""
+    vocab = probs.shape[-1]
+    nucleus = top_p < 1.0
+    if 0 < top_k < vocab:
+        ids, values, _ = _likeliest(probs, top_k)
+        if ids.size > top_k:  # all at least as likely as the k-th (with fewer, the k-th is 0: all with mass)
+            kept = _at_least_as_large(values, values[top_k - 1])
+            ids, values = ids[:kept], values[:kept]
+        cumulative = np.cumsum(values, dtype=np.float32) if nucleus else None
+    elif nucleus:
+        for candidates in (*NUCLEUS_CANDIDATES, vocab):
+            ids, values, whole = _likeliest(probs, candidates)
+            cumulative = np.cumsum(values, dtype=np.float32)
+            if whole or cumulative[-1] > np.float32(top_p):
+                break
+    else:
+        return None, probs
+    if nucleus:
+        beyond = cumulative > np.float32(top_p)
+        if beyond.any():  # the token that crosses top_p stays
+            kept = int(np.argmax(beyond)) + 1
+            ids, values = ids[:kept], values[:kept]
+    return _in_vocabulary_order(ids, probs)
+
+
+def draw(ids: Optional[np.ndarray], probs: np.ndarray, uniform: float) -> Optional[int]:
+    """The token whose cumulative probability first passes uniform * total: inverse CDF in vocabulary
+    order, in float64 (a 150k-token vocabulary sums without visible error). ids None: probs is the whole
+    row. Tokens without mass add nothing to a sequential sum, so the kept tokens' sums are the sums the
+    whole row gives at those tokens: the same token for the same uniform. None when nothing has mass."""
+    if probs.size == 0:
+        return None
+    cdf = np.cumsum(probs, dtype=np.float64)
+    index = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
     # u * total can round up to the total itself: fall back to the last token that has mass.
-    last_with_mass = paddle.argmax(cdf, axis=-1)
-    return paddle.minimum(index, last_with_mass)
+    index = min(index, int(np.argmax(cdf)))
+    return index if ids is None else int(ids[index])
 
 
 def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler], tokenizer=None) -> list:
     """TokenLogprob of tokens[i] for each row that asked for logprobs (None for the others): raw
-    logprobs (log_softmax of the model's logits) and the row's top_logprobs most likely tokens."""
-    import paddle
-    import paddle.nn.functional as F
+    logprobs (log_softmax of the model's logits) and the row's top_logprobs most likely tokens.
 
+    Only what is asked is computed: one log-sum-exp per row, the chosen token's logit and the
+    top_logprobs largest logits (no full-vocabulary log_softmax tensor)."""
     asking = [i for i, s in enumerate(samplers) if s.logprobs]
     result: list = [None] * len(samplers)
     if not asking:
@@ -218,22 +256,20 @@ def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler]
     if tokenizer is None:
         raise ValueError("logprobs were asked for, but no tokenizer was given to name the tokens")
     names = token_names(tokenizer)
-    vocab = logits.shape[-1]
-    rows = paddle.to_tensor(asking, dtype="int64")
-    logp = F.log_softmax(paddle.gather(logits, rows, axis=0).astype("float32"), axis=-1)
-    picked = paddle.to_tensor(np.array([[tokens[i]] for i in asking], dtype=np.int64))
-    chosen_logp = paddle.take_along_axis(logp, picked, axis=-1).numpy().reshape(-1)
-    most = min(max(samplers[i].top_logprobs for i in asking), vocab)
-    if most:
-        top_logp, top_ids = (t.numpy() for t in paddle.topk(logp, k=most, axis=-1))
-    for j, i in enumerate(asking):
+    for i, row in zip(asking, _host_rows(logits, asking)):
+        largest = row.max()
+        # log_softmax = (x - max) - log(sum(exp(x - max))), as Paddle's kernel computes it, in float32
+        log_total = np.float32(np.log(np.exp(row - largest).sum(dtype=np.float64)))
+        most = min(samplers[i].top_logprobs, row.size)
         alternatives = []
-        for k in range(min(samplers[i].top_logprobs, vocab)):
-            text, raw = names(int(top_ids[j, k]))
-            alternatives.append(TopLogprob(token=text, logprob=float(top_logp[j, k]), bytes=list(raw)))
+        if most:
+            for token_id in _largest_logits(row, most):
+                text, raw = names(int(token_id))
+                alternatives.append(TopLogprob(token=text, logprob=float((row[token_id] - largest) - log_total),
+                                               bytes=list(raw)))
         text, raw = names(tokens[i])
-        result[i] = TokenLogprob(token=text, logprob=float(chosen_logp[j]), bytes=list(raw),
-                                 top_logprobs=alternatives)
+        result[i] = TokenLogprob(token=text, logprob=float((row[tokens[i]] - largest) - log_total),
+                                 bytes=list(raw), top_logprobs=alternatives)
     return result
 
 
@@ -300,32 +336,78 @@ def _byte_decoder() -> dict:
     return {chr(c): b for b, c in zip(byte_values, chars)}
 
 
-def _keep_top_k(probs, top_ks: Sequence[int]):
-    """TopKProcess per row: keep the probabilities >= the row's k-th largest (rows with k 0: all)."""
+def _threshold(values: np.ndarray, count: int) -> float:
+    """A value that at least `count` of the row's values reach, close to the count-th largest, found in
+    one pass instead of a sort; -inf when the row is too short for that to save anything.
+
+    The row is cut into disjoint groups (group j: values j, j + groups, ...), at least 4 * count of
+    them: the count-th largest of their maxima is reached by at least those `count` maxima."""
+    size = values.shape[-1]
+    groups = max(4 * count, 256)
+    if groups * 8 > size:
+        return -np.inf
+    whole = size - size % groups
+    maxima = values[:whole].reshape(-1, groups).max(axis=0)
+    if whole < size:
+        maxima = np.concatenate([maxima, values[whole:]])  # the rest: groups of one
+    return maxima[np.argpartition(maxima, maxima.size - count)[maxima.size - count]]
+
+
+def _likeliest(probs: np.ndarray, count: int) -> tuple:
+    """(ids, probabilities, whole): the tokens with mass among the `count` most likely and every token as
+    likely as those (ties), most likely first, ties by ascending id; whole: these are all the tokens
+    with mass (fewer than `count` have any, or the row was short).
+
+    Only the tokens above the threshold are sorted: those equal to it come last, already in id order.
+    (Paddle's softmax has a floor: its exp clamps at -64, so a cold row has ~150k tokens at one
+    tiny probability, which a top-k keeps when fewer than k tokens are above it.)"""
+    threshold = _threshold(probs, count)
+    whole = not threshold > 0  # NaN included
+    if whole:
+        return (*_descending(probs, np.flatnonzero(probs > 0)), True)
+    above, equal = _descending(probs, np.flatnonzero(probs > threshold)), np.flatnonzero(probs == threshold)
+    return (np.concatenate([above[0], equal]),
+            np.concatenate([above[1], np.full(equal.size, threshold, dtype=probs.dtype)]), False)
+
+
+def _at_least_as_large(descending: np.ndarray, value) -> int:
+    """How many of the leading values of a descending array are >= value."""
+    return int(np.searchsorted(-descending, -value, side="right"))
+
+
+def _in_vocabulary_order(ids: np.ndarray, probs: np.ndarray) -> tuple:
+    """(ids ascending, their probabilities); many ids (a floor of ties) by a mask rather than a sort."""
+    if ids.size <= 4096:
+        ids = np.sort(ids)
+    else:
+        mask = np.zeros(probs.shape[-1], dtype=bool)
+        mask[ids] = True
+        ids = np.flatnonzero(mask)
+    return ids, probs[ids]
+
+
+def _largest_logits(row: np.ndarray, count: int) -> np.ndarray:
+    """Ids of the `count` largest logits, largest first (ties: ascending id)."""
+    ids = np.flatnonzero(row >= _threshold(row, count))
+    if ids.size < count:  # NaN compares false
+        ids = np.arange(row.size)
+    return _descending(row, ids)[0][:count]
+
+
+def _descending(values: np.ndarray, ids: np.ndarray) -> tuple:
+    """(ids, values) most likely first, ties in ascending id order (ids ascending on entry)."""
+    chosen = values[ids]
+    order = np.argsort(-chosen, kind="stable")
+    return ids[order], chosen[order]
+
+
+def _host_rows(logits, rows: Sequence[int]) -> np.ndarray:
+    """float32 numpy [len(rows), V]: those rows of the logits, only they leaving the device."""
     import paddle
 
-    vocab = probs.shape[-1]
-    ks = np.array([min(k, vocab) if k > 0 else 1 for k in top_ks], dtype=np.int64)  # 1: any valid column
-    top_values, _ = paddle.topk(probs, k=int(ks.max()), axis=-1)
-    kth = paddle.take_along_axis(top_values, paddle.to_tensor(ks.reshape(-1, 1) - 1), axis=-1)
-    unfiltered = paddle.to_tensor(np.array([[k <= 0] for k in top_ks]))
-    kth = paddle.where(unfiltered, paddle.zeros_like(kth), kth)  # every probability is >= 0
-    return paddle.where(probs >= kth, probs, paddle.zeros_like(probs))
-
-
-def _keep_top_p(probs, top_ps: Sequence[float]):
-    """TopPProcess per row (top_p < 1): drop the tokens after the smallest most-likely set whose
-    cumulative probability exceeds top_p; the token that crosses it stays."""
-    import paddle
-
-    sorted_ids = paddle.argsort(probs, axis=-1, descending=True)
-    # the same values paddle.sort gives (equal values are interchangeable), without a second sort
-    cumulative = paddle.cumsum(paddle.take_along_axis(probs, sorted_ids, axis=-1), axis=-1)
-    limit = np.array(top_ps, dtype=np.float32).reshape(-1, 1)
-    beyond = (cumulative > paddle.to_tensor(limit)).astype("int64")
-    drop_sorted = paddle.concat([paddle.zeros_like(beyond[:, :1]), beyond[:, :-1]], axis=-1)
-    drop = paddle.put_along_axis(paddle.zeros_like(drop_sorted), sorted_ids, drop_sorted, axis=-1)
-    return paddle.where(drop.astype("bool"), paddle.zeros_like(probs), probs)
+    if len(rows) != logits.shape[0]:
+        logits = paddle.gather(logits, paddle.to_tensor(list(rows), dtype="int64"), axis=0)
+    return logits.astype("float32").numpy()
 
 
 def _flat_index(vocab: int, parts) -> tuple:
