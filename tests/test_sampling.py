@@ -52,14 +52,7 @@ def seen_ids_with_the_top_token(rng, row_logits, length=40):
 def filtered_probs(scores, samplers) -> np.ndarray:
     """[S, V] numpy: each row's kept probabilities in place, 0 elsewhere (the dense form generate uses)."""
     probs = sampling_probs(scores, range(len(samplers)), samplers)
-    dense = np.zeros_like(probs)
-    for row, sampler, out in zip(probs, samplers, dense):
-        ids, kept = kept_tokens(row, sampler.top_k, sampler.top_p)
-        if ids is None:
-            out[:] = kept
-        else:
-            out[ids] = kept
-    return dense
+    return np.stack([kept_tokens(row, s.top_k, s.top_p).dense() for row, s in zip(probs, samplers)])
 
 
 def test_greedy_is_the_argmax_of_generates_processors(loaded):
@@ -395,11 +388,11 @@ def assert_same_filter_and_draws(rng, logits, samplers):
     probs = sampling_probs(scores, range(len(samplers)), samplers)
     checked = 0
     for j, sampler in enumerate(samplers):
-        ids, kept = kept_tokens(probs[j], sampler.top_k, sampler.top_p)
-        dense = kept if ids is None else np.zeros_like(probs[j])
-        if ids is not None:
-            assert np.all(np.diff(ids) > 0) and np.all(kept > 0)
-            dense[ids] = kept
+        kept = kept_tokens(probs[j], sampler.top_k, sampler.top_p)
+        dense = kept.dense()
+        if kept.ids is not None:
+            everything = np.concatenate([kept.ids, kept.tied])
+            assert np.unique(everything).size == everything.size and np.all(dense[everything] > 0)
         if straddled_tie(probs[j], expected[j], sampler.top_p):
             # test_a_tie_across_the_top_p_cut_keeps_the_lower_ids: the same values kept, maybe other ids
             np.testing.assert_array_equal(np.sort(dense), np.sort(expected[j]))
@@ -407,7 +400,7 @@ def assert_same_filter_and_draws(rng, logits, samplers):
         np.testing.assert_array_equal(dense, expected[j])
         for u in boundary_uniforms(rng, expected[j]):
             want = int(reference.draw(paddle.to_tensor(expected[j:j + 1]), [u]).numpy()[0])
-            assert draw(ids, kept, u) == want, (j, u)
+            assert draw(kept, u) == want, (j, u)
         checked += 1
     return checked
 
@@ -462,8 +455,8 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
     probs[[3, 900, 1500, 3999]] = 0.2  # four tokens tied at the top
     probs[[10, 20]] = 0.1
     for top_k, want in ((1, [3, 900, 1500, 3999]), (4, [3, 900, 1500, 3999]), (5, [3, 10, 20, 900, 1500, 3999])):
-        ids, kept = kept_tokens(probs, top_k, 1.0)
-        assert ids.tolist() == want and np.all(kept == probs[want])
+        dense = kept_tokens(probs, top_k, 1.0).dense()
+        assert np.flatnonzero(dense).tolist() == want and np.all(dense[want] == probs[want])
         np.testing.assert_array_equal(
             reference._keep_top_k(paddle.to_tensor(probs[None]), [top_k]).numpy()[0] > 0, np.isin(np.arange(4000), want))
 
@@ -474,8 +467,7 @@ def test_a_tie_across_the_top_p_cut_keeps_the_lower_ids():
     probs = np.zeros(3000, dtype=np.float32)
     probs[[2900, 17, 1200]] = 0.3
     probs[5] = 0.1
-    ids, kept = kept_tokens(probs, 0, 0.5)
-    assert ids.tolist() == [17, 1200]
+    assert np.flatnonzero(kept_tokens(probs, 0, 0.5).dense()).tolist() == [17, 1200]
     expected = reference._keep_top_p(paddle.to_tensor(probs[None]), [0.5]).numpy()[0]
     assert np.count_nonzero(expected) == 2 and set(np.flatnonzero(expected)) <= {17, 1200, 2900}
 
@@ -487,12 +479,13 @@ def test_a_cold_row_keeps_softmaxs_floor_like_the_full_sort():
     logits = random_logits(rng, 1, vocab=REAL_VOCAB, scale=3.0)
     sampler = RowSampler(params(temperature=1e-6, top_k=50, top_p=1.0, repetition_penalty=1.05, seed=3), {}, [1, 2])
     probs = sampling_probs(penalized_logits(logits, [sampler]), [0], [sampler])[0]
-    ids, kept = kept_tokens(probs, 50, 1.0)
-    assert ids.size == REAL_VOCAB and np.unique(kept).size == 2
+    kept = kept_tokens(probs, 50, 1.0)
+    assert kept.ids.size + kept.tied.size == REAL_VOCAB and kept.tied.size > REAL_VOCAB - 50
+    np.testing.assert_array_equal(kept.dense(), probs)
     top = int(np.argmax(probs))
     picks = {}
     for u in (0.0, 1e-30, 1e-25, 1e-20, 0.5, float(np.nextafter(1.0, 0.0))):
-        picks[u] = draw(ids, kept, u)
+        picks[u] = draw(kept, u)
         assert picks[u] == int(reference.draw(paddle.to_tensor(probs[None]), [u]).numpy()[0])
     # the floor's mass before the top token is ~1e-23 of the row: only uniforms below that land on it
     assert picks[0.0] == picks[1e-30] == 0 < picks[1e-25] < top == picks[1e-20] == picks[0.5]
@@ -537,3 +530,40 @@ def test_logprobs_at_the_real_vocabulary_without_a_full_log_softmax(tokenizer):
         want = np.argsort(-exact[row], kind="stable")[:len(entry.top_logprobs)]
         np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], exact[row, want], atol=3e-6)
         assert [t.token for t in entry.top_logprobs] == [token_names(tokenizer)(int(i))[0] for i in want]
+
+
+@pytest.mark.parametrize("tie", [1e-28, 1e-9, 3e-6])
+def test_draws_over_a_run_of_tied_tokens_sum_like_the_whole_row(tie):
+    """Many tokens at one probability are summed a run at a time (exactly k * tie from zero, nothing once
+    each addition rounds away, else a sequential sum): the same token as the row's float64 cumsum for
+    uniforms on and next to every step."""
+    rng = np.random.default_rng(13)
+    vocab = 20_000
+    probs = np.zeros(vocab, dtype=np.float32)
+    tied = rng.choice(vocab, 15_000, replace=False)
+    probs[tied] = tie
+    others = rng.choice(np.setdiff1d(np.arange(vocab), tied), 40, replace=False)
+    probs[others] = rng.choice([0.3, 0.05, 1e-3, 50 * tie, 4 * tie], 40).astype(np.float32)
+    kept = kept_tokens(probs, 100, 1.0)  # fewer than 100 above the tie: all of it stays
+    assert kept.tied.size == 15_000 and kept.ids.size == 40
+    np.testing.assert_array_equal(kept.dense(), probs)
+    cdf = np.cumsum(probs.astype(np.float64))
+    steps = np.concatenate([np.sort(others), np.sort(tied)[[0, 1, 2, 500, 7000, -1]]])
+    exact = [cdf[i] / cdf[-1] for i in steps]
+    uniforms = [0.0, float(np.nextafter(1.0, 0.0)), *rng.random(40).tolist(), *exact,
+                *[float(np.nextafter(u, 0.0)) for u in exact], *[float(np.nextafter(u, 1.0)) for u in exact]]
+    row = paddle.to_tensor(probs[None])
+    for u in uniforms:
+        if u < 1.0:
+            assert draw(kept, u) == int(reference.draw(row, [u]).numpy()[0]), u
+
+
+def test_top_p_that_crosses_inside_a_tied_run_keeps_its_lowest_ids():
+    probs = np.zeros(30_000, dtype=np.float32)
+    probs[:20_000] = 2e-5  # 0.4 in all
+    probs[25_000] = 0.6
+    kept = kept_tokens(probs, 0, 0.7)  # 0.6, then ties until the float32 sum passes 0.7: ~5,000 of them
+    assert kept.ids.tolist() == [25_000] and 4_000 < kept.tied.size < 6_000
+    assert kept.tied.tolist() == list(range(kept.tied.size))
+    expected = reference._keep_top_p(paddle.to_tensor(probs[None]), [0.7]).numpy()[0]
+    np.testing.assert_array_equal(np.sort(kept.dense()), np.sort(expected))  # the same count, ids std::sort's

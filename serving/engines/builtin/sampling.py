@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -137,8 +138,7 @@ def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None) -> tuple
         row_samplers = [samplers[i] for i in sampling_rows]
         probs = sampling_probs(scores, sampling_rows, row_samplers)
         for i, sampler, row in zip(sampling_rows, row_samplers, probs):
-            ids, kept = kept_tokens(row, sampler.top_k, sampler.top_p)
-            token = draw(ids, kept, sampler.rng.random())
+            token = draw(kept_tokens(row, sampler.top_k, sampler.top_p), sampler.rng.random())
             if token is not None:  # None: no token has mass (NaN logits): the argmax stands
                 chosen[i] = token
     tokens = [int(t) for t in chosen]
@@ -195,45 +195,82 @@ def sampling_probs(scores, rows: Sequence[int], samplers: Sequence[RowSampler]) 
 
 
 NUCLEUS_CANDIDATES = (64, 1024)  # top-p alone: candidates tried before sorting the whole vocabulary
+MANY_TIED = 4096  # more tokens than this at one probability are drawn over as runs, not one by one
 
 
-def kept_tokens(probs: np.ndarray, top_k: int, top_p: float) -> tuple:
-    """(ids in vocabulary order, their probabilities): the tokens with mass that TopKProcess then
-    TopPProcess keep in one row of probabilities; (None, probs) when neither filters.
+@dataclass
+class Kept:
+    """The tokens one row may draw, each with mass: `ids` (ascending) with their probabilities `probs`, and
+    `tied`: more ids (ascending) that all have the probability `tied_prob`. ids None: nothing was filtered,
+    `probs` is the whole row.
 
-    Only candidates are sorted: top-k sorts the tokens at least as likely as its k-th (ties kept); top-p
-    alone sorts the 64, then 1024 most likely and checks that their cumulative sum (float32, in the same
-    order as the full sort, so the same sums) crosses top_p before falling back to the whole vocabulary.
-    Among equally likely tokens the lower id comes first (the full sort left that order to std::sort)."""
+    Paddle's softmax has a floor (its exp clamps at -64): in a cold row (temperature 1e-06, the published
+    default) every token but the top few has one tiny probability, and top-k 50 keeps all ~150k of them
+    (fewer than 50 are above it). They stay one run of equal values: neither sorted nor summed one by one."""
+
+    ids: Optional[np.ndarray]
+    probs: np.ndarray
+    tied: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    tied_prob: float = 0.0
+    size: int = 0  # the vocabulary
+
+    def dense(self) -> np.ndarray:
+        """The row's kept probabilities in place, 0 elsewhere (the form TopKProcess and TopPProcess give)."""
+        if self.ids is None:
+            return self.probs
+        out = np.zeros(self.size, dtype=np.float32)
+        out[self.ids], out[self.tied] = self.probs, self.tied_prob
+        return out
+
+
+def kept_tokens(probs: np.ndarray, top_k: int, top_p: float) -> Kept:
+    """The tokens with mass that TopKProcess then TopPProcess keep in one row of probabilities.
+
+    Only candidates are sorted: top-k sorts the tokens above a bound on its k-th probability; top-p alone
+    sorts the 64, then 1024 most likely and checks that their cumulative sum (float32, in the same order as
+    the full sort, so the same sums) crosses top_p before falling back to the whole vocabulary. Among
+    equally likely tokens the lower id comes first (the full sort left that order to std::sort)."""
     vocab = probs.shape[-1]
     nucleus = top_p < 1.0
     if 0 < top_k < vocab:
-        ids, values, _ = _likeliest(probs, top_k)
-        if ids.size > top_k:  # all at least as likely as the k-th (with fewer, the k-th is 0: all with mass)
+        ids, values, tied, tie, _ = _likeliest(probs, top_k)
+        if ids.size >= top_k:  # the k-th is above the tie: keep what is at least as likely as it
             kept = _at_least_as_large(values, values[top_k - 1])
-            ids, values = ids[:kept], values[:kept]
-        cumulative = np.cumsum(values, dtype=np.float32) if nucleus else None
+            ids, values, tied = ids[:kept], values[:kept], tied[:0]
+        # else the k-th is the tie (all of it stays) or fewer than k tokens have mass (all stay)
+        crossing = _crossing(values, tied.size, tie, top_p) if nucleus else None
     elif nucleus:
         for candidates in (*NUCLEUS_CANDIDATES, vocab):
-            ids, values, whole = _likeliest(probs, candidates)
-            cumulative = np.cumsum(values, dtype=np.float32)
-            if whole or cumulative[-1] > np.float32(top_p):
+            ids, values, tied, tie, whole = _likeliest(probs, candidates)
+            crossing = _crossing(values, tied.size, tie, top_p)
+            if whole or crossing is not None:
                 break
     else:
-        return None, probs
+        return Kept(None, probs, size=vocab)
     if nucleus:
-        beyond = cumulative > np.float32(top_p)
-        if beyond.any():  # the token that crosses top_p stays
-            kept = int(np.argmax(beyond)) + 1
-            ids, values = ids[:kept], values[:kept]
-    return _in_vocabulary_order(ids, probs)
+        if crossing is not None:  # the token that crosses top_p stays
+            if crossing < ids.size:
+                ids, values, tied = ids[:crossing + 1], values[:crossing + 1], tied[:0]
+            else:
+                tied = tied[:crossing + 1 - ids.size]
+    order = np.argsort(ids)
+    return Kept(ids[order], values[order], tied, tie, size=vocab)
 
 
-def draw(ids: Optional[np.ndarray], probs: np.ndarray, uniform: float) -> Optional[int]:
+def draw(kept: Kept, uniform: float) -> Optional[int]:
     """The token whose cumulative probability first passes uniform * total: inverse CDF in vocabulary
-    order, in float64 (a 150k-token vocabulary sums without visible error). ids None: probs is the whole
-    row. Tokens without mass add nothing to a sequential sum, so the kept tokens' sums are the sums the
-    whole row gives at those tokens: the same token for the same uniform. None when nothing has mass."""
+    order, in float64 (a 150k-token vocabulary sums without visible error). Tokens without mass add
+    nothing to a sequential sum, so the kept tokens' sums are the sums the whole row gives at those
+    tokens: the same token for the same uniform. None when nothing has mass."""
+    if kept.ids is None:
+        ids, probs = None, kept.probs
+    elif kept.tied.size > MANY_TIED and kept.ids.size <= MANY_TIED:
+        return _draw_over_runs(kept, uniform)
+    else:
+        ids = np.concatenate([kept.ids, kept.tied])
+        probs = np.concatenate([kept.probs, np.full(kept.tied.size, kept.tied_prob, dtype=np.float32)])
+        order = np.argsort(ids)
+        ids, probs = ids[order], probs[order]
     if probs.size == 0:
         return None
     cdf = np.cumsum(probs, dtype=np.float64)
@@ -241,6 +278,55 @@ def draw(ids: Optional[np.ndarray], probs: np.ndarray, uniform: float) -> Option
     # u * total can round up to the total itself: fall back to the last token that has mass.
     index = min(index, int(np.argmax(cdf)))
     return index if ids is None else int(ids[index])
+
+
+def _draw_over_runs(kept: Kept, uniform: float) -> int:
+    """draw() with many tied tokens: the same float64 sequential sums, a run of ties at a time."""
+    ids, probs, tied, tie = kept.ids, kept.probs, kept.tied, float(kept.tied_prob)
+    bounds = np.concatenate([[0], np.searchsorted(tied, ids), [tied.size]])  # run r comes before ids[r]
+
+    def walk(target):
+        """(total, the first token whose sum passes target or None)."""
+        total = 0.0
+        for r in range(ids.size + 1):
+            start, count = int(bounds[r]), int(bounds[r + 1] - bounds[r])
+            if count:
+                total, within = _tied_run(total, tie, count, target)
+                if within is not None:
+                    return total, int(tied[start + within])
+            if r < ids.size:
+                total += float(probs[r])
+                if target is not None and total > target:
+                    return total, int(ids[r])
+        return total, None
+
+    total, _ = walk(None)
+    target = uniform * total
+    if not target < total:  # u * total rounded up to the total: the first token whose sum reaches it
+        target = float(np.nextafter(total, 0.0))
+    return walk(target)[1]
+
+
+def _tied_run(total: float, tie: float, count: int, target: Optional[float]) -> tuple:
+    """Add `count` tokens of probability `tie` one by one to a float64 sum: (the sum after them, the index
+    in the run of the first whose sum passes target, or None), in O(1) in the two usual cases."""
+    if total + tie == total:  # each addition rounds away (and total <= target, or the walk had stopped)
+        return total, None
+    if total == 0.0:  # k * tie is exact (a float32 needs 24 bits, k < 2**29): the partial sums are k * tie
+        after = count * tie
+        if target is None or after <= target:
+            return after, None
+        index = max(int(target / tie) - 1, 0)
+        while index > 0 and index * tie > target:
+            index -= 1
+        while (index + 1) * tie <= target:
+            index += 1
+        return after, index
+    sums = np.cumsum(np.concatenate([[total], np.full(count, tie)]))[1:]  # sequential, as the row's own sum
+    if target is None:
+        return float(sums[-1]), None
+    index = int(np.searchsorted(sums, target, side="right"))
+    return float(sums[-1]), (index if index < count else None)
 
 
 def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler], tokenizer=None) -> list:
@@ -354,36 +440,35 @@ def _threshold(values: np.ndarray, count: int) -> float:
 
 
 def _likeliest(probs: np.ndarray, count: int) -> tuple:
-    """(ids, probabilities, whole): the tokens with mass among the `count` most likely and every token as
-    likely as those (ties), most likely first, ties by ascending id; whole: these are all the tokens
-    with mass (fewer than `count` have any, or the row was short).
-
-    Only the tokens above the threshold are sorted: those equal to it come last, already in id order.
-    (Paddle's softmax has a floor: its exp clamps at -64, so a cold row has ~150k tokens at one
-    tiny probability, which a top-k keeps when fewer than k tokens are above it.)"""
+    """(ids, probabilities, tied, tie, whole): the tokens with mass among the `count` most likely and every
+    token as likely as those: `ids` above a bound, most likely first (ties by ascending id), then `tied`,
+    the ids (ascending) exactly at the bound `tie`; whole: these are all the tokens with mass (fewer than
+    `count` have any, or the row was short), none tied."""
     threshold = _threshold(probs, count)
-    whole = not threshold > 0  # NaN included
-    if whole:
-        return (*_descending(probs, np.flatnonzero(probs > 0)), True)
-    above, equal = _descending(probs, np.flatnonzero(probs > threshold)), np.flatnonzero(probs == threshold)
-    return (np.concatenate([above[0], equal]),
-            np.concatenate([above[1], np.full(equal.size, threshold, dtype=probs.dtype)]), False)
+    if not threshold > 0:  # NaN included
+        return (*_descending(probs, np.flatnonzero(probs > 0)), np.zeros(0, dtype=np.int64), np.float32(0), True)
+    ids, values = _descending(probs, np.flatnonzero(probs > threshold))
+    return ids, values, np.flatnonzero(probs == threshold), threshold, False
+
+
+def _crossing(values: np.ndarray, tied: int, tie, top_p: float) -> Optional[int]:
+    """The position where the float32 cumulative sum of `values`, then `tied` times `tie`, first exceeds
+    top_p (TopPProcess's sums over the sorted row), or None."""
+    limit = np.float32(top_p)
+    sums = np.cumsum(values, dtype=np.float32)
+    if sums.size and sums[-1] > limit:
+        return int(np.argmax(sums > limit))
+    if tied:
+        start = sums[-1] if sums.size else np.float32(0)
+        run = np.cumsum(np.concatenate([[start], np.full(tied, tie, dtype=np.float32)]), dtype=np.float32)[1:]
+        if run[-1] > limit:
+            return values.size + int(np.argmax(run > limit))
+    return None
 
 
 def _at_least_as_large(descending: np.ndarray, value) -> int:
     """How many of the leading values of a descending array are >= value."""
     return int(np.searchsorted(-descending, -value, side="right"))
-
-
-def _in_vocabulary_order(ids: np.ndarray, probs: np.ndarray) -> tuple:
-    """(ids ascending, their probabilities); many ids (a floor of ties) by a mask rather than a sort."""
-    if ids.size <= 4096:
-        ids = np.sort(ids)
-    else:
-        mask = np.zeros(probs.shape[-1], dtype=bool)
-        mask[ids] = True
-        ids = np.flatnonzero(mask)
-    return ids, probs[ids]
 
 
 def _largest_logits(row: np.ndarray, count: int) -> np.ndarray:
