@@ -385,7 +385,8 @@ def assert_same_filter_and_draws(rng, logits, samplers):
     scores = reference.penalized_logits(logits, samplers)
     np.testing.assert_array_equal(penalized_logits(logits, samplers).numpy(), scores.numpy())
     expected = reference.sampling_probs(scores, samplers).numpy()
-    probs = sampling_probs(scores, range(len(samplers)), samplers)
+    probs = sampling_probs(scores, range(len(samplers)), samplers)  # a device's path (a tensor)
+    np.testing.assert_array_equal(sampling_probs(scores.numpy(), range(len(samplers)), samplers), probs)  # a CPU's
     checked = 0
     for j, sampler in enumerate(samplers):
         kept = kept_tokens(probs[j], sampler.top_k, sampler.top_p)
