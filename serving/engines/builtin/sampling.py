@@ -524,9 +524,13 @@ def _shared_with_paddle(array: np.ndarray):
 
 
 def _host_rows(logits, rows: Sequence[int]) -> np.ndarray:
-    """float32 numpy [len(rows), V]: those rows of the logits, only they leaving the device."""
+    """float32 numpy [len(rows), V]: those rows of the logits (a CPU's float32 logits without a copy;
+    from a device, only those rows travel)."""
     import paddle
 
+    if logits.place.is_cpu_place() and logits.dtype == paddle.float32:
+        shared = _shared_with_numpy(logits)
+        return shared if len(rows) == shared.shape[0] else shared[list(rows)]
     if len(rows) != logits.shape[0]:
         logits = paddle.gather(logits, paddle.to_tensor(list(rows), dtype="int64"), axis=0)
     return logits.astype("float32").numpy()
