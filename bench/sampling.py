@@ -10,10 +10,10 @@ each row with a 300-token prompt and a few answer tokens seen (what the repetiti
 the settings that matter: greedy, the published checkpoint's defaults (do_sample, temperature 1e-06,
 repetition_penalty 1.05, top_k 50 filled in by PaddleFormers, top_p 1.0), top_p 0.8 at temperature 0.7,
 top_k 1 with top_p 0.001 at temperature 0.1 and repetition_penalty 1.05, and greedy with logprobs and
-5 top_logprobs. Old and new alternate; each figure is the median of the repetitions (the old logprobs, ~30 s a call, once). The share is of a
-decoding step of the 3B model on this CPU (~1.3 s at batch 1 in float32, --step-ms), used for 8 rows too
-(a step of 8 rows takes at least as long). Token names come from a stand-in tokenizer (one piece per id):
-the maths is what is measured.
+5 top_logprobs. Old and new alternate; each figure is the median of the repetitions (the old logprobs,
+~30 s a call, are timed once). The share is of a decoding step of the 3B model on this CPU (~1.3 s at
+batch 1 in float32, --step-ms), used for 8 rows too (a step of 8 rows takes at least as long). Token
+names come from a stand-in tokenizer (one piece per id): the maths is what is measured.
 """
 
 from __future__ import annotations

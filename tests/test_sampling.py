@@ -568,3 +568,39 @@ def test_top_p_that_crosses_inside_a_tied_run_keeps_its_lowest_ids():
     assert kept.tied.tolist() == list(range(kept.tied.size))
     expected = reference._keep_top_p(paddle.to_tensor(probs[None]), [0.7]).numpy()[0]
     np.testing.assert_array_equal(np.sort(kept.dense()), np.sort(expected))  # the same count, ids std::sort's
+
+
+def test_realistic_rows_sort_only_candidates_at_the_real_vocabulary(monkeypatch):
+    """The settings that matter (the published defaults, top_p 0.8, top_k 1 with top_p 0.001, logprobs)
+    sort at most a few hundred tokens per row on logits ~ N(0, 3), never the 151,936."""
+    from serving.engines.builtin import sampling
+
+    sorted_sizes = []
+    descending = sampling._descending
+    monkeypatch.setattr(sampling, "_descending", lambda values, ids: (sorted_sizes.append(ids.size),
+                                                                     descending(values, ids))[1])
+    rng = np.random.default_rng(14)
+    defaults = {"do_sample": True, "temperature": 1e-06, "repetition_penalty": 1.05, "top_k": 50, "top_p": 1.0}
+    samplers = [RowSampler(params(), defaults, [1, 2, 3]),
+                RowSampler(params(temperature=0.7, top_p=0.8, seed=1), {}, []),
+                RowSampler(params(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=1.05, seed=2), {}, [4]),
+                RowSampler(params(temperature=0, logprobs=True, top_logprobs=5), {}, [])]
+    assert samplers[0].temperature == 1e-06 and samplers[0].top_k == 50 and not samplers[0].greedy
+    logits = random_logits(rng, len(samplers), vocab=REAL_VOCAB, scale=3.0)
+
+    tokens, logprobs = next_tokens(logits, samplers, token_names_stand_in())
+
+    top = np.argmax(logits.numpy(), axis=-1)
+    assert tokens[0] == top[0] and tokens[3] == top[3]  # temperature 1e-06 is greedy in all but name
+    assert logprobs[3] is not None and len(logprobs[3].top_logprobs) == 5
+    assert sorted_sizes and max(sorted_sizes) <= 1024, sorted_sizes
+
+
+def token_names_stand_in():
+    class Pieces:  # one byte-level piece per id: enough for TokenNames
+        added_tokens_decoder: dict = {}
+
+        def convert_ids_to_tokens(self, token_id):
+            return "a"
+
+    return Pieces()
