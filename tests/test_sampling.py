@@ -12,7 +12,8 @@ from serving.jobs import SamplingParams, TokenLogprob
 from serving.model.loader import load_model
 from bench import sampling_reference as reference
 from serving.engines.builtin.sampling import (RowSampler, draw, generation_defaults, kept_tokens, next_tokens,
-                                              penalized_logits, sampling_probs, token_logprobs, token_names)
+                                              penalized_logits, penalized_on_host, sampling_probs, token_logprobs,
+                                              token_names)
 
 VOCAB = 3000
 
@@ -70,14 +71,36 @@ def test_greedy_is_the_argmax_of_generates_processors(loaded):
         samplers.append(sampler)
 
     tokens, logprobs = next_tokens(logits, samplers)
+    on_host = penalized_on_host(logits, samplers)
 
     for i, penalty in enumerate(penalties):
         input_ids = paddle.to_tensor([prompts[i] + answers[i]], dtype="int64")
         processed = generate_processors(loaded.model, penalty)(input_ids, logits[i:i + 1])
         assert tokens[i] == int(paddle.argmax(processed, axis=-1))
+        np.testing.assert_array_equal(on_host[i], processed.numpy()[0])  # bit for bit
     assert logprobs == [None] * len(penalties)
     changed = [tokens[i] != int(np.argmax(raw[i])) for i in range(len(penalties))]
     assert any(changed) and not all(changed)  # the penalty really decided some rows, and not others
+
+
+def test_the_repetition_penalty_on_a_cpu_equals_generates_bit_for_bit(loaded):
+    """generate divides by the penalty as a Python number (IEEE division, as numpy's); Paddle's CPU
+    division of two same-shape tensors, which the engine's Paddle path used, is 1 ulp off on ~0.5% of
+    values. The CPU path (numpy) gives generate's values exactly."""
+    rng = np.random.default_rng(15)
+    penalties = [1.05, 0.9, 1.3, 1.2]
+    logits = random_logits(rng, len(penalties))
+    prompts = [rng.integers(0, VOCAB, 1500).tolist() for _ in penalties]
+    samplers = [RowSampler(params(temperature=0, repetition_penalty=p), {}, ids) for p, ids in zip(penalties, prompts)]
+
+    on_host = penalized_on_host(logits, samplers)
+    through_paddle = penalized_logits(logits, samplers).numpy()
+
+    for i, penalty in enumerate(penalties):
+        processed = generate_processors(loaded.model, penalty)(paddle.to_tensor([prompts[i]]), logits[i:i + 1])
+        np.testing.assert_array_equal(on_host[i], processed.numpy()[0])
+    np.testing.assert_array_max_ulp(through_paddle, on_host, maxulp=1)
+    assert 0 < np.count_nonzero(through_paddle != on_host) < 0.02 * sum(len(set(p)) for p in prompts)
 
 
 def test_half_precision_repetition_penalty_rounds_like_generate():
@@ -216,6 +239,7 @@ def test_presence_and_frequency_penalties_touch_only_answer_tokens_by_their_amou
         with_repetition.accept(token)
 
     out = penalized_logits(logits, [plain, with_repetition]).numpy()
+    np.testing.assert_array_equal(penalized_on_host(logits, [plain, with_repetition]), out)
 
     delta = out[0] - raw[0]
     for token, count in counts.items():
@@ -384,6 +408,8 @@ def boundary_uniforms(rng, kept) -> list:
 def assert_same_filter_and_draws(rng, logits, samplers):
     scores = reference.penalized_logits(logits, samplers)
     np.testing.assert_array_equal(penalized_logits(logits, samplers).numpy(), scores.numpy())
+    if logits.dtype == paddle.float32:  # a CPU's path: IEEE division, as generate's (see the next test)
+        np.testing.assert_array_max_ulp(penalized_on_host(logits, samplers), scores.numpy(), maxulp=1)
     expected = reference.sampling_probs(scores, samplers).numpy()
     probs = sampling_probs(scores, range(len(samplers)), samplers)  # a device's path (a tensor)
     np.testing.assert_array_equal(sampling_probs(scores.numpy(), range(len(samplers)), samplers), probs)  # a CPU's
