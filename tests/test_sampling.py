@@ -1,4 +1,6 @@
-"""serving.engines.builtin.sampling picks what PaddleFormers' generate would, row by row, with per-row settings and seeds."""
+"""serving.engines.builtin.sampling picks what PaddleFormers' generate would, row by row, with per-row settings and
+seeds, and the same tokens for the same seeds as the full-vocabulary code it replaced (bench/sampling_reference.py)
+while sorting only candidates at the real vocabulary."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from paddleformers.generation.logits_process import TopKProcess, TopPProcess
 from serving.jobs import SamplingParams, TokenLogprob
 from serving.model.loader import load_model
 from bench import sampling_reference as reference
-from serving.engines.builtin.sampling import (RowSampler, draw, generation_defaults, kept_tokens, next_tokens,
-                                              penalized_logits, penalized_on_host, sampling_probs, token_logprobs,
-                                              token_names)
+from serving.engines.builtin.sampling import (RowSampler, draw, generation_defaults, greedy_picks, kept_tokens,
+                                              next_tokens, penalized_logits, penalized_on_host, sampling_probs,
+                                              token_logprobs, token_names)
 
 VOCAB = 3000
 
@@ -79,6 +81,7 @@ def test_greedy_is_the_argmax_of_generates_processors(loaded):
         assert tokens[i] == int(paddle.argmax(processed, axis=-1))
         np.testing.assert_array_equal(on_host[i], processed.numpy()[0])  # bit for bit
     assert logprobs == [None] * len(penalties)
+    assert greedy_picks(penalized_logits(logits, samplers)).tolist() == tokens  # a device's path: a tensor
     changed = [tokens[i] != int(np.argmax(raw[i])) for i in range(len(penalties))]
     assert any(changed) and not all(changed)  # the penalty really decided some rows, and not others
 
