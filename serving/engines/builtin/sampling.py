@@ -221,9 +221,9 @@ def greedy_picks(scores) -> np.ndarray:
 
 def sampling_probs(scores, rows: Sequence[int], samplers: Sequence[RowSampler]) -> np.ndarray:
     """float32 numpy [S, V]: softmax(scores[rows] / temperature), by Paddle's own softmax kernel (the
-    probabilities generate computes, bit for bit). scores: numpy on a CPU (numpy divides as Paddle does,
-    IEEE float32, at a fifth of the cost at 8 rows), else a tensor on its device (the S rows of
-    probabilities are then copied to the host, ~0.6 MB each at 151,936 tokens)."""
+    probabilities generate computes, bit for bit). scores: numpy on a CPU (numpy divides as generate's
+    `logits / temperature` does, IEEE float32, at a fifth of Paddle's cost at 8 rows), else a tensor on
+    its device (the S rows of probabilities are then copied to the host, ~0.6 MB each at 151,936 tokens)."""
     import paddle
     import paddle.nn.functional as F
 
