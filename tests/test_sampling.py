@@ -447,14 +447,20 @@ def test_filters_and_draws_equal_the_full_sort_for_the_same_uniforms(dtype):
     assert checked >= (0.9 if dtype == "float32" else 0.6) * 9 * len(EQUALITY_CASES)
 
 
-def test_at_the_real_vocabulary_filters_and_draws_equal_the_full_sort():
+def test_at_the_real_vocabulary_filters_and_draws_equal_the_full_sort(monkeypatch):
+    from serving.engines.builtin import sampling
+
+    tried = set()
+    likeliest = sampling._likeliest
+    monkeypatch.setattr(sampling, "_likeliest", lambda probs, count: (tried.add(count), likeliest(probs, count))[1])
     rng = np.random.default_rng(8)
-    cases = [c for c in EQUALITY_CASES if c[1] != 3000]
+    cases = [c for c in EQUALITY_CASES if c[1] != 3000] + [(1.0, 0, 0.85, 1.0, 0.0, 0.0)]  # a nucleus of thousands
     logits = paddle.to_tensor(np.concatenate([
         (rng.standard_normal((len(cases), REAL_VOCAB)) * 3.0).astype(np.float32),
         (rng.standard_normal((2, REAL_VOCAB)) * 0.5).astype(np.float32)]))  # flat rows: candidates grow to the full sort
     cases = cases + [(1.0, 0, 0.9, 1.0, 0.0, 0.0), (0.8, 0, 0.5, 1.05, 0.0, 0.0)]
     assert assert_same_filter_and_draws(rng, logits, equality_samplers(rng, REAL_VOCAB, cases)) == len(cases)
+    assert {*sampling.NUCLEUS_CANDIDATES, REAL_VOCAB} <= tried  # every size of candidates, and the full sort
 
 
 def test_next_tokens_equal_the_full_sort_over_many_seeds():

@@ -242,7 +242,7 @@ def sampling_probs(scores, rows: Sequence[int], samplers: Sequence[RowSampler]) 
     return F.softmax(scores, axis=-1).numpy()
 
 
-NUCLEUS_CANDIDATES = (64, 1024)  # top-p alone: candidates tried before sorting the whole vocabulary
+NUCLEUS_CANDIDATES = (64, 1024, 8192)  # top-p alone: candidates tried before sorting the whole vocabulary
 MANY_TIED = 4096  # more tokens than this at one probability are drawn over as runs, not one by one
 
 
@@ -275,9 +275,10 @@ def kept_tokens(probs: np.ndarray, top_k: int, top_p: float) -> Kept:
     """The tokens with mass that TopKProcess then TopPProcess keep in one row of probabilities.
 
     Only candidates are sorted: top-k sorts the tokens above a bound on its k-th probability; top-p alone
-    sorts the 64, then 1024 most likely and checks that their cumulative sum (float32, in the same order as
-    the full sort, so the same sums) crosses top_p before falling back to the whole vocabulary. Among
-    equally likely tokens the lower id comes first (the full sort left that order to std::sort)."""
+    sorts the 64, then 1,024, then 8,192 most likely and checks that their cumulative sum (float32, in
+    the same order as the full sort, so the same sums) crosses top_p before falling back to the whole
+    vocabulary. Among equally likely tokens the lower id comes first (the full sort left that order to
+    std::sort)."""
     vocab = probs.shape[-1]
     nucleus = top_p < 1.0
     if 0 < top_k < vocab:
@@ -474,11 +475,12 @@ def _threshold(values: np.ndarray, count: int) -> float:
     """A value that at least `count` of the row's values reach, close to the count-th largest, found in
     one pass instead of a sort; -inf when the row is too short for that to save anything.
 
-    The row is cut into disjoint groups (group j: values j, j + groups, ...), at least 4 * count of
-    them: the count-th largest of their maxima is reached by at least those `count` maxima."""
+    The row is cut into disjoint groups (group j: values j, j + groups, ...), 4 * count of them where
+    the row allows (at least 8 values each, at least 2 * count groups): the count-th largest of their
+    maxima is reached by at least those `count` maxima."""
     size = values.shape[-1]
-    groups = max(4 * count, 256)
-    if groups * 8 > size:
+    groups = min(max(4 * count, 256), size // 8)
+    if groups < 2 * count:
         return -np.inf
     whole = size - size % groups
     maxima = values[:whole].reshape(-1, groups).max(axis=0)
