@@ -252,8 +252,9 @@ class Kept:
     `tied`: more ids (ascending) that all have the probability `tied_prob`. ids None: nothing was filtered,
     `probs` is the whole row.
 
-    Paddle's softmax has a floor (its exp clamps at -64): in a cold row (temperature 1e-06, the published
-    default) every token but the top few has one tiny probability, and top-k 50 keeps all ~150k of them
+    Paddle's CPU softmax has a floor (its exp clamps at -64, -inf included: a logit masked with -inf
+    keeps ~1e-28 of probability): in a cold row (temperature 1e-06, the published default) every token
+    but the top few has that one tiny probability, and top-k 50 keeps all ~150k of them
     (fewer than 50 are above it). They stay one run of equal values: neither sorted nor summed one by one."""
 
     ids: Optional[np.ndarray]
