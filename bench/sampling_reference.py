@@ -3,7 +3,9 @@ as the reference the new code is proven against (tests/test_sampling.py) and tim
 (python -m bench.sampling). Not used by the server.
 
 Every step runs as Paddle ops over whole [rows, vocabulary] tensors: softmax, top-k by a threshold,
-top-p by a full argsort per row, and the draw by a float64 cumulative sum over the vocabulary.
+top-p by a full argsort per row, the draw by a float64 cumulative sum over the vocabulary, logprobs by a
+log_softmax per row. (Its repetition penalty divides two same-shape tensors, which Paddle's CPU kernel
+does 1 ulp off IEEE division on ~0.5% of values; generate, and the new code on a CPU, divide exactly.)
 """
 
 from __future__ import annotations
