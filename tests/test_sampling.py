@@ -400,15 +400,15 @@ def straddled_tie(probs, reference_row, top_p) -> bool:
     return np.count_nonzero(probs == values[int(np.argmax(crossing))]) > 1
 
 
-def boundary_uniforms(rng, kept) -> list:
+def boundary_uniforms(rng, kept, count) -> list:
     """Random uniforms plus those that land exactly on the cumulative sums' steps (and 0 and the largest)."""
     cdf = np.cumsum(kept.astype(np.float64))
-    steps = np.flatnonzero(kept)[:50]
+    steps = np.flatnonzero(kept)[:count]
     exact = [cdf[i] / cdf[-1] for i in steps] + [np.nextafter(cdf[i] / cdf[-1], 0) for i in steps]
-    return [0.0, float(np.nextafter(1.0, 0.0)), *rng.random(30).tolist(), *[float(u) for u in exact if u < 1.0]]
+    return [0.0, float(np.nextafter(1.0, 0.0)), *rng.random(count).tolist(), *[float(u) for u in exact if u < 1.0]]
 
 
-def assert_same_filter_and_draws(rng, logits, samplers):
+def assert_same_filter_and_draws(rng, logits, samplers, uniforms=30):
     scores = reference.penalized_logits(logits, samplers)
     np.testing.assert_array_equal(penalized_logits(logits, samplers).numpy(), scores.numpy())
     if logits.dtype == paddle.float32:  # a CPU's path: IEEE division, as generate's (see the next test)
@@ -428,7 +428,7 @@ def assert_same_filter_and_draws(rng, logits, samplers):
             np.testing.assert_array_equal(np.sort(dense), np.sort(expected[j]))
             continue
         np.testing.assert_array_equal(dense, expected[j])
-        for u in boundary_uniforms(rng, expected[j]):
+        for u in boundary_uniforms(rng, expected[j], uniforms):
             want = int(reference.draw(paddle.to_tensor(expected[j:j + 1]), [u]).numpy()[0])
             assert draw(kept, u) == want, (j, u)
         checked += 1
@@ -459,7 +459,7 @@ def test_at_the_real_vocabulary_filters_and_draws_equal_the_full_sort(monkeypatc
         (rng.standard_normal((len(cases), REAL_VOCAB)) * 3.0).astype(np.float32),
         (rng.standard_normal((2, REAL_VOCAB)) * 0.5).astype(np.float32)]))  # flat rows: candidates grow to the full sort
     cases = cases + [(1.0, 0, 0.9, 1.0, 0.0, 0.0), (0.8, 0, 0.5, 1.05, 0.0, 0.0)]
-    assert assert_same_filter_and_draws(rng, logits, equality_samplers(rng, REAL_VOCAB, cases)) == len(cases)
+    assert assert_same_filter_and_draws(rng, logits, equality_samplers(rng, REAL_VOCAB, cases), uniforms=8) == len(cases)
     assert {*sampling.NUCLEUS_CANDIDATES, REAL_VOCAB} <= tried  # every size of candidates, and the full sort
 
 
