@@ -1,9 +1,10 @@
 """The next token of every row in a decoding batch, each row with its own sampling settings.
 
 A continuous-batching loop gets logits [B, V] from one forward pass, one row per running request.
-`next_tokens` turns them into one token per row in a single vectorised pass on the logits' device;
-only per-row values (settings, the tokens already seen, one uniform draw) go to the device and only
-the B chosen tokens (and the logprobs asked for) come back.
+`next_tokens` turns them into one token per row. The penalties (on the seen tokens only), the
+temperature and the softmax are Paddle ops on the logits' device, so the probabilities are the ones
+generate computes there, bit for bit; what follows works on host numpy rows (a CPU's own memory; on
+a GPU each sampling row's probabilities are copied over, and greedy rows send only their argmax).
 
 The maths is PaddleFormers 1.2.0's `generate`, row by row, so an answer does not depend on which
 path (this loop or `model.generate`) produced it:
@@ -23,14 +24,24 @@ path (this loop or `model.generate`) produced it:
     from the row's own numpy Generator, so a seeded row gives the same tokens whatever its
     companions and its position in the batch. Greedy rows draw nothing.
 
+At Qwen's 151,936 tokens none of this sorts the vocabulary when it need not (a full sort per row was
+~30 ms; python -m bench.sampling): top-k and top-p sort only candidates bounded in one pass, top_k 1
+is the argmax (with its ties), and the draw sums only the kept tokens, in vocabulary order, which
+gives the same float64 sums at those tokens as the whole row did: the same token for the same
+uniform as the full-vocabulary code (bench/sampling_reference.py, proven in tests/test_sampling.py).
+
 Logprobs are vLLM's default "raw logprobs": log_softmax of the model's logits before any penalty,
-temperature or filtering, i.e. what the model thinks, not the distribution that was sampled.
+temperature or filtering, i.e. what the model thinks, not the distribution that was sampled; computed
+as one log-sum-exp per row and the largest logits asked for, never a log_softmax tensor (Paddle 3.3.1's
+CPU log_softmax grows with the square of the row here: 9 ms at 3,000 tokens, 0.6 s at 20,000, 32 s
+at 151,936).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -138,18 +149,30 @@ def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None, adjust=N
     import paddle
 
     _check_batch(logits, samplers)
-    scores = penalized_logits(logits, samplers)
-    if adjust is not None and any(fn is not None for fn in adjust):
-        scores = adjusted_scores(scores, adjust)
-    chosen = paddle.argmax(scores, axis=-1)  # the greedy pick of every row; sampling rows replace theirs
+    if logits.place.is_cpu_place() and logits.dtype == paddle.float32:
+        scores = penalized_on_host(logits, samplers)  # numpy from here on
+    else:
+        scores = penalized_logits(logits, samplers)
+        if scores.place.is_cpu_place():
+            scores = _shared_with_numpy(scores)
+    adjusted = [i for i, fn in enumerate(adjust or ()) if fn is not None]
+    if adjusted:
+        scores = adjusted_scores(scores, adjust, adjusted)
+    chosen = greedy_picks(scores)  # the argmax of every row; sampling rows replace theirs
     sampling_rows = [i for i, sampler in enumerate(samplers) if not sampler.greedy]
     if sampling_rows:
-        rows = paddle.to_tensor(sampling_rows, dtype="int64")
         row_samplers = [samplers[i] for i in sampling_rows]
-        probs = sampling_probs(paddle.gather(scores, rows, axis=0), row_samplers)
-        uniforms = [sampler.rng.random() for sampler in row_samplers]
-        chosen = paddle.scatter(chosen, rows, draw(probs, uniforms))
-    tokens = [int(t) for t in chosen.numpy().reshape(-1)]
+        probs = sampling_probs(scores, sampling_rows, row_samplers)
+        if adjusted and not probs.flags.writeable:
+            probs = probs.copy()
+        for j, i in enumerate(sampling_rows):
+            if i in adjusted:  # a masked token has no probability at all (Paddle's CPU softmax leaves ~1e-28)
+                probs[j][np.isneginf(_row_of(scores, i))] = 0.0
+        for i, sampler, row in zip(sampling_rows, row_samplers, probs):
+            token = draw(kept_tokens(row, sampler.top_k, sampler.top_p), sampler.rng.random())
+            if token is not None:  # None: no token has mass (NaN logits): the argmax stands
+                chosen[i] = token
+    tokens = [int(t) for t in chosen]
     return tokens, token_logprobs(logits, tokens, samplers, tokenizer)
 
 
@@ -179,57 +202,224 @@ def penalized_logits(logits, samplers: Sequence[RowSampler]):
     return flat.reshape([batch, vocab])
 
 
-def adjusted_scores(scores, adjust):
-    """float32 [B, V]: the rows with a callable in `adjust` replaced by what it returns for them (see next_tokens)."""
+def penalized_on_host(logits, samplers: Sequence[RowSampler]) -> np.ndarray:
+    """penalized_logits for a CPU's float32 logits, in numpy, on the seen tokens only: generate's values
+    bit for bit (it divides by the penalty as a Python number: IEEE division, as numpy's; Paddle's CPU
+    division of two same-shape tensors is 1 ulp off on ~0.5% of values), without Paddle's per-op cost
+    (on a busy 2-core machine a multi-threaded op can wait milliseconds for its second thread). A copy
+    when a penalty applies, else the logits' own memory, read-only."""
+    scores = _shared_with_numpy(logits)
+    if not any(s.penalizes_repetition or s.penalizes_answer_tokens for s in samplers):
+        return scores
+    scores = np.array(scores, dtype=np.float32, order="C")
+    for row, sampler in zip(scores, samplers):
+        if sampler.penalizes_repetition:
+            ids = sampler.seen_ids()
+            score, penalty = row[ids], np.float32(sampler.repetition_penalty)
+            row[ids] = np.where(score < 0, score * penalty, score / penalty)
+        if sampler.penalizes_answer_tokens:
+            ids, amounts = sampler.answer_penalties()
+            row[ids] -= amounts
+    return scores
+
+
+def adjusted_scores(scores, adjust, rows: Sequence[int]):
+    """scores with rows[j] replaced by adjust[rows[j]](its float32 numpy row) (see next_tokens): numpy
+    scores (a CPU's) are copied first (they may be the logits' own read-only memory); a device tensor
+    sends only those rows to the host and back."""
+    if isinstance(scores, np.ndarray):
+        scores = np.array(scores, dtype=np.float32, order="C")
+        for i in rows:
+            scores[i] = np.asarray(adjust[i](scores[i].copy()), dtype=np.float32)
+        return scores
     import paddle
 
-    rows = [i for i, fn in enumerate(adjust) if fn is not None]
-    index = paddle.to_tensor(rows, dtype="int64")
+    index = paddle.to_tensor(list(rows), dtype="int64")
     part = paddle.gather(scores, index, axis=0).numpy().copy()
     changed = np.stack([np.asarray(adjust[i](part[j]), dtype=np.float32) for j, i in enumerate(rows)])
     return paddle.scatter(scores, index, paddle.to_tensor(changed))
 
 
-def sampling_probs(scores, samplers: Sequence[RowSampler]):
-    """float32 [S, V]: the probabilities each sampling row draws from, after temperature, top-k and
-    top-p; filtered tokens are 0 and the rows are not renormalised (the draw scales by each row's sum,
-    as paddle.multinomial does in generate)."""
+def _row_of(scores, i: int) -> np.ndarray:
+    return scores[i] if isinstance(scores, np.ndarray) else scores[i].numpy()
+
+
+def greedy_picks(scores) -> np.ndarray:
+    """int64 [B]: each row's first most likely token, of numpy scores (a CPU's) or of a device tensor
+    (only the B ids leave the device)."""
+    if isinstance(scores, np.ndarray):
+        return np.argmax(scores, axis=-1).astype(np.int64)
+    import paddle
+
+    return paddle.argmax(scores, axis=-1).numpy().reshape(-1).astype(np.int64)
+
+
+def sampling_probs(scores, rows: Sequence[int], samplers: Sequence[RowSampler]) -> np.ndarray:
+    """float32 numpy [S, V]: softmax(scores[rows] / temperature), by Paddle's own softmax kernel (the
+    probabilities generate computes, bit for bit). scores: numpy on a CPU (numpy divides as generate's
+    `logits / temperature` does, IEEE float32, at a fifth of Paddle's cost at 8 rows), else a tensor on
+    its device (the S rows of probabilities are then copied to the host, ~0.6 MB each at 151,936 tokens)."""
     import paddle
     import paddle.nn.functional as F
 
     temperature = np.array([[s.temperature] for s in samplers], dtype=np.float32)
-    probs = F.softmax(scores / paddle.to_tensor(temperature), axis=-1)
-    if any(s.top_k for s in samplers):
-        probs = _keep_top_k(probs, [s.top_k for s in samplers])
-    nucleus_rows = [j for j, s in enumerate(samplers) if s.top_p < 1.0]
-    if len(nucleus_rows) == len(samplers):
-        probs = _keep_top_p(probs, [s.top_p for s in samplers])
-    elif nucleus_rows:  # sorting the vocabulary is the costly part: only for the rows that need it
-        index = paddle.to_tensor(nucleus_rows, dtype="int64")
-        kept = _keep_top_p(paddle.gather(probs, index, axis=0), [samplers[j].top_p for j in nucleus_rows])
-        probs = paddle.scatter(probs, index, kept)
-    return probs
+    scaled = np.any(temperature != 1.0)  # x / 1 is x: one pass over the rows saved
+    if isinstance(scores, np.ndarray):
+        if len(rows) != scores.shape[0]:
+            scores = scores[list(rows)]
+        if scaled:
+            scores = scores / temperature
+        return _shared_with_numpy(F.softmax(_shared_with_paddle(scores), axis=-1))
+    if len(rows) != scores.shape[0]:
+        scores = paddle.gather(scores, paddle.to_tensor(list(rows), dtype="int64"), axis=0)
+    if scaled:
+        scores = scores / paddle.to_tensor(temperature)
+    return F.softmax(scores, axis=-1).numpy()
 
 
-def draw(probs, uniforms: Sequence[float]):
-    """int64 [S]: row i's token is the first whose cumulative probability passes uniforms[i] of the
-    row's total (inverse CDF, in float64 so a 150k-token vocabulary sums without visible error)."""
-    import paddle
+NUCLEUS_CANDIDATES = (64, 1024, 8192)  # top-p alone: candidates tried before sorting the whole vocabulary
+MANY_TIED = 4096  # more tokens than this at one probability are drawn over as runs, not one by one
 
-    cdf = paddle.cumsum(probs.astype("float64"), axis=-1)
-    target = paddle.to_tensor(np.asarray(uniforms, dtype=np.float64).reshape(-1, 1)) * cdf[:, -1:]
-    index = paddle.searchsorted(cdf, target, right=True).reshape([-1])
+
+@dataclass
+class Kept:
+    """The tokens one row may draw, each with mass: `ids` (ascending) with their probabilities `probs`, and
+    `tied`: more ids (ascending) that all have the probability `tied_prob`. ids None: nothing was filtered,
+    `probs` is the whole row.
+
+    Paddle's CPU softmax has a floor (its exp clamps at -64, -inf included: a logit masked with -inf
+    keeps ~1e-28 of probability): in a cold row (temperature 1e-06, the published default) every token
+    but the top few has that one tiny probability, and top-k 50 keeps all ~150k of them
+    (fewer than 50 are above it). They stay one run of equal values: neither sorted nor summed one by one."""
+
+    ids: Optional[np.ndarray]
+    probs: np.ndarray
+    tied: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    tied_prob: float = 0.0
+    size: int = 0  # the vocabulary
+
+    def dense(self) -> np.ndarray:
+        """The row's kept probabilities in place, 0 elsewhere (the form TopKProcess and TopPProcess give)."""
+        if self.ids is None:
+            return self.probs
+        out = np.zeros(self.size, dtype=np.float32)
+        out[self.ids], out[self.tied] = self.probs, self.tied_prob
+        return out
+
+
+def kept_tokens(probs: np.ndarray, top_k: int, top_p: float) -> Kept:
+    """The tokens with mass that TopKProcess then TopPProcess keep in one row of probabilities.
+
+    Only candidates are sorted: top-k sorts the tokens above a bound on its k-th probability; top-p alone
+    sorts the 64, then 1,024, then 8,192 most likely and checks that their cumulative sum (float32, in
+    the same order as the full sort, so the same sums) crosses top_p before falling back to the whole
+    vocabulary. Among equally likely tokens the lower id comes first (the full sort left that order to
+    std::sort)."""
+    vocab = probs.shape[-1]
+    nucleus = top_p < 1.0
+    if 0 < top_k < vocab:
+        ids, values, tied, tie, _ = _likeliest(probs, top_k)
+        if ids.size >= top_k:  # the k-th is above the tie: keep what is at least as likely as it
+            kept = _at_least_as_large(values, values[top_k - 1])
+            ids, values, tied = ids[:kept], values[:kept], tied[:0]
+        # else the k-th is the tie (all of it stays) or fewer than k tokens have mass (all stay)
+        crossing = _crossing(values, tied.size, tie, top_p) if nucleus else None
+    elif nucleus:
+        for candidates in (*NUCLEUS_CANDIDATES, vocab):
+            ids, values, tied, tie, whole = _likeliest(probs, candidates)
+            crossing = _crossing(values, tied.size, tie, top_p)
+            if whole or crossing is not None:
+                break
+    else:
+        return Kept(None, probs, size=vocab)
+    if nucleus:
+        if crossing is not None:  # the token that crosses top_p stays
+            if crossing < ids.size:
+                ids, values, tied = ids[:crossing + 1], values[:crossing + 1], tied[:0]
+            else:
+                tied = tied[:crossing + 1 - ids.size]
+    order = np.argsort(ids)
+    return Kept(ids[order], values[order], tied, tie, size=vocab)
+
+
+def draw(kept: Kept, uniform: float) -> Optional[int]:
+    """The token whose cumulative probability first passes uniform * total: inverse CDF in vocabulary
+    order, in float64 (a 150k-token vocabulary sums without visible error). Tokens without mass add
+    nothing to a sequential sum, so the kept tokens' sums are the sums the whole row gives at those
+    tokens: the same token for the same uniform. None when nothing has mass."""
+    if kept.ids is None:
+        ids, probs = None, kept.probs
+    elif kept.tied.size > MANY_TIED and kept.ids.size <= MANY_TIED:
+        return _draw_over_runs(kept, uniform)
+    else:
+        ids = np.concatenate([kept.ids, kept.tied])
+        probs = np.concatenate([kept.probs, np.full(kept.tied.size, kept.tied_prob, dtype=np.float32)])
+        order = np.argsort(ids)
+        ids, probs = ids[order], probs[order]
+    if probs.size == 0:
+        return None
+    cdf = np.cumsum(probs, dtype=np.float64)
+    index = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
     # u * total can round up to the total itself: fall back to the last token that has mass.
-    last_with_mass = paddle.argmax(cdf, axis=-1)
-    return paddle.minimum(index, last_with_mass)
+    index = min(index, int(np.argmax(cdf)))
+    return index if ids is None else int(ids[index])
+
+
+def _draw_over_runs(kept: Kept, uniform: float) -> int:
+    """draw() with many tied tokens: the same float64 sequential sums, a run of ties at a time."""
+    ids, probs, tied, tie = kept.ids, kept.probs, kept.tied, float(kept.tied_prob)
+    bounds = np.concatenate([[0], np.searchsorted(tied, ids), [tied.size]])  # run r comes before ids[r]
+
+    def walk(target):
+        """(total, the first token whose sum passes target or None)."""
+        total = 0.0
+        for r in range(ids.size + 1):
+            start, count = int(bounds[r]), int(bounds[r + 1] - bounds[r])
+            if count:
+                total, within = _tied_run(total, tie, count, target)
+                if within is not None:
+                    return total, int(tied[start + within])
+            if r < ids.size:
+                total += float(probs[r])
+                if target is not None and total > target:
+                    return total, int(ids[r])
+        return total, None
+
+    total, _ = walk(None)
+    target = uniform * total
+    if not target < total:  # u * total rounded up to the total: the first token whose sum reaches it
+        target = float(np.nextafter(total, 0.0))
+    return walk(target)[1]
+
+
+def _tied_run(total: float, tie: float, count: int, target: Optional[float]) -> tuple:
+    """Add `count` tokens of probability `tie` one by one to a float64 sum: (the sum after them, the index
+    in the run of the first whose sum passes target, or None), in O(1) in the two usual cases."""
+    if total + tie == total:  # each addition rounds away (and total <= target, or the walk had stopped)
+        return total, None
+    if total == 0.0:  # k * tie is exact (a float32 needs 24 bits, k < 2**29): the partial sums are k * tie
+        after = count * tie
+        if target is None or after <= target:
+            return after, None
+        index = max(int(target / tie) - 1, 0)
+        while index > 0 and index * tie > target:
+            index -= 1
+        while (index + 1) * tie <= target:
+            index += 1
+        return after, index
+    sums = np.cumsum(np.concatenate([[total], np.full(count, tie)]))[1:]  # sequential, as the row's own sum
+    if target is None:
+        return float(sums[-1]), None
+    index = int(np.searchsorted(sums, target, side="right"))
+    return float(sums[-1]), (index if index < count else None)
 
 
 def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler], tokenizer=None) -> list:
     """TokenLogprob of tokens[i] for each row that asked for logprobs (None for the others): raw
-    logprobs (log_softmax of the model's logits) and the row's top_logprobs most likely tokens."""
-    import paddle
-    import paddle.nn.functional as F
+    logprobs (log_softmax of the model's logits) and the row's top_logprobs most likely tokens.
 
+    Only what is asked is computed: one log-sum-exp per row, the chosen token's logit and the
+    top_logprobs largest logits (no full-vocabulary log_softmax tensor)."""
     asking = [i for i, s in enumerate(samplers) if s.logprobs]
     result: list = [None] * len(samplers)
     if not asking:
@@ -237,22 +427,20 @@ def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler]
     if tokenizer is None:
         raise ValueError("logprobs were asked for, but no tokenizer was given to name the tokens")
     names = token_names(tokenizer)
-    vocab = logits.shape[-1]
-    rows = paddle.to_tensor(asking, dtype="int64")
-    logp = F.log_softmax(paddle.gather(logits, rows, axis=0).astype("float32"), axis=-1)
-    picked = paddle.to_tensor(np.array([[tokens[i]] for i in asking], dtype=np.int64))
-    chosen_logp = paddle.take_along_axis(logp, picked, axis=-1).numpy().reshape(-1)
-    most = min(max(samplers[i].top_logprobs for i in asking), vocab)
-    if most:
-        top_logp, top_ids = (t.numpy() for t in paddle.topk(logp, k=most, axis=-1))
-    for j, i in enumerate(asking):
+    for i, row in zip(asking, _host_rows(logits, asking)):
+        largest = row.max()
+        # log_softmax = (x - max) - log(sum(exp(x - max))), as Paddle's kernel computes it, in float32
+        log_total = np.float32(np.log(np.exp(row - largest).sum(dtype=np.float64)))
+        most = min(samplers[i].top_logprobs, row.size)
         alternatives = []
-        for k in range(min(samplers[i].top_logprobs, vocab)):
-            text, raw = names(int(top_ids[j, k]))
-            alternatives.append(TopLogprob(token=text, logprob=float(top_logp[j, k]), bytes=list(raw)))
+        if most:
+            for token_id in _largest_logits(row, most):
+                text, raw = names(int(token_id))
+                alternatives.append(TopLogprob(token=text, logprob=float((row[token_id] - largest) - log_total),
+                                               bytes=list(raw)))
         text, raw = names(tokens[i])
-        result[i] = TokenLogprob(token=text, logprob=float(chosen_logp[j]), bytes=list(raw),
-                                 top_logprobs=alternatives)
+        result[i] = TokenLogprob(token=text, logprob=float((row[tokens[i]] - largest) - log_total),
+                                 bytes=list(raw), top_logprobs=alternatives)
     return result
 
 
@@ -319,32 +507,97 @@ def _byte_decoder() -> dict:
     return {chr(c): b for b, c in zip(byte_values, chars)}
 
 
-def _keep_top_k(probs, top_ks: Sequence[int]):
-    """TopKProcess per row: keep the probabilities >= the row's k-th largest (rows with k 0: all)."""
+def _threshold(values: np.ndarray, count: int) -> float:
+    """A value that at least `count` of the row's values reach, close to the count-th largest, found in
+    one pass instead of a sort; -inf when the row is too short for that to save anything.
+
+    The row is cut into disjoint groups (group j: values j, j + groups, ...), 4 * count of them where
+    the row allows (at least 8 values each, at least 2 * count groups): the count-th largest of their
+    maxima is reached by at least those `count` maxima."""
+    size = values.shape[-1]
+    groups = min(max(4 * count, 256), size // 8)
+    if groups < 2 * count:
+        return -np.inf
+    whole = size - size % groups
+    maxima = values[:whole].reshape(-1, groups).max(axis=0)
+    if whole < size:
+        maxima = np.concatenate([maxima, values[whole:]])  # the rest: groups of one
+    return maxima[np.argpartition(maxima, maxima.size - count)[maxima.size - count]]
+
+
+def _likeliest(probs: np.ndarray, count: int) -> tuple:
+    """(ids, probabilities, tied, tie, whole): the tokens with mass among the `count` most likely and every
+    token as likely as those: `ids` above a bound, most likely first (ties by ascending id), then `tied`,
+    the ids (ascending) exactly at the bound `tie`; whole: these are all the tokens with mass (fewer than
+    `count` have any, or the row was short), none tied."""
+    threshold = _threshold(probs, count)
+    if not threshold > 0:  # NaN included
+        return (*_descending(probs, np.flatnonzero(probs > 0)), np.zeros(0, dtype=np.int64), np.float32(0), True)
+    ids, values = _descending(probs, np.flatnonzero(probs > threshold))
+    return ids, values, np.flatnonzero(probs == threshold), threshold, False
+
+
+def _crossing(values: np.ndarray, tied: int, tie, top_p: float) -> Optional[int]:
+    """The position where the float32 cumulative sum of `values`, then `tied` times `tie`, first exceeds
+    top_p (TopPProcess's sums over the sorted row), or None."""
+    limit = np.float32(top_p)
+    sums = np.cumsum(values, dtype=np.float32)
+    if sums.size and sums[-1] > limit:
+        return int(np.argmax(sums > limit))
+    if tied:
+        start = sums[-1] if sums.size else np.float32(0)
+        run = np.cumsum(np.concatenate([[start], np.full(tied, tie, dtype=np.float32)]), dtype=np.float32)[1:]
+        if run[-1] > limit:
+            return values.size + int(np.argmax(run > limit))
+    return None
+
+
+def _at_least_as_large(descending: np.ndarray, value) -> int:
+    """How many of the leading values of a descending array are >= value."""
+    return int(np.searchsorted(-descending, -value, side="right"))
+
+
+def _largest_logits(row: np.ndarray, count: int) -> np.ndarray:
+    """Ids of the `count` largest logits, largest first (ties: ascending id)."""
+    ids = np.flatnonzero(row >= _threshold(row, count))
+    if ids.size < count:  # NaN compares false
+        ids = np.arange(row.size)
+    return _descending(row, ids)[0][:count]
+
+
+def _descending(values: np.ndarray, ids: np.ndarray) -> tuple:
+    """(ids, values) most likely first, ties in ascending id order (ids ascending on entry)."""
+    chosen = values[ids]
+    order = np.argsort(-chosen, kind="stable")
+    return ids[order], chosen[order]
+
+
+def _shared_with_numpy(tensor) -> np.ndarray:
+    """A CPU tensor's memory as a read-only numpy array, without a copy (DLPack)."""
+    return np.from_dlpack(tensor)
+
+
+def _shared_with_paddle(array: np.ndarray):
+    """A numpy array's memory as a CPU tensor, without a copy (DLPack; a read-only array, itself a
+    tensor's, is copied: DLPack cannot say read-only)."""
+    from paddle.utils import dlpack
+
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array, order="C")
+    return dlpack.from_dlpack(array)
+
+
+def _host_rows(logits, rows: Sequence[int]) -> np.ndarray:
+    """float32 numpy [len(rows), V]: those rows of the logits (a CPU's float32 logits without a copy;
+    from a device, only those rows travel)."""
     import paddle
 
-    vocab = probs.shape[-1]
-    ks = np.array([min(k, vocab) if k > 0 else 1 for k in top_ks], dtype=np.int64)  # 1: any valid column
-    top_values, _ = paddle.topk(probs, k=int(ks.max()), axis=-1)
-    kth = paddle.take_along_axis(top_values, paddle.to_tensor(ks.reshape(-1, 1) - 1), axis=-1)
-    unfiltered = paddle.to_tensor(np.array([[k <= 0] for k in top_ks]))
-    kth = paddle.where(unfiltered, paddle.zeros_like(kth), kth)  # every probability is >= 0
-    return paddle.where(probs >= kth, probs, paddle.zeros_like(probs))
-
-
-def _keep_top_p(probs, top_ps: Sequence[float]):
-    """TopPProcess per row (top_p < 1): drop the tokens after the smallest most-likely set whose
-    cumulative probability exceeds top_p; the token that crosses it stays."""
-    import paddle
-
-    sorted_ids = paddle.argsort(probs, axis=-1, descending=True)
-    # the same values paddle.sort gives (equal values are interchangeable), without a second sort
-    cumulative = paddle.cumsum(paddle.take_along_axis(probs, sorted_ids, axis=-1), axis=-1)
-    limit = np.array(top_ps, dtype=np.float32).reshape(-1, 1)
-    beyond = (cumulative > paddle.to_tensor(limit)).astype("int64")
-    drop_sorted = paddle.concat([paddle.zeros_like(beyond[:, :1]), beyond[:, :-1]], axis=-1)
-    drop = paddle.put_along_axis(paddle.zeros_like(drop_sorted), sorted_ids, drop_sorted, axis=-1)
-    return paddle.where(drop.astype("bool"), paddle.zeros_like(probs), probs)
+    if logits.place.is_cpu_place() and logits.dtype == paddle.float32:
+        shared = _shared_with_numpy(logits)
+        return shared if len(rows) == shared.shape[0] else shared[list(rows)]
+    if len(rows) != logits.shape[0]:
+        logits = paddle.gather(logits, paddle.to_tensor(list(rows), dtype="int64"), axis=0)
+    return logits.astype("float32").numpy()
 
 
 def _flat_index(vocab: int, parts) -> tuple:
