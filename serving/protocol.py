@@ -202,7 +202,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     model: Optional[str] = None
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_p: Optional[float] = Field(default=None, ge=0, le=1)  # 0: the smallest nucleus, the most likely token
     top_k: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # above the vocabulary: no filtering
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
@@ -277,10 +277,14 @@ def parse_request(body) -> ChatCompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         deepest = max(exc.errors(), key=lambda e: len(e["loc"]))
         raise InvalidRequest(_describe(exc), param=_param(deepest), code="invalid_value") from exc
+    if req.stream_options is not None and not req.stream:  # as OpenAI answers it
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled",
+                             param="stream_options", code="invalid_value")
+    return req
 
 
 def normalise_messages(request: ChatCompletionRequest) -> list[ChatTurn]:

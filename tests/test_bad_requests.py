@@ -119,7 +119,7 @@ TABLE = [
     Bad("temperature too high", say("x", temperature=3), 400, "invalid_value", "temperature"),
     Bad("temperature NaN", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
         "invalid_value", "temperature"),
-    Bad("top_p zero", say("x", top_p=0), 400, "invalid_value", "top_p"),
+    Bad("top_p below zero", say("x", top_p=-0.1), 400, "invalid_value", "top_p"),
     Bad("top_p above one", say("x", top_p=1.5), 400, "invalid_value", "top_p"),
     Bad("top_k below -1", say("x", top_k=-2), 400, "invalid_value", "top_k"),
     Bad("max_tokens zero", say("x", max_tokens=0), 400, "invalid_value", "max_tokens"),
@@ -131,6 +131,8 @@ TABLE = [
     Bad("stop a number", say("x", stop=5), 400, "invalid_value", "stop"),
     Bad("stream a list", say("x", stream=[1]), 400, "invalid_value", "stream"),
     Bad("stream_options a string", say("x", stream_options="x"), 400, "invalid_value", "stream_options"),
+    Bad("stream_options without stream", say("x", stream_options={"include_usage": True}), 400, "invalid_value",
+        "stream_options", words="only allowed when 'stream' is enabled"),
     Bad("repetition_penalty zero", say("x", repetition_penalty=0), 400, "invalid_value", "repetition_penalty"),
     Bad("repetition_penalty 1e309 (infinity)", b'{"messages": [{"role": "user", "content": "x"}], '
         b'"repetition_penalty": 1e309}', 400, "invalid_value", "repetition_penalty", words="finite"),

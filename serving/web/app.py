@@ -186,11 +186,13 @@ def _chat(state: AppState, slot) -> Response:
     # a client that hangs up while its answer is generated: the answer is cancelled (499), its place freed
     unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
     g.prompt_tokens = reply.prompt_tokens
-    model, logprobs = state.service.engine.info.name, bool(req.logprobs)
+    info = state.service.engine.info
+    model, logprobs, fingerprint = info.name, bool(req.logprobs), info.fingerprint
     if req.stream:
         on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
         try:
             body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
+                                    fingerprint=fingerprint,
                                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
         except BaseException:
             unwatch()
@@ -201,7 +203,7 @@ def _chat(state: AppState, slot) -> Response:
         response.call_on_close(unwatch)
         return response
     try:
-        completion = responses.completion(reply, model=model, logprobs=logprobs)
+        completion = responses.completion(reply, model=model, logprobs=logprobs, fingerprint=fingerprint)
     finally:
         reply.cancel()
         unwatch()

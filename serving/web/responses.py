@@ -20,7 +20,7 @@ from serving.jobs import ToolCallDelta
 LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
 
 
-def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
+def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optional[str] = None) -> dict:
     """The whole answer as a chat.completion body."""
     answer = reply.collect()
     finished = answer.finished
@@ -35,14 +35,14 @@ def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
                                    choices=[choice], usage=protocol.usage(finished.prompt_tokens,
                                                                           finished.completion_tokens,
                                                                           finished.cached_tokens),
-                                   image_sizes=reply.image_sizes or None).model_dump()
+                                   image_sizes=reply.image_sizes or None, system_fingerprint=fingerprint).model_dump()
     if tool_calls:
         body["choices"][0]["message"]["tool_calls"] = tool_calls
     return body
 
 
 def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
-           on_end: Callable) -> Iterator[str]:
+           on_end: Callable, fingerprint: Optional[str] = None) -> Iterator[str]:
     """The answer as SSE text, event by event. Waits for the first event here, so errors before it are
     raised to the caller; after it, an error travels in the stream as its last event. `on_end(status,
     problem, finished)` is called once when the stream ends (499: the client went away)."""
@@ -52,7 +52,7 @@ def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, req
     except BaseException:
         reply.cancel()
         raise
-    chunk = _Chunks(model)
+    chunk = _Chunks(model, fingerprint)
     return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end)
 
 
@@ -97,8 +97,8 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> I
 class _Chunks:
     """chat.completion.chunk events of one answer: one id, one creation time."""
 
-    def __init__(self, model: str):
-        self.model = model
+    def __init__(self, model: str, fingerprint: Optional[str] = None):
+        self.model, self.fingerprint = model, fingerprint
         self.id, self.created = protocol.new_completion_id(), protocol.now()
 
     def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
@@ -107,7 +107,7 @@ class _Chunks:
         choice = protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish, logprobs=logprobs)
         body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                             choices=[choice] if choices else [], usage=usage,
-                                            image_sizes=image_sizes).model_dump()
+                                            image_sizes=image_sizes, system_fingerprint=self.fingerprint).model_dump()
         if tool_calls:
             body["choices"][0]["delta"]["tool_calls"] = tool_calls
         return _event(body)

@@ -78,7 +78,8 @@ class PaddleEngine:
         self.grammar = self._grammar_compiler(grammar_cache_size, json_whitespace)
         self.info = ModelInfo(name=loaded.name, source=loaded.source, is_demo=loaded.is_demo,
                               context_length=self.context_length, max_batch_size=self.max_batch_size,
-                              features=OUTPUT_FEATURES if self.grammar is not None else frozenset())
+                              features=OUTPUT_FEATURES if self.grammar is not None else frozenset(),
+                              configuration=self._configuration(json_whitespace))
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_ids[-1]
         self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
@@ -99,6 +100,16 @@ class PaddleEngine:
         atexit.register(self.close, 5.0)  # Paddle can abort the process if it exits mid-step
         log.info("continuous batching: up to %d rows, %d KV tokens, %d prompt tokens prefilled per step",
                  self.max_batch_size, self.max_batch_tokens, self.prefill_chunk_tokens)
+
+    def _configuration(self, json_whitespace: str) -> tuple:
+        """What decides this engine's answers beside the model's name (for system_fingerprint)."""
+        import paddle
+        import paddleformers
+
+        return (("device", str(self.loaded.device)), ("dtype", str(self.loaded.dtype)),
+                ("max_batch_tokens", self.max_batch_tokens), ("prefill_chunk_tokens", self.prefill_chunk_tokens),
+                ("json_whitespace", json_whitespace), ("paddle", paddle.__version__),
+                ("paddleformers", getattr(paddleformers, "__version__", "?")), ("eos", tuple(self.eos_token_ids)))
 
     # ------------------------------------------------------------------ prompts
 
