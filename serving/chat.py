@@ -80,6 +80,17 @@ class ChatService:
             logprobs=bool(logprobs), top_logprobs=top_logprobs or 0, stream=bool(stream))
 
     def params_from_request(self, req: protocol.ChatCompletionRequest) -> SamplingParams:
+        params = self._params_from_request(req)
+        params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
+        params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+        params.return_token_ids = bool(req.return_token_ids)
+        if params.min_tokens > params.max_tokens:
+            raise InvalidRequest(f"min_tokens ({params.min_tokens}) is more than max_tokens ({params.max_tokens})",
+                                 param="min_tokens")
+        params.continue_final, params.generation_prompt = prompt_ending(req)
+        return params
+
+    def _params_from_request(self, req: protocol.ChatCompletionRequest) -> SamplingParams:
         return self.sampling_params(
             max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -241,6 +252,7 @@ class ChatService:
     def start_request(self, req: protocol.ChatCompletionRequest, *, started: Optional[float] = None) -> "Reply":
         """A parsed API request, under REQUEST_TIMEOUT. Its limits are checked before any image is fetched."""
         engine = self.ready_engine()
+        refuse_peer_fields(req)
         refuse_unsupported(req, engine, getattr(self.settings, "backend", "paddle"))
         params = self.params_from_request(req)
         params.extra = passed_on(req, engine)
@@ -259,6 +271,7 @@ class Answer:
     text: str
     finished: Optional[Finished]  # None when the generation was cancelled first
     logprobs: list = field(default_factory=list)  # serving.jobs.TokenLogprob per token, when asked for
+    token_ids: list = field(default_factory=list)  # the answer's token ids, when asked for (return_token_ids)
 
 
 class Reply:
@@ -306,13 +319,20 @@ class Reply:
         self._aborted = error
         self.generation.cancel()
 
+    @property
+    def prompt_token_ids(self) -> Optional[list]:
+        """The prompt's token ids (engines that build the prompt here: the built-in one), else None."""
+        prompt = getattr(self.generation, "prompt", None)
+        return None if prompt is None else [int(t) for t in prompt.arrays["input_ids"][0]]
+
     def collect(self) -> Answer:
-        pieces, logprobs = [], []
+        pieces, logprobs, ids = [], [], []
         for event in self:
             if isinstance(event, str):
                 pieces.append(event)
                 logprobs.extend(getattr(event, "logprobs", ()))
-        return Answer("".join(pieces), self.finished, logprobs)
+                ids.extend(getattr(event, "token_ids", ()))
+        return Answer("".join(pieces), self.finished, logprobs, ids)
 
     def _see(self, event) -> None:
         if isinstance(event, (str, ToolCallDelta)):
@@ -338,11 +358,70 @@ def image_sizes(turns: list) -> list:
     return sizes
 
 
+def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
+    """(continue the final message, open an assistant turn) for `req`. A conversation that ends with an
+    assistant message is continued (llama.cpp's prefill; vLLM's continue_final_message), unless the request
+    says add_generation_prompt: true (vLLM: a new assistant turn after it); vLLM's two fields are honoured."""
+    last_is_assistant = req.messages[-1].role == "assistant"
+    go_on, open_turn = req.continue_final_message, req.add_generation_prompt
+    if go_on and open_turn:
+        raise InvalidRequest("continue_final_message and add_generation_prompt cannot both be true",
+                             param="continue_final_message")
+    if go_on and not last_is_assistant:
+        raise InvalidRequest("continue_final_message needs the last message to be an assistant message",
+                             param="continue_final_message")
+    if go_on is None:
+        go_on = last_is_assistant and open_turn is not True
+    if go_on and req.messages[-1].tool_calls:
+        raise InvalidRequest("an assistant message with tool_calls cannot be continued; end the conversation "
+                             "with a tool message or send add_generation_prompt: true",
+                             param=f"messages[{len(req.messages) - 1}].tool_calls")
+    return bool(go_on), (not go_on) and open_turn is not False
+
+
+# The peers' fields this server does not honour: refused by name (400 unsupported_parameter) when they ask for
+# something (a value other than the neutral ones listed), never dropped. name -> (source, neutral values).
+PEER_REFUSED = {
+    "echo": ("vLLM", (False,)), "prompt_logprobs": ("vLLM", (0,)), "best_of": ("vLLM", (1,)),
+    "use_beam_search": ("vLLM", (False,)), "length_penalty": ("vLLM", (1, 1.0)),
+    "include_stop_str_in_output": ("vLLM", (False,)), "skip_special_tokens": ("vLLM", (True,)),
+    "spaces_between_special_tokens": ("vLLM", (True,)), "truncate_prompt_tokens": ("vLLM", ()),
+    "chat_template": ("vLLM", ()), "chat_template_kwargs": ("vLLM", ({},)), "mm_processor_kwargs": ("vLLM", ({},)),
+    "allowed_token_ids": ("vLLM", ()), "bad_words": ("vLLM", ([],)), "logits_processors": ("vLLM", ([],)),
+    "guided_decoding_backend": ("vLLM", ()), "guided_whitespace_pattern": ("vLLM", ()),
+    "return_tokens_as_token_ids": ("vLLM", (False,)), "documents": ("vLLM", ([],)),
+    "typical_p": ("vLLM, llama.cpp", (1, 1.0)), "top_n_sigma": ("llama.cpp", (-1, -1.0, 0)),
+    "mirostat": ("llama.cpp", (0,)), "tfs_z": ("llama.cpp", (1, 1.0)), "dry_multiplier": ("llama.cpp", (0, 0.0)),
+    "xtc_probability": ("llama.cpp", (0, 0.0)), "dynatemp_range": ("llama.cpp", (0, 0.0)),
+    "n_probs": ("llama.cpp", (0,)), "samplers": ("llama.cpp", ()), "n_predict": ("llama.cpp", (-1,)),
+    "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
+    "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
+    "enable_thinking": ("FastDeploy", (False,)), "bad_words_token_ids": ("FastDeploy", ([],)),
+}
+
+
+def refuse_peer_fields(req) -> None:
+    """400 unsupported_parameter for the first field of PEER_REFUSED the request sets to something not neutral."""
+    for name, value in (req.model_extra or {}).items():
+        known = PEER_REFUSED.get(name)
+        if known is None or value is None or any(_same(value, neutral) for neutral in known[1]):
+            continue
+        raise InvalidRequest(f"{name} (an extension of {known[0]}) is not supported by this server; README lists "
+                             "the extensions it honours", param=name, code="unsupported_parameter")
+
+
+def _same(value, neutral) -> bool:
+    """value == neutral, without True counting as 1 (a number equals a number whatever its type)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral
+
+
 # OpenAI request fields that change the answer. An engine honours one only when its info.features names it
 # (the built-in Paddle engine enforces all three with grammars: serving.engines.builtin.grammar). Sent to an
 # engine that does not, they are refused (400 unsupported_parameter) rather than dropped: a client asking for
 # JSON or tool calls must not get prose.
-FEATURES = ("response_format", "tools", "logit_bias")
+FEATURES = ("response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling")
 _ELSEWHERE = ("to serve it, use --backend openai (an OpenAI-compatible upstream that supports it, such as vLLM) "
               "or --backend fastdeploy")
 
@@ -364,6 +443,17 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
             found.append(("tools", f"messages[{i}].tool_calls", "assistant messages with tool_calls"))
     if req.logit_bias:
         found.append(("logit_bias", "logit_bias", "logit_bias"))
+    for param, _kind, _value in structured.peer_forms(req):
+        found.append(("response_format", param, param))
+    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids"):
+        if getattr(req, name):
+            found.append(("peer_sampling", name, name))
+    go_on, open_turn = prompt_ending(req)
+    if go_on:
+        found.append(("prompt_ending", "continue_final_message" if req.continue_final_message else "messages",
+                      "a conversation ending with an assistant message (continued)"))
+    elif not open_turn:
+        found.append(("prompt_ending", "add_generation_prompt", "add_generation_prompt: false"))
     return found
 
 

@@ -223,6 +223,23 @@ class ChatCompletionRequest(BaseModel):
     functions: Optional[list[FunctionDefinition]] = None  # the deprecated form of tools
     function_call: Union[Literal["none", "auto"], dict, None] = None  # the deprecated form of tool_choice
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
+    # the peers' extensions this server honours (README: vLLM, llama.cpp, FastDeploy); engines without the
+    # feature refuse them (serving.chat.unsupported_fields), other peer fields are refused by name (PEER_REFUSED)
+    continue_final_message: Optional[bool] = None  # vLLM: the answer continues the final assistant message
+    add_generation_prompt: Optional[bool] = None  # vLLM: open the assistant's turn after the last message
+    min_tokens: Optional[int] = Field(default=None, ge=0)  # vLLM, FastDeploy: no end of turn before this many
+    ignore_eos: Optional[bool] = None  # vLLM, llama.cpp: never end on the end-of-turn token
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = Field(default=None, max_length=64)  # vLLM, FastDeploy
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)  # vLLM, llama.cpp: drop tokens below min_p x the top one
+    return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: prompt_token_ids and each choice's token_ids
+    guided_json: Union[dict, str, None] = None  # vLLM (before structured_outputs), FastDeploy: a JSON schema
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = Field(default=None, min_length=1)
+    guided_grammar: Optional[str] = None  # a Lark or GBNF grammar
+    guided_json_object: Optional[bool] = None  # FastDeploy: any JSON object
+    structured_outputs: Optional[dict] = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    json_schema: Optional[dict] = None  # llama.cpp: a JSON schema
+    grammar: Optional[str] = None  # llama.cpp: a GBNF grammar
     # accepted and ignored: they do not change the answer
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None

@@ -179,8 +179,8 @@ TABLE = [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": [{"type": "image", "image": b64(png_bytes())}]},
         {"role": "user", "content": "y"}]}, 400, "invalid_value", "messages[1].content"),
-    Bad("last message from the assistant", {"messages": [
-        {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, 400, "invalid_value", "messages"),
+    Bad("continuing without a last assistant message", {"messages": [{"role": "user", "content": "x"}],
+        "continue_final_message": True}, 400, "invalid_value", "continue_final_message"),
     # ---- limits
     Bad("max_tokens over the limit", say("x", max_tokens=65), 400, "max_tokens_too_large", "max_tokens"),
     Bad("max_completion_tokens over the limit", say("x", max_completion_tokens=1000), 400, "max_tokens_too_large"),

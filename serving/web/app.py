@@ -192,7 +192,7 @@ def _chat(state: AppState, slot) -> Response:
         on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
         try:
             body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
-                                    fingerprint=fingerprint,
+                                    fingerprint=fingerprint, token_ids=bool(req.return_token_ids),
                                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
         except BaseException:
             unwatch()
@@ -203,7 +203,8 @@ def _chat(state: AppState, slot) -> Response:
         response.call_on_close(unwatch)
         return response
     try:
-        completion = responses.completion(reply, model=model, logprobs=logprobs, fingerprint=fingerprint)
+        completion = responses.completion(reply, model=model, logprobs=logprobs, fingerprint=fingerprint,
+                                          token_ids=bool(req.return_token_ids))
     finally:
         reply.cancel()
         unwatch()

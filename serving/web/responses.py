@@ -20,7 +20,8 @@ from serving.jobs import ToolCallDelta
 LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
 
 
-def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optional[str] = None) -> dict:
+def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optional[str] = None,
+               token_ids: bool = False) -> dict:
     """The whole answer as a chat.completion body."""
     answer = reply.collect()
     finished = answer.finished
@@ -38,11 +39,14 @@ def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optiona
                                    image_sizes=reply.image_sizes or None, system_fingerprint=fingerprint).model_dump()
     if tool_calls:
         body["choices"][0]["message"]["tool_calls"] = tool_calls
+    if token_ids:  # vLLM's return_token_ids
+        body["prompt_token_ids"] = reply.prompt_token_ids
+        body["choices"][0]["token_ids"] = answer.token_ids
     return body
 
 
 def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
-           on_end: Callable, fingerprint: Optional[str] = None) -> Iterator[str]:
+           on_end: Callable, fingerprint: Optional[str] = None, token_ids: bool = False) -> Iterator[str]:
     """The answer as SSE text, event by event. Waits for the first event here, so errors before it are
     raised to the caller; after it, an error travels in the stream as its last event. `on_end(status,
     problem, finished)` is called once when the stream ends (499: the client went away)."""
@@ -53,19 +57,21 @@ def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, req
         reply.cancel()
         raise
     chunk = _Chunks(model, fingerprint)
-    return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end)
+    return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end, token_ids)
 
 
-def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> Iterator[str]:
+def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end, token_ids=False) -> Iterator[str]:
     status, problem = 200, None
     try:
-        yield chunk(protocol.Delta(role="assistant", content=""))
+        yield chunk(protocol.Delta(role="assistant", content=""),
+                    extra={"prompt_token_ids": reply.prompt_token_ids} if token_ids else None)
         pieces_sent = False
         for event in events:
             if isinstance(event, str):
                 tokens = getattr(event, "logprobs", ()) if logprobs else None
                 yield chunk(protocol.Delta(content=str(event)),
-                            logprobs=choice_logprobs(tokens) if tokens is not None else None)
+                            logprobs=choice_logprobs(tokens) if tokens is not None else None,
+                            choice_extra={"token_ids": list(event.token_ids)} if token_ids else None)
             elif isinstance(event, ToolCallDelta):  # the built-in engine's calls, piece by piece
                 pieces_sent = True
                 yield chunk(tool_calls=[event.as_openai()])
@@ -103,13 +109,18 @@ class _Chunks:
 
     def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
                  logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True, image_sizes=None,
-                 tool_calls: Optional[list] = None) -> str:
+                 tool_calls: Optional[list] = None, extra: Optional[dict] = None,
+                 choice_extra: Optional[dict] = None) -> str:
         choice = protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish, logprobs=logprobs)
         body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                             choices=[choice] if choices else [], usage=usage,
                                             image_sizes=image_sizes, system_fingerprint=self.fingerprint).model_dump()
         if tool_calls:
             body["choices"][0]["delta"]["tool_calls"] = tool_calls
+        if extra:
+            body.update(extra)
+        if choice_extra and choices:
+            body["choices"][0].update(choice_extra)
         return _event(body)
 
 
