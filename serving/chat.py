@@ -205,7 +205,7 @@ class ChatService:
     # ------------------------------------------------------------------ generation
 
     def start(self, turns: list, params: SamplingParams, *, started: Optional[float] = None,
-              time_limit: Optional[float] = None) -> "Reply":
+              time_limit: Optional[float] = None, n: int = 1) -> "Reply":
         """Load the turns' images and start the engine on them. `started` (time.perf_counter()) is when
         the request arrived, for time to first token and the time limit (seconds, None: none)."""
         engine = self.ready_engine()
@@ -217,8 +217,9 @@ class ChatService:
         if deadline is not None and time.perf_counter() >= deadline:
             raise _timeout(time_limit, "reading its images")
         engine = self.ready_engine()  # again: a shutdown may have begun meanwhile
-        reply = Reply(engine.start(turns, params), started=started, time_limit=time_limit, metrics=self.metrics,
-                      image_sizes=image_sizes(turns))
+        generation = engine.start(turns, params) if n == 1 else Choices(lambda p: engine.start(turns, p), params, n)
+        reply = Reply(generation, started=started, time_limit=time_limit, metrics=self.metrics,
+                      image_sizes=image_sizes(turns), n=n)
         with self._replies_lock:
             self._replies.add(reply)
         return reply
@@ -263,7 +264,7 @@ class ChatService:
             if spec is not None:
                 params.output = compile_output(spec)  # a 400 here, before any image is read or model work done
         turns = protocol.normalise_messages(req)
-        return self.start(turns, params, started=started, time_limit=self.settings.request_timeout)
+        return self.start(turns, params, started=started, time_limit=self.settings.request_timeout, n=req.n)
 
 
 @dataclass
@@ -281,8 +282,10 @@ class Reply:
     With metrics, the time to first text and the token counts are recorded."""
 
     def __init__(self, generation, *, started: float, time_limit: Optional[float] = None, metrics=None,
-                 image_sizes: Optional[list] = None):
+                 image_sizes: Optional[list] = None, n: int = 1):
         self.generation = generation
+        self.n = n  # choices (OpenAI's n): events carry their choice's index as `.choice` when n > 1
+        self.finishes: dict = {}  # choice index -> its Finished
         self.prompt_tokens = generation.prompt_tokens
         self.image_sizes = image_sizes or []  # protocol.ImageSize of every image, in order (see image_sizes())
         self.started = started
@@ -326,13 +329,21 @@ class Reply:
         return None if prompt is None else [int(t) for t in prompt.arrays["input_ids"][0]]
 
     def collect(self) -> Answer:
-        pieces, logprobs, ids = [], [], []
+        return self.collect_choices()[0]
+
+    def collect_choices(self) -> list:
+        """An Answer per choice, in index order."""
+        pieces = [[] for _ in range(self.n)]
+        answers = [Answer("", None) for _ in range(self.n)]
         for event in self:
+            i = choice_of(event)
             if isinstance(event, str):
-                pieces.append(event)
-                logprobs.extend(getattr(event, "logprobs", ()))
-                ids.extend(getattr(event, "token_ids", ()))
-        return Answer("".join(pieces), self.finished, logprobs, ids)
+                pieces[i].append(event)
+                answers[i].logprobs.extend(getattr(event, "logprobs", ()))
+                answers[i].token_ids.extend(getattr(event, "token_ids", ()))
+        for i, answer in enumerate(answers):
+            answer.text, answer.finished = "".join(pieces[i]), self.finishes.get(i)
+        return answers
 
     def _see(self, event) -> None:
         if isinstance(event, (str, ToolCallDelta)):
@@ -342,8 +353,105 @@ class Reply:
                     self.metrics.first_text(time.perf_counter() - self.started)
             return
         self.finished = event
+        self.finishes[choice_of(event)] = event
         if self.metrics is not None:
             self.metrics.finished_generation(event.prompt_tokens, event.completion_tokens, event.seconds)
+
+
+def choice_of(event) -> int:
+    """The index of the choice an event belongs to (0 when the request asked for one)."""
+    return getattr(event, "choice", 0)
+
+
+class Choices:
+    """OpenAI's n: n generations of one prompt, read as one. Choice i samples with seed + i (when seeded).
+    Choices 1..n-1 start once choice 0's first event is out: by then its prompt's KV is in the built-in engine's
+    prefix cache (serving.engines.builtin.scheduler keeps it before taking new requests), so they prefill
+    nothing but the last token; each is then its own row in the running batch. Events go out tagged with
+    their choice (`.choice`), as each choice's generation produces them; Finished once every choice ended."""
+
+    def __init__(self, start, params: SamplingParams, n: int):
+        import copy
+        import queue
+
+        self._queue: "queue.Queue" = queue.Queue()
+        self._params = []
+        for i in range(n):
+            mine = copy.copy(params)
+            mine.seed = None if params.seed is None else params.seed + i
+            self._params.append(mine)
+        self._start, self.n = start, n  # start(params) -> a generation of the prompt
+        self._generations = [start(self._params[0])]  # errors in the prompt: raised here
+        self.prompt_tokens = self._generations[0].prompt_tokens
+        self.prompt = getattr(self._generations[0], "prompt", None)
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._pump, args=(0, self._generations[0]), daemon=True,
+                         name="choice-0").start()
+
+    def _start_others(self) -> None:
+        for i in range(1, self.n):
+            try:
+                generation = self._start(self._params[i])
+            except Exception as exc:
+                self._queue.put((i, exc))
+                continue
+            with self._lock:
+                self._generations.append(generation)
+                if self._cancelled.is_set():
+                    generation.cancel()
+            threading.Thread(target=self._pump, args=(i, generation), daemon=True, name=f"choice-{i}").start()
+
+    def _pump(self, index: int, generation) -> None:
+        first = index == 0
+        try:
+            for event in generation:
+                if first:
+                    first = False
+                    self._start_others()
+                self._queue.put((index, event))
+        except Exception as exc:
+            self._queue.put((index, exc))
+        finally:
+            if first and index == 0 and not self._cancelled.is_set():
+                self._start_others()  # choice 0 ended without an event: the others still run (or fail)
+            self._queue.put((index, None))
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled.set()
+            for generation in self._generations:
+                generation.cancel()
+
+    def __iter__(self):
+        return self.until(None)
+
+    def until(self, deadline: Optional[float]):
+        import queue
+
+        from serving.jobs import POLL_SECONDS
+
+        ended = 0
+        while ended < self.n:
+            wait = POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.perf_counter())
+                if wait <= 0:
+                    raise TimeoutError("the generation's deadline passed")
+            try:
+                index, event = self._queue.get(timeout=wait)
+            except queue.Empty:
+                if self._cancelled.is_set():
+                    return
+                continue
+            if event is None:
+                ended += 1
+                continue
+            if isinstance(event, BaseException):
+                self.cancel()
+                raise event
+            event.choice = index
+            yield event
 
 
 def image_sizes(turns: list) -> list:

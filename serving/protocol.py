@@ -187,6 +187,7 @@ def _token_ids(value):
 
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_CHOICES = 16  # n: each choice is a row of the running batch
 
 
 class ChatCompletionRequest(BaseModel):
@@ -210,7 +211,7 @@ class ChatCompletionRequest(BaseModel):
     seed: Optional[int] = Field(default=None, ge=INT64_MIN, le=INT64_MAX)  # a signed 64-bit integer, as vLLM takes
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choice i samples with seed + i (serving.chat.Choices)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)

@@ -251,3 +251,44 @@ def test_an_engine_without_the_features_refuses_the_honoured_fields(settings):
     for field, value in (("min_tokens", 2), ("guided_choice", ["a"]), ("return_token_ids", True)):
         refused(fake, field, "unsupported_parameter", **{field: value})
     refused(fake, "messages", "unsupported_parameter", messages=ASK + [{"role": "assistant", "content": "x"}])
+
+
+# ---------------------------------------------------------------- item 6: n choices
+
+def test_n_greedy_choices_share_the_prompt(client, engine):
+    messages = [{"role": "user", "content": "A question never asked before: n choices?"}]
+    one = ask(client, messages=messages, max_tokens=6, **PLAIN)
+    before = engine.scheduler.prefill_tokens_done
+    three = ask(client, messages=[{"role": "user", "content": "Another new question for three choices?"}],
+                max_tokens=6, n=3, **PLAIN)
+    prefilled = engine.scheduler.prefill_tokens_done - before
+    prompt = three["usage"]["prompt_tokens"]
+    assert prefilled < prompt + 2 * 4  # choices 1 and 2 reused choice 0's prompt KV (the prefix cache)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert len({tuple(c["token_ids"]) for c in three["choices"]}) == 1  # greedy: the same answer three times
+    assert three["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in three["choices"])
+    assert three["usage"]["total_tokens"] == prompt + three["usage"]["completion_tokens"]
+    again = ask(client, messages=messages, max_tokens=6, n=2, **PLAIN)
+    assert all(c["token_ids"] == one["choices"][0]["token_ids"] for c in again["choices"])
+
+
+def test_n_seeded_choice_i_uses_seed_plus_i(client):
+    body = dict(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, return_token_ids=True)
+    many = ask(client, n=3, seed=40, **body)["choices"]
+    alone = [ask(client, seed=40 + i, **body)["choices"][0]["token_ids"] for i in range(3)]
+    assert [c["token_ids"] for c in many] == alone
+    assert len({tuple(t) for t in alone}) > 1
+
+
+def test_n_streamed_with_index(client):
+    body = dict(messages=ASK, max_tokens=6, temperature=1.0, top_k=0, top_p=1.0, seed=7, n=2)
+    whole = ask(client, **body)
+    chunks = events(client.post(CHAT, json=dict(body, stream=True, stream_options={"include_usage": True})))
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content") or "" for c in mine) == whole["choices"][i]["message"]["content"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [whole["choices"][i]["finish_reason"]]
+    assert chunks[-1]["usage"] == whole["usage"]

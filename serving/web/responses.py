@@ -13,36 +13,46 @@ from typing import Callable, Iterator, Optional
 
 from serving import protocol
 from serving.web import http_errors
-from serving.chat import Reply
+from serving.chat import Reply, choice_of
 from serving.errors import InternalError
-from serving.jobs import ToolCallDelta
+from serving.jobs import Finished, ToolCallDelta
 
 LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
 
 
 def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optional[str] = None,
                token_ids: bool = False) -> dict:
-    """The whole answer as a chat.completion body."""
-    answer = reply.collect()
-    finished = answer.finished
-    if finished is None:
+    """The whole answer as a chat.completion body (n choices when the request asked for several)."""
+    answers = reply.collect_choices()
+    if any(answer.finished is None for answer in answers):
         raise InternalError("the generation ended without a result")
-    tool_calls = finished.tool_calls  # the model called tools
-    choice = protocol.Choice(message=protocol.ResponseMessage(content=None if tool_calls and not answer.text.strip()
-                                                              else answer.text),
-                             finish_reason=finished.finish_reason,
-                             logprobs=choice_logprobs(answer.logprobs) if logprobs else None)
+    choices = []
+    for index, answer in enumerate(answers):
+        finished = answer.finished
+        tool_calls = finished.tool_calls  # the model called tools
+        choice = protocol.Choice(index=index, message=protocol.ResponseMessage(
+            content=None if tool_calls and not answer.text.strip() else answer.text),
+            finish_reason=finished.finish_reason,
+            logprobs=choice_logprobs(answer.logprobs) if logprobs else None).model_dump()
+        if tool_calls:
+            choice["message"]["tool_calls"] = tool_calls
+        if token_ids:  # vLLM's return_token_ids
+            choice["token_ids"] = answer.token_ids
+        choices.append(choice)
     body = protocol.ChatCompletion(id=protocol.new_completion_id(), created=protocol.now(), model=model,
-                                   choices=[choice], usage=protocol.usage(finished.prompt_tokens,
-                                                                          finished.completion_tokens,
-                                                                          finished.cached_tokens),
+                                   choices=[], usage=total_usage(a.finished for a in answers),
                                    image_sizes=reply.image_sizes or None, system_fingerprint=fingerprint).model_dump()
-    if tool_calls:
-        body["choices"][0]["message"]["tool_calls"] = tool_calls
-    if token_ids:  # vLLM's return_token_ids
+    body["choices"] = choices
+    if token_ids:
         body["prompt_token_ids"] = reply.prompt_token_ids
-        body["choices"][0]["token_ids"] = answer.token_ids
     return body
+
+
+def total_usage(finishes) -> protocol.Usage:
+    """OpenAI's usage of n choices: the prompt once, the choices' tokens summed (cached tokens: the first's)."""
+    finishes = list(finishes)
+    first = finishes[0]
+    return protocol.usage(first.prompt_tokens, sum(f.completion_tokens for f in finishes), first.cached_tokens)
 
 
 def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
@@ -63,28 +73,30 @@ def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, req
 def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end, token_ids=False) -> Iterator[str]:
     status, problem = 200, None
     try:
-        yield chunk(protocol.Delta(role="assistant", content=""),
-                    extra={"prompt_token_ids": reply.prompt_token_ids} if token_ids else None)
-        pieces_sent = False
+        for index in range(reply.n):  # each choice's first chunk names the role
+            yield chunk(protocol.Delta(role="assistant", content=""), index=index,
+                        extra={"prompt_token_ids": reply.prompt_token_ids} if token_ids and index == 0 else None)
+        pieces_sent = set()  # choices whose tool calls went out piece by piece
+        sizes = reply.image_sizes or None  # on the finish chunks and the last chunk
         for event in events:
+            index = choice_of(event)
             if isinstance(event, str):
                 tokens = getattr(event, "logprobs", ()) if logprobs else None
-                yield chunk(protocol.Delta(content=str(event)),
+                yield chunk(protocol.Delta(content=str(event)), index=index,
                             logprobs=choice_logprobs(tokens) if tokens is not None else None,
                             choice_extra={"token_ids": list(event.token_ids)} if token_ids else None)
             elif isinstance(event, ToolCallDelta):  # the built-in engine's calls, piece by piece
-                pieces_sent = True
-                yield chunk(tool_calls=[event.as_openai()])
-        finished = reply.finished
-        if finished is None:
+                pieces_sent.add(index)
+                yield chunk(tool_calls=[event.as_openai()], index=index)
+            elif isinstance(event, Finished):
+                if event.tool_calls and index not in pieces_sent:  # an upstream's calls, whole, in one delta
+                    yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(event.tool_calls)],
+                                index=index)
+                yield chunk(finish=event.finish_reason, image_sizes=sizes, index=index)
+        if len(reply.finishes) < reply.n:
             raise InternalError("the generation ended without a result")
-        sizes = reply.image_sizes or None  # on the last chunk, whichever that is (and on the finish chunk)
-        if finished.tool_calls and not pieces_sent:  # an upstream's model called tools: the calls, whole, in one delta
-            yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(finished.tool_calls)])
-        yield chunk(finish=finished.finish_reason, image_sizes=sizes)
         if include_usage:
-            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens,
-                                             finished.cached_tokens), choices=False,
+            yield chunk(usage=total_usage(reply.finishes[i] for i in range(reply.n)), choices=False,
                         image_sizes=sizes)
         yield "data: [DONE]\n\n"
     except GeneratorExit:
@@ -110,8 +122,9 @@ class _Chunks:
     def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
                  logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True, image_sizes=None,
                  tool_calls: Optional[list] = None, extra: Optional[dict] = None,
-                 choice_extra: Optional[dict] = None) -> str:
-        choice = protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish, logprobs=logprobs)
+                 choice_extra: Optional[dict] = None, index: int = 0) -> str:
+        choice = protocol.ChunkChoice(index=index, delta=delta or protocol.Delta(), finish_reason=finish,
+                                      logprobs=logprobs)
         body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                             choices=[choice] if choices else [], usage=usage,
                                             image_sizes=image_sizes, system_fingerprint=self.fingerprint).model_dump()

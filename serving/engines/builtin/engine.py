@@ -258,6 +258,12 @@ class PaddleEngine:
         return self.submit(self.build_prompt(turns, tools, continue_final=params.continue_final,
                                              generation_prompt=params.generation_prompt), params)
 
+    def start_ids(self, ids: list, params: SamplingParams) -> Job:
+        """A raw prompt of token ids (no chat template: /v1/completions), then a queued job."""
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        arrays = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        return self.submit(Prompt(arrays=arrays, prompt_tokens=len(ids), text="", image_count=0), params)
+
     # ------------------------------------------------------------------ structured output
 
     def _grammar_compiler(self, cache_size: int, whitespace: str):
