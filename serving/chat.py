@@ -490,7 +490,7 @@ def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
 # The peers' fields this server does not honour: refused by name (400 unsupported_parameter) when they ask for
 # something (a value other than the neutral ones listed), never dropped. name -> (source, neutral values).
 PEER_REFUSED = {
-    "echo": ("vLLM", (False,)), "prompt_logprobs": ("vLLM", (0,)), "best_of": ("vLLM", (1,)),
+    "echo": ("vLLM", (False,)), "prompt_logprobs": ("vLLM", ()), "best_of": ("vLLM", (1,)),
     "use_beam_search": ("vLLM", (False,)), "length_penalty": ("vLLM", (1, 1.0)),
     "include_stop_str_in_output": ("vLLM", (False,)), "skip_special_tokens": ("vLLM", (True,)),
     "spaces_between_special_tokens": ("vLLM", (True,)), "truncate_prompt_tokens": ("vLLM", ()),

@@ -18,6 +18,8 @@ import json
 import re
 
 import pytest
+
+from peer_server import server  # noqa: F401  (one demo server per module)
 import requests
 
 SYSTEM_BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]

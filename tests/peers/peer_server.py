@@ -1,5 +1,5 @@
-"""tests/peers: the peers' OpenAI-server tests, ported (issue 20). One demo server per module (the session's demo
-engine, from tests/conftest.py, behind a live HTTP server), so the whole folder stays quick."""
+"""The shared server of tests/peers (the peers' OpenAI-server tests, ported: issue 20): one demo server per module
+(the session's demo engine, from tests/conftest.py, behind a live HTTP server), so the whole folder stays quick."""
 
 from __future__ import annotations
 
