@@ -80,6 +80,17 @@ class ChatService:
             logprobs=bool(logprobs), top_logprobs=top_logprobs or 0, stream=bool(stream))
 
     def params_from_request(self, req: protocol.ChatCompletionRequest) -> SamplingParams:
+        params = self._params_from_request(req)
+        params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
+        params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+        params.return_token_ids = bool(req.return_token_ids)
+        if params.min_tokens > params.max_tokens:
+            raise InvalidRequest(f"min_tokens ({params.min_tokens}) is more than max_tokens ({params.max_tokens})",
+                                 param="min_tokens")
+        params.continue_final, params.generation_prompt = prompt_ending(req)
+        return params
+
+    def _params_from_request(self, req: protocol.ChatCompletionRequest) -> SamplingParams:
         return self.sampling_params(
             max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -194,7 +205,7 @@ class ChatService:
     # ------------------------------------------------------------------ generation
 
     def start(self, turns: list, params: SamplingParams, *, started: Optional[float] = None,
-              time_limit: Optional[float] = None) -> "Reply":
+              time_limit: Optional[float] = None, n: int = 1) -> "Reply":
         """Load the turns' images and start the engine on them. `started` (time.perf_counter()) is when
         the request arrived, for time to first token and the time limit (seconds, None: none)."""
         engine = self.ready_engine()
@@ -206,8 +217,9 @@ class ChatService:
         if deadline is not None and time.perf_counter() >= deadline:
             raise _timeout(time_limit, "reading its images")
         engine = self.ready_engine()  # again: a shutdown may have begun meanwhile
-        reply = Reply(engine.start(turns, params), started=started, time_limit=time_limit, metrics=self.metrics,
-                      image_sizes=image_sizes(turns))
+        generation = engine.start(turns, params) if n == 1 else Choices(lambda p: engine.start(turns, p), params, n)
+        reply = Reply(generation, started=started, time_limit=time_limit, metrics=self.metrics,
+                      image_sizes=image_sizes(turns), n=n)
         with self._replies_lock:
             self._replies.add(reply)
         return reply
@@ -241,6 +253,7 @@ class ChatService:
     def start_request(self, req: protocol.ChatCompletionRequest, *, started: Optional[float] = None) -> "Reply":
         """A parsed API request, under REQUEST_TIMEOUT. Its limits are checked before any image is fetched."""
         engine = self.ready_engine()
+        refuse_peer_fields(req)
         refuse_unsupported(req, engine, getattr(self.settings, "backend", "paddle"))
         params = self.params_from_request(req)
         params.extra = passed_on(req, engine)
@@ -251,7 +264,7 @@ class ChatService:
             if spec is not None:
                 params.output = compile_output(spec)  # a 400 here, before any image is read or model work done
         turns = protocol.normalise_messages(req)
-        return self.start(turns, params, started=started, time_limit=self.settings.request_timeout)
+        return self.start(turns, params, started=started, time_limit=self.settings.request_timeout, n=req.n)
 
 
 @dataclass
@@ -259,6 +272,7 @@ class Answer:
     text: str
     finished: Optional[Finished]  # None when the generation was cancelled first
     logprobs: list = field(default_factory=list)  # serving.jobs.TokenLogprob per token, when asked for
+    token_ids: list = field(default_factory=list)  # the answer's token ids, when asked for (return_token_ids)
 
 
 class Reply:
@@ -268,8 +282,10 @@ class Reply:
     With metrics, the time to first text and the token counts are recorded."""
 
     def __init__(self, generation, *, started: float, time_limit: Optional[float] = None, metrics=None,
-                 image_sizes: Optional[list] = None):
+                 image_sizes: Optional[list] = None, n: int = 1):
         self.generation = generation
+        self.n = n  # choices (OpenAI's n): events carry their choice's index as `.choice` when n > 1
+        self.finishes: dict = {}  # choice index -> its Finished
         self.prompt_tokens = generation.prompt_tokens
         self.image_sizes = image_sizes or []  # protocol.ImageSize of every image, in order (see image_sizes())
         self.started = started
@@ -306,13 +322,28 @@ class Reply:
         self._aborted = error
         self.generation.cancel()
 
+    @property
+    def prompt_token_ids(self) -> Optional[list]:
+        """The prompt's token ids (engines that build the prompt here: the built-in one), else None."""
+        prompt = getattr(self.generation, "prompt", None)
+        return None if prompt is None else [int(t) for t in prompt.arrays["input_ids"][0]]
+
     def collect(self) -> Answer:
-        pieces, logprobs = [], []
+        return self.collect_choices()[0]
+
+    def collect_choices(self) -> list:
+        """An Answer per choice, in index order."""
+        pieces = [[] for _ in range(self.n)]
+        answers = [Answer("", None) for _ in range(self.n)]
         for event in self:
+            i = choice_of(event)
             if isinstance(event, str):
-                pieces.append(event)
-                logprobs.extend(getattr(event, "logprobs", ()))
-        return Answer("".join(pieces), self.finished, logprobs)
+                pieces[i].append(event)
+                answers[i].logprobs.extend(getattr(event, "logprobs", ()))
+                answers[i].token_ids.extend(getattr(event, "token_ids", ()))
+        for i, answer in enumerate(answers):
+            answer.text, answer.finished = "".join(pieces[i]), self.finishes.get(i)
+        return answers
 
     def _see(self, event) -> None:
         if isinstance(event, (str, ToolCallDelta)):
@@ -322,8 +353,105 @@ class Reply:
                     self.metrics.first_text(time.perf_counter() - self.started)
             return
         self.finished = event
+        self.finishes[choice_of(event)] = event
         if self.metrics is not None:
             self.metrics.finished_generation(event.prompt_tokens, event.completion_tokens, event.seconds)
+
+
+def choice_of(event) -> int:
+    """The index of the choice an event belongs to (0 when the request asked for one)."""
+    return getattr(event, "choice", 0)
+
+
+class Choices:
+    """OpenAI's n: n generations of one prompt, read as one. Choice i samples with seed + i (when seeded).
+    Choices 1..n-1 start once choice 0's first event is out: by then its prompt's KV is in the built-in engine's
+    prefix cache (serving.engines.builtin.scheduler keeps it before taking new requests), so they prefill
+    nothing but the last token; each is then its own row in the running batch. Events go out tagged with
+    their choice (`.choice`), as each choice's generation produces them; Finished once every choice ended."""
+
+    def __init__(self, start, params: SamplingParams, n: int):
+        import copy
+        import queue
+
+        self._queue: "queue.Queue" = queue.Queue()
+        self._params = []
+        for i in range(n):
+            mine = copy.copy(params)
+            mine.seed = None if params.seed is None else params.seed + i
+            self._params.append(mine)
+        self._start, self.n = start, n  # start(params) -> a generation of the prompt
+        self._generations = [start(self._params[0])]  # errors in the prompt: raised here
+        self.prompt_tokens = self._generations[0].prompt_tokens
+        self.prompt = getattr(self._generations[0], "prompt", None)
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._pump, args=(0, self._generations[0]), daemon=True,
+                         name="choice-0").start()
+
+    def _start_others(self) -> None:
+        for i in range(1, self.n):
+            try:
+                generation = self._start(self._params[i])
+            except Exception as exc:
+                self._queue.put((i, exc))
+                continue
+            with self._lock:
+                self._generations.append(generation)
+                if self._cancelled.is_set():
+                    generation.cancel()
+            threading.Thread(target=self._pump, args=(i, generation), daemon=True, name=f"choice-{i}").start()
+
+    def _pump(self, index: int, generation) -> None:
+        first = index == 0
+        try:
+            for event in generation:
+                if first:
+                    first = False
+                    self._start_others()
+                self._queue.put((index, event))
+        except Exception as exc:
+            self._queue.put((index, exc))
+        finally:
+            if first and index == 0 and not self._cancelled.is_set():
+                self._start_others()  # choice 0 ended without an event: the others still run (or fail)
+            self._queue.put((index, None))
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled.set()
+            for generation in self._generations:
+                generation.cancel()
+
+    def __iter__(self):
+        return self.until(None)
+
+    def until(self, deadline: Optional[float]):
+        import queue
+
+        from serving.jobs import POLL_SECONDS
+
+        ended = 0
+        while ended < self.n:
+            wait = POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.perf_counter())
+                if wait <= 0:
+                    raise TimeoutError("the generation's deadline passed")
+            try:
+                index, event = self._queue.get(timeout=wait)
+            except queue.Empty:
+                if self._cancelled.is_set():
+                    return
+                continue
+            if event is None:
+                ended += 1
+                continue
+            if isinstance(event, BaseException):
+                self.cancel()
+                raise event
+            event.choice = index
+            yield event
 
 
 def image_sizes(turns: list) -> list:
@@ -338,11 +466,70 @@ def image_sizes(turns: list) -> list:
     return sizes
 
 
+def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
+    """(continue the final message, open an assistant turn) for `req`. A conversation that ends with an
+    assistant message is continued (llama.cpp's prefill; vLLM's continue_final_message), unless the request
+    says add_generation_prompt: true (vLLM: a new assistant turn after it); vLLM's two fields are honoured."""
+    last_is_assistant = req.messages[-1].role == "assistant"
+    go_on, open_turn = req.continue_final_message, req.add_generation_prompt
+    if go_on and open_turn:
+        raise InvalidRequest("continue_final_message and add_generation_prompt cannot both be true",
+                             param="continue_final_message")
+    if go_on and not last_is_assistant:
+        raise InvalidRequest("continue_final_message needs the last message to be an assistant message",
+                             param="continue_final_message")
+    if go_on is None:
+        go_on = last_is_assistant and open_turn is not True
+    if go_on and req.messages[-1].tool_calls:
+        raise InvalidRequest("an assistant message with tool_calls cannot be continued; end the conversation "
+                             "with a tool message or send add_generation_prompt: true",
+                             param=f"messages[{len(req.messages) - 1}].tool_calls")
+    return bool(go_on), (not go_on) and open_turn is not False
+
+
+# The peers' fields this server does not honour: refused by name (400 unsupported_parameter) when they ask for
+# something (a value other than the neutral ones listed), never dropped. name -> (source, neutral values).
+PEER_REFUSED = {
+    "echo": ("vLLM", (False,)), "prompt_logprobs": ("vLLM", ()), "best_of": ("vLLM", (1,)),
+    "use_beam_search": ("vLLM", (False,)), "length_penalty": ("vLLM", (1, 1.0)),
+    "include_stop_str_in_output": ("vLLM", (False,)), "skip_special_tokens": ("vLLM", (True,)),
+    "spaces_between_special_tokens": ("vLLM", (True,)), "truncate_prompt_tokens": ("vLLM", ()),
+    "chat_template": ("vLLM", ()), "chat_template_kwargs": ("vLLM", ({},)), "mm_processor_kwargs": ("vLLM", ({},)),
+    "allowed_token_ids": ("vLLM", ()), "bad_words": ("vLLM", ([],)), "logits_processors": ("vLLM", ([],)),
+    "guided_decoding_backend": ("vLLM", ()), "guided_whitespace_pattern": ("vLLM", ()),
+    "return_tokens_as_token_ids": ("vLLM", (False,)), "documents": ("vLLM", ([],)),
+    "typical_p": ("vLLM, llama.cpp", (1, 1.0)), "top_n_sigma": ("llama.cpp", (-1, -1.0, 0)),
+    "mirostat": ("llama.cpp", (0,)), "tfs_z": ("llama.cpp", (1, 1.0)), "dry_multiplier": ("llama.cpp", (0, 0.0)),
+    "xtc_probability": ("llama.cpp", (0, 0.0)), "dynatemp_range": ("llama.cpp", (0, 0.0)),
+    "n_probs": ("llama.cpp", (0,)), "samplers": ("llama.cpp", ()), "n_predict": ("llama.cpp", (-1,)),
+    "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
+    "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
+    "enable_thinking": ("FastDeploy", (False,)), "bad_words_token_ids": ("FastDeploy", ([],)),
+}
+
+
+def refuse_peer_fields(req) -> None:
+    """400 unsupported_parameter for the first field of PEER_REFUSED the request sets to something not neutral."""
+    for name, value in (req.model_extra or {}).items():
+        known = PEER_REFUSED.get(name)
+        if known is None or value is None or any(_same(value, neutral) for neutral in known[1]):
+            continue
+        raise InvalidRequest(f"{name} (an extension of {known[0]}) is not supported by this server; README lists "
+                             "the extensions it honours", param=name, code="unsupported_parameter")
+
+
+def _same(value, neutral) -> bool:
+    """value == neutral, without True counting as 1 (a number equals a number whatever its type)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral
+
+
 # OpenAI request fields that change the answer. An engine honours one only when its info.features names it
 # (the built-in Paddle engine enforces all three with grammars: serving.engines.builtin.grammar). Sent to an
 # engine that does not, they are refused (400 unsupported_parameter) rather than dropped: a client asking for
 # JSON or tool calls must not get prose.
-FEATURES = ("response_format", "tools", "logit_bias")
+FEATURES = ("response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling")
 _ELSEWHERE = ("to serve it, use --backend openai (an OpenAI-compatible upstream that supports it, such as vLLM) "
               "or --backend fastdeploy")
 
@@ -364,6 +551,17 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
             found.append(("tools", f"messages[{i}].tool_calls", "assistant messages with tool_calls"))
     if req.logit_bias:
         found.append(("logit_bias", "logit_bias", "logit_bias"))
+    for param, _kind, _value in structured.peer_forms(req):
+        found.append(("response_format", param, param))
+    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids"):
+        if getattr(req, name):
+            found.append(("peer_sampling", name, name))
+    go_on, open_turn = prompt_ending(req)
+    if go_on:
+        found.append(("prompt_ending", "continue_final_message" if req.continue_final_message else "messages",
+                      "a conversation ending with an assistant message (continued)"))
+    elif not open_turn:
+        found.append(("prompt_ending", "add_generation_prompt", "add_generation_prompt: false"))
     return found
 
 

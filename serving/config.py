@@ -72,6 +72,9 @@ class Settings:
         "help": "comma-separated host names (as in the Host header, without the port) this server answers; others "
                 "get 400 (empty: any). Without API keys, set it (127.0.0.1,localhost) so a web page cannot read "
                 "answers from it through DNS rebinding", "type": _keys})
+    cors_allow_origins: tuple = field(default=(), metadata={
+        "help": "comma-separated origins (https://app.example.com, or *) whose web pages may call this server "
+                "(CORS; empty: none). Preflight OPTIONS requests are answered without an API key", "type": _keys})
     default_max_tokens: int = field(default=512, metadata={
         "help": "max_tokens when a request gives none"})
     max_tokens_limit: int = field(default=4096, metadata={

@@ -35,6 +35,14 @@ class SamplingParams:
     # the answer's required form (JSON, tool calls, logit_bias), compiled by an engine that enforces it itself
     # (serving.engines.builtin.grammar.CompiledOutput); None: free text
     output: Optional[object] = None
+    # the peers' extensions (serving.engines.builtin.row_rules): no end before min_tokens, never an end, more ends
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list = field(default_factory=list)
+    min_p: float = 0.0
+    return_token_ids: bool = False  # deltas carry the token ids they cover
+    continue_final: bool = False  # the last message is the assistant's answer so far: continue its text
+    generation_prompt: bool = True  # open the assistant's turn after the last message (False: vLLM's option)
 
 
 @dataclass
@@ -55,10 +63,12 @@ class TextDelta(str):
     half character or a possible stop string, so tokens and text pieces need not line up one to one)."""
 
     logprobs: tuple = ()
+    token_ids: tuple = ()  # the ids of the tokens generated since the previous delta, when asked for
 
-    def __new__(cls, text: str, logprobs=()):
+    def __new__(cls, text: str, logprobs=(), token_ids=()):
         obj = super().__new__(cls, text)
         obj.logprobs = tuple(logprobs)
+        obj.token_ids = tuple(token_ids)
         return obj
 
 

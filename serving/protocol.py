@@ -187,6 +187,7 @@ def _token_ids(value):
 
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_CHOICES = 16  # n: each choice is a row of the running batch
 
 
 class ChatCompletionRequest(BaseModel):
@@ -202,7 +203,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     model: Optional[str] = None
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_p: Optional[float] = Field(default=None, ge=0, le=1)  # 0: the smallest nucleus, the most likely token
     top_k: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # above the vocabulary: no filtering
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
@@ -210,7 +211,7 @@ class ChatCompletionRequest(BaseModel):
     seed: Optional[int] = Field(default=None, ge=INT64_MIN, le=INT64_MAX)  # a signed 64-bit integer, as vLLM takes
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choice i samples with seed + i (serving.chat.Choices)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
@@ -223,6 +224,23 @@ class ChatCompletionRequest(BaseModel):
     functions: Optional[list[FunctionDefinition]] = None  # the deprecated form of tools
     function_call: Union[Literal["none", "auto"], dict, None] = None  # the deprecated form of tool_choice
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
+    # the peers' extensions this server honours (README: vLLM, llama.cpp, FastDeploy); engines without the
+    # feature refuse them (serving.chat.unsupported_fields), other peer fields are refused by name (PEER_REFUSED)
+    continue_final_message: Optional[bool] = None  # vLLM: the answer continues the final assistant message
+    add_generation_prompt: Optional[bool] = None  # vLLM: open the assistant's turn after the last message
+    min_tokens: Optional[int] = Field(default=None, ge=0)  # vLLM, FastDeploy: no end of turn before this many
+    ignore_eos: Optional[bool] = None  # vLLM, llama.cpp: never end on the end-of-turn token
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = Field(default=None, max_length=64)  # vLLM, FastDeploy
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)  # vLLM, llama.cpp: drop tokens below min_p x the top one
+    return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: prompt_token_ids and each choice's token_ids
+    guided_json: Union[dict, str, None] = None  # vLLM (before structured_outputs), FastDeploy: a JSON schema
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = Field(default=None, min_length=1)
+    guided_grammar: Optional[str] = None  # a Lark or GBNF grammar
+    guided_json_object: Optional[bool] = None  # FastDeploy: any JSON object
+    structured_outputs: Optional[dict] = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    json_schema: Optional[dict] = None  # llama.cpp: a JSON schema
+    grammar: Optional[str] = None  # llama.cpp: a GBNF grammar
     # accepted and ignored: they do not change the answer
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
@@ -277,10 +295,14 @@ def parse_request(body) -> ChatCompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         deepest = max(exc.errors(), key=lambda e: len(e["loc"]))
         raise InvalidRequest(_describe(exc), param=_param(deepest), code="invalid_value") from exc
+    if req.stream_options is not None and not req.stream:  # as OpenAI answers it
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled",
+                             param="stream_options", code="invalid_value")
+    return req
 
 
 def normalise_messages(request: ChatCompletionRequest) -> list[ChatTurn]:

@@ -42,6 +42,8 @@ class OutputSpec:
     named: Optional[str] = None
     parallel: bool = True
     logit_bias: dict = field(default_factory=dict)
+    grammar: Optional[tuple] = None  # ("regex" | "choice" | "grammar", the regex, the choices, Lark or GBNF text)
+    grammar_param: str = ""  # where it was in the request
 
     @property
     def calls(self) -> bool:
@@ -64,12 +66,80 @@ def output_spec(req: protocol.ChatCompletionRequest, *, max_tools: int, max_sche
         spec.schema = {"type": "object"} if schema is None else schema
         spec.schema_param = "response_format.json_schema.schema"
         _check_size(spec.schema, max_schema_bytes, spec.schema_param)
+    forms = peer_forms(req)
+    if forms and spec.schema is not None:
+        raise InvalidRequest(f"{forms[0][0]} and response_format both set the answer's form; send one",
+                             param=forms[0][0])
+    if len(forms) > 1:
+        raise InvalidRequest(f"{forms[0][0]} and {forms[1][0]} both set the answer's form; send one",
+                             param=forms[1][0])
+    for param, kind, value in forms:
+        if kind == "json":
+            spec.schema, spec.schema_param = value, param
+            _check_size(value, max_schema_bytes, param)
+        else:
+            spec.grammar, spec.grammar_param = (kind, value), param
+            _check_size(value, max_schema_bytes, param)
     _tools(req, spec, max_tools, max_schema_bytes)
+    if spec.grammar is not None and spec.calls:
+        raise InvalidRequest(f"{spec.grammar_param} cannot be combined with tools (tool_choice other than 'none')",
+                             param=spec.grammar_param)
     if req.logit_bias:
         spec.logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-    if spec.schema is None and not spec.calls and not spec.logit_bias:
+    if spec.schema is None and spec.grammar is None and not spec.calls and not spec.logit_bias:
         return None
     return spec
+
+
+STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                   "json_object": "json_object"}
+
+
+def peer_forms(req: protocol.ChatCompletionRequest) -> list:
+    """(param, kind, value) of each output form the peers' fields ask for: kind "json" (value: a schema),
+    "regex", "choice" (a list of strings) or "grammar" (Lark or GBNF text). vLLM's guided_* and
+    structured_outputs, FastDeploy's guided_* and guided_json_object, llama.cpp's json_schema and grammar."""
+    found = []
+    fields = [("guided_json", "json", req.guided_json), ("guided_regex", "regex", req.guided_regex),
+              ("guided_choice", "choice", req.guided_choice), ("guided_grammar", "grammar", req.guided_grammar),
+              ("json_schema", "json", req.json_schema), ("grammar", "grammar", req.grammar)]
+    if req.guided_json_object:
+        fields.append(("guided_json_object", "json", {"type": "object"}))
+    if req.structured_outputs is not None:
+        chosen = {k: v for k, v in req.structured_outputs.items() if v is not None and v is not False}
+        unknown = sorted(set(chosen) - set(STRUCTURED_KEYS))
+        if unknown:
+            raise InvalidRequest(f"structured_outputs.{unknown[0]} is not supported here; this server takes "
+                                 "json, regex, choice, grammar or json_object", param=f"structured_outputs.{unknown[0]}",
+                                 code="unsupported_parameter")
+        for key, value in chosen.items():
+            kind = "json" if key in ("json", "json_object") else key
+            fields.append((f"structured_outputs.{key}", kind, {"type": "object"} if key == "json_object" else value))
+    for param, kind, value in fields:
+        if value is None:
+            continue
+        found.append((param, kind, _form_value(param, kind, value)))
+    return found
+
+
+def _form_value(param: str, kind: str, value):
+    """A peer form's value, checked: a schema (an object, or JSON text of one), a string, or a list of strings."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidRequest(f"{param} must be a JSON schema (an object, or its JSON text)", param=param) from None
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{param} must be a JSON schema (an object)", param=param)
+        return value
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidRequest(f"{param} must be a list of non-empty strings", param=param)
+        return list(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{param} must be a non-empty string", param=param)
+    return value
 
 
 def _tools(req, spec: OutputSpec, max_tools: int, max_schema_bytes: int) -> None:

@@ -122,7 +122,7 @@ def test_stream_format(client):
     assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] in ("stop", "length")
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1
     streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
-    whole = chat(client, {**body, "stream": False}).json["choices"][0]["message"]["content"]
+    whole = chat(client, {**body, "stream": False, "stream_options": None}).json["choices"][0]["message"]["content"]
     assert streamed == whole
 
 

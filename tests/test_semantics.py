@@ -149,4 +149,5 @@ def test_stream_refusals_are_plain_json_errors(featureless):
 
 
 def test_features_are_field_names():
-    assert set(FEATURES) == {"response_format", "tools", "logit_bias"}
+    # the OpenAI fields, and two groups of the peers' extensions (serving.chat.unsupported_fields names each field)
+    assert set(FEATURES) == {"response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling"}

@@ -12,6 +12,7 @@ that cannot run, for example); the HTTP layer alone decides what status each bec
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
@@ -30,6 +31,16 @@ class ModelInfo:
     # OpenAI request fields beyond sampling that this engine honours (e.g. "tools", "response_format",
     # "logit_bias"); the service refuses the others with 400 unsupported_parameter instead of dropping them
     features: frozenset = frozenset()
+    # what else decides the answers (device, dtype, batch budgets, library versions...), as (name, value) pairs
+    configuration: tuple = ()
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: a digest of the model and the engine configuration, the same for every
+        response of one server setup and different when something that changes answers changes."""
+        parts = (self.name, self.source, self.context_length, self.max_batch_size, sorted(self.features),
+                 sorted(self.configuration))
+        return "fp_" + hashlib.blake2b(repr(parts).encode(), digest_size=6).hexdigest()
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from serving import limits, protocol
+from serving import completions, limits, protocol
 from serving.web import http_errors
 from serving.web.http_errors import printable
 from serving.intake import images
@@ -87,14 +87,37 @@ def _start():
     if settings.allowed_hosts and _host_name(request.host) not in {h.lower() for h in settings.allowed_hosts}:
         raise InvalidRequest(f"this server does not answer for the host {printable(request.host)!r} (ALLOWED_HOSTS)",
                              code="host_not_allowed")
+    if request.method == "OPTIONS" and _cors_origin(settings) and request.headers.get("Access-Control-Request-Method"):
+        return Response(status=204, headers=CORS_PREFLIGHT)  # a browser's preflight carries no API key
     keys = settings.api_key
-    if request.path.startswith("/v1/") and keys:
+    if (request.path.startswith("/v1/") or request.path in TOKENIZER_PATHS) and keys:
         check_api_key(request.headers.get("Authorization", ""), keys)
+
+
+# CORS (CORS_ALLOW_ORIGINS; off by default): what a browser's preflight is told it may send
+CORS_PREFLIGHT = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                  "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+                  "Access-Control-Max-Age": "600"}
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")
+
+
+def _cors_origin(settings):
+    """The request's Origin when CORS_ALLOW_ORIGINS allows it (None otherwise)."""
+    origin = request.headers.get("Origin")
+    allowed = settings.cors_allow_origins
+    if not origin or not allowed:
+        return None
+    return origin if "*" in allowed or origin in allowed else None
 
 
 @api.after_app_request
 def _finish(response):
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    origin = _cors_origin(_state().settings)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        response.headers.add("Vary", "Origin")
     if not response.is_streamed:  # a stream is recorded when it ends
         # a 503 while the model loads (or the server stops) is normal operation, not a server error: logged at INFO
         loading = response.status_code == 503 and (_state().service.engine is None or _state().service.closing)
@@ -186,11 +209,13 @@ def _chat(state: AppState, slot) -> Response:
     # a client that hangs up while its answer is generated: the answer is cancelled (499), its place freed
     unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
     g.prompt_tokens = reply.prompt_tokens
-    model, logprobs = state.service.engine.info.name, bool(req.logprobs)
+    info = state.service.engine.info
+    model, logprobs, fingerprint = info.name, bool(req.logprobs), info.fingerprint
     if req.stream:
         on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
         try:
             body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
+                                    fingerprint=fingerprint, token_ids=bool(req.return_token_ids),
                                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
         except BaseException:
             unwatch()
@@ -201,13 +226,73 @@ def _chat(state: AppState, slot) -> Response:
         response.call_on_close(unwatch)
         return response
     try:
-        completion = responses.completion(reply, model=model, logprobs=logprobs)
+        completion = responses.completion(reply, model=model, logprobs=logprobs, fingerprint=fingerprint,
+                                          token_ids=bool(req.return_token_ids))
     finally:
         reply.cancel()
         unwatch()
     g.completion_tokens = completion["usage"]["completion_tokens"]
     g.prompt_tokens = completion["usage"]["prompt_tokens"]  # an upstream engine knows it only at the end
     return jsonify(completion)
+
+
+@api.post("/v1/completions")
+def text_completions():
+    state = _state()
+    state.service.ready_engine()
+    slot = state.admission.enter()
+    try:
+        response = _completion(state)
+    except BaseException:
+        slot.release()
+        raise
+    if response.is_streamed:
+        response.call_on_close(slot.release)
+    else:
+        slot.release()
+    return response
+
+
+def _completion(state: AppState) -> Response:
+    req = completions.parse_completion(_json_body())
+    reply, echo = completions.start(state.service, req, started=g.started)
+    unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
+    g.prompt_tokens = reply.prompt_tokens
+    info = state.service.engine.info
+    options = dict(model=info.name, logprobs=req.logprobs is not None, fingerprint=info.fingerprint)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        request_id = g.request_id
+
+        def body():
+            try:
+                for event in completions.stream_events(reply, echo, include_usage=include_usage, **options):
+                    yield responses._event(event)
+            except Exception as exc:  # the stream has started: the error is its last event
+                yield responses._event(http_errors.problem(exc, request_id).body())
+            finally:
+                reply.cancel()
+                unwatch()
+            yield "data: [DONE]\n\n"
+
+        return Response(body(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        out = completions.completion(reply, echo, **options)
+    finally:
+        reply.cancel()
+        unwatch()
+    g.completion_tokens = out["usage"]["completion_tokens"]
+    return jsonify(out)
+
+
+@api.post("/tokenize")
+def tokenize():
+    return jsonify(completions.tokenize(_state().service, _json_body()))
+
+
+@api.post("/detokenize")
+def detokenize():
+    return jsonify(completions.detokenize(_state().service, _json_body()))
 
 
 def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
@@ -223,7 +308,8 @@ def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
 def _json_body():
     if request.mimetype != "application/json":
         # a web page can make a visitor's browser POST text/plain or a form to a server on their machine without
-        # asking first; application/json needs the browser to ask (CORS preflight), which this server never allows
+        # asking first; application/json needs the browser to ask (CORS preflight), which this server allows
+        # only to the origins of CORS_ALLOW_ORIGINS
         raise UnsupportedMediaType(f"the request body must be sent as JSON with 'Content-Type: application/json' "
                                    f"(it was {printable(request.mimetype) or 'not declared'})",
                                    code="unsupported_media_type")

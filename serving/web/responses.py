@@ -13,36 +13,50 @@ from typing import Callable, Iterator, Optional
 
 from serving import protocol
 from serving.web import http_errors
-from serving.chat import Reply
+from serving.chat import Reply, choice_of
 from serving.errors import InternalError
-from serving.jobs import ToolCallDelta
+from serving.jobs import Finished, ToolCallDelta
 
 LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -Infinity)
 
 
-def completion(reply: Reply, *, model: str, logprobs: bool) -> dict:
-    """The whole answer as a chat.completion body."""
-    answer = reply.collect()
-    finished = answer.finished
-    if finished is None:
+def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optional[str] = None,
+               token_ids: bool = False) -> dict:
+    """The whole answer as a chat.completion body (n choices when the request asked for several)."""
+    answers = reply.collect_choices()
+    if any(answer.finished is None for answer in answers):
         raise InternalError("the generation ended without a result")
-    tool_calls = finished.tool_calls  # the model called tools
-    choice = protocol.Choice(message=protocol.ResponseMessage(content=None if tool_calls and not answer.text.strip()
-                                                              else answer.text),
-                             finish_reason=finished.finish_reason,
-                             logprobs=choice_logprobs(answer.logprobs) if logprobs else None)
+    choices = []
+    for index, answer in enumerate(answers):
+        finished = answer.finished
+        tool_calls = finished.tool_calls  # the model called tools
+        choice = protocol.Choice(index=index, message=protocol.ResponseMessage(
+            content=None if tool_calls and not answer.text.strip() else answer.text),
+            finish_reason=finished.finish_reason,
+            logprobs=choice_logprobs(answer.logprobs) if logprobs else None).model_dump()
+        if tool_calls:
+            choice["message"]["tool_calls"] = tool_calls
+        if token_ids:  # vLLM's return_token_ids
+            choice["token_ids"] = answer.token_ids
+        choices.append(choice)
     body = protocol.ChatCompletion(id=protocol.new_completion_id(), created=protocol.now(), model=model,
-                                   choices=[choice], usage=protocol.usage(finished.prompt_tokens,
-                                                                          finished.completion_tokens,
-                                                                          finished.cached_tokens),
-                                   image_sizes=reply.image_sizes or None).model_dump()
-    if tool_calls:
-        body["choices"][0]["message"]["tool_calls"] = tool_calls
+                                   choices=[], usage=total_usage(a.finished for a in answers),
+                                   image_sizes=reply.image_sizes or None, system_fingerprint=fingerprint).model_dump()
+    body["choices"] = choices
+    if token_ids:
+        body["prompt_token_ids"] = reply.prompt_token_ids
     return body
 
 
+def total_usage(finishes) -> protocol.Usage:
+    """OpenAI's usage of n choices: the prompt once, the choices' tokens summed (cached tokens: the first's)."""
+    finishes = list(finishes)
+    first = finishes[0]
+    return protocol.usage(first.prompt_tokens, sum(f.completion_tokens for f in finishes), first.cached_tokens)
+
+
 def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
-           on_end: Callable) -> Iterator[str]:
+           on_end: Callable, fingerprint: Optional[str] = None, token_ids: bool = False) -> Iterator[str]:
     """The answer as SSE text, event by event. Waits for the first event here, so errors before it are
     raised to the caller; after it, an error travels in the stream as its last event. `on_end(status,
     problem, finished)` is called once when the stream ends (499: the client went away)."""
@@ -52,33 +66,37 @@ def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, req
     except BaseException:
         reply.cancel()
         raise
-    chunk = _Chunks(model)
-    return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end)
+    chunk = _Chunks(model, fingerprint)
+    return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end, token_ids)
 
 
-def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> Iterator[str]:
+def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end, token_ids=False) -> Iterator[str]:
     status, problem = 200, None
     try:
-        yield chunk(protocol.Delta(role="assistant", content=""))
-        pieces_sent = False
+        for index in range(reply.n):  # each choice's first chunk names the role
+            yield chunk(protocol.Delta(role="assistant", content=""), index=index,
+                        extra={"prompt_token_ids": reply.prompt_token_ids} if token_ids and index == 0 else None)
+        pieces_sent = set()  # choices whose tool calls went out piece by piece
+        sizes = reply.image_sizes or None  # on the finish chunks and the last chunk
         for event in events:
+            index = choice_of(event)
             if isinstance(event, str):
                 tokens = getattr(event, "logprobs", ()) if logprobs else None
-                yield chunk(protocol.Delta(content=str(event)),
-                            logprobs=choice_logprobs(tokens) if tokens is not None else None)
+                yield chunk(protocol.Delta(content=str(event)), index=index,
+                            logprobs=choice_logprobs(tokens) if tokens is not None else None,
+                            choice_extra={"token_ids": list(event.token_ids)} if token_ids else None)
             elif isinstance(event, ToolCallDelta):  # the built-in engine's calls, piece by piece
-                pieces_sent = True
-                yield chunk(tool_calls=[event.as_openai()])
-        finished = reply.finished
-        if finished is None:
+                pieces_sent.add(index)
+                yield chunk(tool_calls=[event.as_openai()], index=index)
+            elif isinstance(event, Finished):
+                if event.tool_calls and index not in pieces_sent:  # an upstream's calls, whole, in one delta
+                    yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(event.tool_calls)],
+                                index=index)
+                yield chunk(finish=event.finish_reason, image_sizes=sizes, index=index)
+        if len(reply.finishes) < reply.n:
             raise InternalError("the generation ended without a result")
-        sizes = reply.image_sizes or None  # on the last chunk, whichever that is (and on the finish chunk)
-        if finished.tool_calls and not pieces_sent:  # an upstream's model called tools: the calls, whole, in one delta
-            yield chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(finished.tool_calls)])
-        yield chunk(finish=finished.finish_reason, image_sizes=sizes)
         if include_usage:
-            yield chunk(usage=protocol.usage(finished.prompt_tokens, finished.completion_tokens,
-                                             finished.cached_tokens), choices=False,
+            yield chunk(usage=total_usage(reply.finishes[i] for i in range(reply.n)), choices=False,
                         image_sizes=sizes)
         yield "data: [DONE]\n\n"
     except GeneratorExit:
@@ -97,19 +115,25 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end) -> I
 class _Chunks:
     """chat.completion.chunk events of one answer: one id, one creation time."""
 
-    def __init__(self, model: str):
-        self.model = model
+    def __init__(self, model: str, fingerprint: Optional[str] = None):
+        self.model, self.fingerprint = model, fingerprint
         self.id, self.created = protocol.new_completion_id(), protocol.now()
 
     def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
                  logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True, image_sizes=None,
-                 tool_calls: Optional[list] = None) -> str:
-        choice = protocol.ChunkChoice(delta=delta or protocol.Delta(), finish_reason=finish, logprobs=logprobs)
+                 tool_calls: Optional[list] = None, extra: Optional[dict] = None,
+                 choice_extra: Optional[dict] = None, index: int = 0) -> str:
+        choice = protocol.ChunkChoice(index=index, delta=delta or protocol.Delta(), finish_reason=finish,
+                                      logprobs=logprobs)
         body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                             choices=[choice] if choices else [], usage=usage,
-                                            image_sizes=image_sizes).model_dump()
+                                            image_sizes=image_sizes, system_fingerprint=self.fingerprint).model_dump()
         if tool_calls:
             body["choices"][0]["delta"]["tool_calls"] = tool_calls
+        if extra:
+            body.update(extra)
+        if choice_extra and choices:
+            body["choices"][0].update(choice_extra)
         return _event(body)
 
 

@@ -12,13 +12,18 @@ from __future__ import annotations
 import time
 
 from serving.engines.builtin.detokenize import IncrementalText
+from serving.engines.builtin.row_rules import RowRules
 from serving.errors import InternalError
 from serving.jobs import Finished, Job, TextDelta
 
 
 class Row:
     def __init__(self, job: Job, sampler, text: IncrementalText, eos_ids: set, constraint=None, calls=None):
-        self.job, self.sampler, self.text, self.eos_ids = job, sampler, text, eos_ids
+        self.job, self.sampler, self.text = job, sampler, text
+        params = job.params
+        self.eos_ids = set(eos_ids) | set(params.stop_token_ids or ())  # stop_token_ids end it as eos does
+        self.rules = RowRules.of(params, sampler, eos_ids)  # min_tokens, ignore_eos, min_p (or None)
+        self._ids: list = [] if params.return_token_ids else None  # ids not yet sent with a delta
         self.constraint = constraint  # RowConstraint, or None: free text
         self.calls = calls  # serving.tools.CallReader when the answer may call tools
         self.started = time.perf_counter()  # admitted: generation time, not queueing, goes into tokens/s
@@ -49,6 +54,8 @@ class Row:
             if problem is not None:  # this row only; the batch goes on
                 return self.fail(InternalError(f"the answer could not follow its required form: {problem}",
                                                code="grammar_error"))
+        if self._ids is not None:
+            self._ids.append(token)
         if token in self.eos_ids:
             return self.finish("stop")
         if logprob is not None:
@@ -56,20 +63,36 @@ class Row:
         pieces = self.calls.add(token) if self.calls is not None else None
         if pieces is not None:  # a tool call's token: the text before it is complete
             tail = self.text.finish() if not self.text.stopped else ""
-            if tail or self._logprobs:
-                self.job.events.put(TextDelta(tail, self._logprobs))
-                self._logprobs = []
+            if tail or self._logprobs or self._ids:
+                self.job.events.put(self._delta(tail))
             for piece in pieces:
                 self.job.events.put(piece)
         else:
             delta = self.text.add(token)
             if delta:
-                self.job.events.put(TextDelta(delta, self._logprobs))
-                self._logprobs = []
+                self.job.events.put(self._delta(delta))
         if self.text.stopped:
             self.finish("stop")
         elif self.count >= self.job.params.max_tokens:
             self.finish("length")
+
+    def _delta(self, text: str) -> TextDelta:
+        """A text delta with the logprobs (and token ids, when asked for) of the tokens since the previous one."""
+        delta = TextDelta(text, self._logprobs, self._ids or ())
+        self._logprobs = []
+        if self._ids is not None:
+            self._ids = []
+        return delta
+
+    def adjuster(self):
+        """This step's score adjustment of the row (its grammar and logit bias, then its RowRules), or None."""
+        grammar = self.constraint.adjust if self.constraint is not None and self.constraint.shapes else None
+        rules = self.rules if self.rules is not None and self.rules.shapes(self.count) else None
+        if rules is None:
+            return grammar
+        if grammar is None:
+            return lambda scores: rules.adjust(scores, self.count)
+        return lambda scores: rules.adjust(grammar(scores), self.count)
 
     def finish(self, reason: str) -> None:
         """Release the held-back text and tell the client now."""
@@ -77,9 +100,8 @@ class Row:
             return
         self.done = True
         tail = self.text.finish()
-        if tail or self._logprobs:
-            self.job.events.put(TextDelta(tail, self._logprobs))
-            self._logprobs = []
+        if tail or self._logprobs or self._ids:
+            self.job.events.put(self._delta(tail))
         if self.text.stopped:
             reason = "stop"
         calls = None

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 IMAGE_PAD = "<|image_pad|>"
 # the OpenAI fields this engine honours beyond sampling (serving.chat refuses the others): enforced by grammars
 OUTPUT_FEATURES = frozenset({"response_format", "tools", "logit_bias"})
+# the peers' extensions it honours whatever the tokenizer (serving.chat.PEER_FIELDS)
+BASE_FEATURES = frozenset({"prompt_ending", "peer_sampling"})
 VIDEO_PAD = "<|video_pad|>"
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 
@@ -78,7 +80,8 @@ class PaddleEngine:
         self.grammar = self._grammar_compiler(grammar_cache_size, json_whitespace)
         self.info = ModelInfo(name=loaded.name, source=loaded.source, is_demo=loaded.is_demo,
                               context_length=self.context_length, max_batch_size=self.max_batch_size,
-                              features=OUTPUT_FEATURES if self.grammar is not None else frozenset())
+                              features=BASE_FEATURES | (OUTPUT_FEATURES if self.grammar is not None else frozenset()),
+                              configuration=self._configuration(json_whitespace))
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_ids[-1]
         self._template_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
@@ -101,12 +104,26 @@ class PaddleEngine:
                  self.max_batch_size, self.max_batch_tokens, self.prefill_chunk_tokens)
         log.info("prefix cache: %s", f"{prefix_cache_bytes / 2**20:g} MB" if prefix_cache_bytes else "off")
 
+    def _configuration(self, json_whitespace: str) -> tuple:
+        """What decides this engine's answers beside the model's name (for system_fingerprint)."""
+        import paddle
+        import paddleformers
+
+        return (("device", str(self.loaded.device)), ("dtype", str(self.loaded.dtype)),
+                ("max_batch_tokens", self.max_batch_tokens), ("prefill_chunk_tokens", self.prefill_chunk_tokens),
+                ("json_whitespace", json_whitespace), ("paddle", paddle.__version__),
+                ("paddleformers", getattr(paddleformers, "__version__", "?")), ("eos", tuple(self.eos_token_ids)))
+
     # ------------------------------------------------------------------ prompts
 
-    def build_prompt(self, turns, tools: Optional[list] = None) -> Prompt:
+    def build_prompt(self, turns, tools: Optional[list] = None, *, continue_final: bool = False,
+                     generation_prompt: bool = True) -> Prompt:
         """turns: ChatTurn-like objects whose parts are str, PIL images or serving.intake.video.Video, in order
         (an assistant turn may carry tool_calls, a "tool" turn is a call's result); `tools`: OpenAI tool
-        definitions the answer may call, written into the system turn (serving.tools)."""
+        definitions the answer may call, written into the system turn (serving.tools). `continue_final`: the
+        last turn is the assistant's answer so far, which the answer continues (llama.cpp's prefill, vLLM's
+        continue_final_message); `generation_prompt` False: the prompt ends after the last turn, no assistant
+        turn opened (vLLM's add_generation_prompt)."""
         messages, images, videos = [], [], []
         for turn in turns:
             content = []
@@ -129,8 +146,13 @@ class PaddleEngine:
         if chars > self.context_length * MAX_CHARS_PER_TOKEN:  # surely too long: refuse before tokenizing
             raise InvalidRequest(f"the prompt is {chars} characters, far more than the model's context of "
                                  f"{self.context_length} tokens", param="messages", code="context_length_exceeded")
-        if messages and messages[-1]["role"] == "assistant":
-            raise InvalidRequest("the last message must not be an assistant message", param="messages")
+        continued = ""  # the final assistant message's text, which the answer continues (a prefill)
+        if continue_final:
+            if not messages or messages[-1]["role"] != "assistant" or "tool_calls" in messages[-1]:
+                raise InvalidRequest("continuing the final message needs a last assistant message without "
+                                     "tool_calls", param="continue_final_message")
+            continued = messages.pop()["content"]
+            generation_prompt = True  # the assistant's turn is opened, then its text so far follows
         _ensure_dynamic_mode()
         extra = {}
         if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
@@ -139,7 +161,9 @@ class PaddleEngine:
             else:  # the published Qwen2.5-VL template has no tools section: write Qwen2.5's text ourselves
                 messages = tool_format.render_messages(messages, tools or [])
         with self._template_lock:
-            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+            text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt, **extra)
+        text += continued  # the template opens an assistant turn as "<|im_start|>assistant\n": its text goes on
         pixels, grids, keys = [], [], []
         for img in images:
             key, (pv, grid) = self._preprocess_image(img)
@@ -207,6 +231,14 @@ class PaddleEngine:
                                        int(config.image_token_id), int(config.video_token_id),
                                        int(self.processor.image_processor.merge_size) ** 2)
 
+    def check_token_ids(self, ids, param: str) -> None:
+        """InvalidRequest naming `param` when an id is not in the tokenizer's vocabulary."""
+        size = len(self.tokenizer)
+        bad = [i for i in ids if not 0 <= int(i) < size]
+        if bad:
+            raise InvalidRequest(f"{param}: token id {bad[0]} is not in the model's vocabulary (0..{size - 1})",
+                                 param=param, code="invalid_value")
+
     def check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         room = self.context_length - prompt.prompt_tokens
         if room < 1:
@@ -223,7 +255,15 @@ class PaddleEngine:
     def start(self, turns, params: SamplingParams) -> Job:
         """The engine protocol's entry (serving.engines.base.Engine): prompt, then a queued job."""
         tools = params.output.tools if params.output is not None else None
-        return self.submit(self.build_prompt(turns, tools), params)
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        return self.submit(self.build_prompt(turns, tools, continue_final=params.continue_final,
+                                             generation_prompt=params.generation_prompt), params)
+
+    def start_ids(self, ids: list, params: SamplingParams) -> Job:
+        """A raw prompt of token ids (no chat template: /v1/completions), then a queued job."""
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        arrays = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        return self.submit(Prompt(arrays=arrays, prompt_tokens=len(ids), text="", image_count=0), params)
 
     # ------------------------------------------------------------------ structured output
 

@@ -120,7 +120,27 @@ class GrammarCompiler:
         elif spec.schema is not None:
             grammar = LLMatcher.grammar_from_json_schema(spec.schema, overrides=self.options)
             out.matcher = self._matcher(grammar, spec.schema_param).deep_copy()
+        elif spec.grammar is not None:
+            out.matcher = self._matcher(self._peer_grammar(*spec.grammar, spec.grammar_param),
+                                        spec.grammar_param, what="grammar").deep_copy()
         return out
+
+    def _peer_grammar(self, kind: str, value, param: str) -> str:
+        """The peers' regex, choice and grammar forms as llguidance grammars (a grammar: Lark, or llama.cpp's
+        GBNF translated by llguidance's own converter)."""
+        LLMatcher = self._llg.LLMatcher
+        if kind == "regex":
+            return LLMatcher.grammar_from_regex(value)
+        if kind == "choice":
+            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+        try:
+            return LLMatcher.grammar_from_lark(any_to_lark(value))
+        except (GbnfToLarkError, ValueError) as exc:
+            raise InvalidRequest(f"{param} is not a Lark or GBNF grammar this server can read: "
+                                 f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+                                 param=param, code="invalid_grammar") from None
 
     def _calls_lark(self, tools, parallel: bool) -> str:
         opening, closing = self.tool_call_ids
@@ -129,7 +149,7 @@ class GrammarCompiler:
         calls = 'calls: call ("\\n" call)*' if parallel else "calls: call"
         return "\n".join([calls, f'call: <[{opening}]> "\\n" ({either}) "\\n" <[{closing}]>', *rules]) + "\n"
 
-    def _matcher(self, grammar: str, param: str):
+    def _matcher(self, grammar: str, param: str, what: str = "a JSON schema"):
         """The pristine matcher of `grammar` (compiled, or from the cache); InvalidRequest naming `param`."""
         with self._lock:
             found = self._cache.get(grammar)
@@ -141,7 +161,7 @@ class GrammarCompiler:
         matcher = self._llg.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         seconds = time.perf_counter() - started
         if matcher.is_error():
-            raise _schema_error(matcher.get_error(), param)
+            raise _schema_error(matcher.get_error(), param, what)
         with self._lock:
             self.stats.compiles += 1
             self.stats.compile_seconds += seconds
@@ -248,7 +268,7 @@ def _dump(schema: dict) -> str:
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
 
 
-def _schema_error(message: str, param: str) -> InvalidRequest:
+def _schema_error(message: str, param: str, what: str = "a JSON schema") -> InvalidRequest:
     """llguidance's error -> a 400 naming the field and, for a keyword it cannot enforce, the keyword."""
     text = " ".join(line.strip() for line in (message or "").splitlines() if line.strip())
     found = _UNIMPLEMENTED.search(text)
@@ -259,5 +279,5 @@ def _schema_error(message: str, param: str) -> InvalidRequest:
     if re.search(r"too (complex|large|big)|fuel|limit", text, re.IGNORECASE):
         return InvalidRequest(f"{param} makes a grammar too complex to enforce: {text[:300]}", param=param,
                               code="grammar_too_complex")
-    return InvalidRequest(f"{param} is not a JSON schema this server can enforce: {text[:300]}", param=param,
-                          code="invalid_schema")
+    return InvalidRequest(f"{param} is not {what} this server can enforce: {text[:300]}", param=param,
+                          code="invalid_schema" if what == "a JSON schema" else "invalid_grammar")

@@ -344,8 +344,8 @@ def _not_fatal(what: str):
 
 
 def _adjusters(rows) -> Optional[list]:
-    """Each row's grammar mask and logit bias for this step (RowConstraint.adjust), None when no row has one."""
-    found = [row.constraint.adjust if row.constraint is not None and row.constraint.shapes else None for row in rows]
+    """Each row's grammar mask, logit bias and peer rules for this step (Row.adjuster), None when no row has one."""
+    found = [row.adjuster() for row in rows]
     return found if any(fn is not None for fn in found) else None
 
 

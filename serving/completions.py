@@ -1,0 +1,233 @@
+"""The legacy text-completion endpoint (/v1/completions) and the tokenizer endpoints (/tokenize, /detokenize).
+
+Evaluation harnesses and older clients use /v1/completions: a raw prompt (a string or token ids, no chat
+template), `logprobs` (0..20 most likely alternatives per token, in the legacy form: tokens, token_logprobs,
+top_logprobs, text_offset), `echo` (the prompt's text before the answer), `n`, streaming. llama.cpp and vLLM
+serve /tokenize and /detokenize; both forms of their bodies are taken. All of it needs an engine that builds
+prompts itself from token ids (the built-in one: `start_ids`, `tokenizer`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving import protocol
+from serving.chat import Choices, Reply, choice_of, refuse_peer_fields
+from serving.errors import InvalidRequest
+from serving.jobs import Finished
+
+MAX_LOGPROBS = 20
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's (legacy) completion request, the fields this server honours; see module docstring."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for this endpoint
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, ge=0, le=1)
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    n: int = Field(default=1, ge=1, le=protocol.MAX_CHOICES)
+    stream: bool = False
+    stream_options: Optional[protocol.StreamOptions] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=protocol.INT64_MIN, le=protocol.INT64_MAX)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
+    min_tokens: Optional[int] = Field(default=None, ge=0)
+    ignore_eos: Optional[bool] = None
+    stop_token_ids: Optional[list[int]] = Field(default=None, max_length=64)
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    user: Optional[str] = None
+
+
+REFUSED = {"suffix": "suffix (insertion) is not supported by this model's server",
+           "logit_bias": "logit_bias is served on /v1/chat/completions only",
+           "best_of": "best_of other than n is not supported"}
+
+
+def parse_completion(body) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
+    try:
+        req = CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        deepest = max(exc.errors(), key=lambda e: len(e["loc"]))
+        raise InvalidRequest(protocol._describe(exc), param=protocol._param(deepest), code="invalid_value") from exc
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled",
+                             param="stream_options")
+    extra = req.model_extra or {}
+    for name, why in REFUSED.items():
+        value = extra.get(name)
+        if value is not None and not (name == "best_of" and value in (1, req.n)):
+            raise InvalidRequest(why, param=name, code="unsupported_parameter")
+    refuse_peer_fields(req)
+    req.stop = protocol.ChatCompletionRequest._stop_list(req.stop)
+    return req
+
+
+def prompt_ids(req: CompletionRequest, engine) -> list:
+    """The prompt's token ids: a string encoded (added tokens such as <|im_start|> recognised), or ids as sent."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise InvalidRequest(f"prompt holds {len(prompt)} prompts; this server takes one per request "
+                                 "(ask n for several answers to it)", param="prompt")
+        prompt = prompt[0]
+    ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise InvalidRequest("prompt is empty", param="prompt")
+    engine.check_token_ids(ids, "prompt")
+    return ids
+
+
+def start(service, req: CompletionRequest, *, started: float) -> tuple:
+    """(Reply, the prompt's text for echo) of a completion request."""
+    engine = service.ready_engine()
+    if not hasattr(engine, "start_ids"):
+        raise InvalidRequest("/v1/completions needs the built-in engine (--backend paddle)", param="prompt",
+                             code="unsupported_parameter")
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("echo with logprobs needs the prompt's logprobs, which this server does not compute",
+                             param="echo", code="unsupported_parameter")
+    params = service.sampling_params(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                     top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                     seed=req.seed, stop=req.stop, logprobs=req.logprobs is not None,
+                                     top_logprobs=req.logprobs or None, stream=req.stream)
+    params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
+    params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+    engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    ids = prompt_ids(req, engine)
+    generation = (engine.start_ids(ids, params) if req.n == 1
+                  else Choices(lambda p: engine.start_ids(ids, p), params, req.n))
+    reply = Reply(generation, started=started, time_limit=service.settings.request_timeout,
+                  metrics=service.metrics, n=req.n)
+    echo = (req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)) if req.echo else ""
+    return reply, echo
+
+
+def legacy_logprobs(tokens, offset: int) -> dict:
+    """serving.jobs.TokenLogprob items -> the completion endpoint's logprobs form."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        out["tokens"].append(t.token)
+        out["token_logprobs"].append(max(float(t.logprob), -9999.0))
+        out["top_logprobs"].append({a.token: max(float(a.logprob), -9999.0) for a in t.top_logprobs})
+        out["text_offset"].append(offset)
+        offset += len(t.token)
+    return out
+
+
+def _usage(finishes) -> dict:
+    finishes = list(finishes)
+    prompt = finishes[0].prompt_tokens
+    done = sum(f.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def completion(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str) -> dict:
+    answers = reply.collect_choices()
+    choices = []
+    for index, answer in enumerate(answers):
+        if answer.finished is None:
+            from serving.errors import InternalError
+
+            raise InternalError("the generation ended without a result")
+        choices.append({"text": echo + answer.text, "index": index,
+                        "logprobs": legacy_logprobs(answer.logprobs, len(echo)) if logprobs else None,
+                        "finish_reason": answer.finished.finish_reason})
+    return {"id": new_id(), "object": "text_completion", "created": protocol.now(), "model": model,
+            "system_fingerprint": fingerprint, "choices": choices, "usage": _usage(a.finished for a in answers)}
+
+
+def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str, include_usage: bool):
+    """The completion's chunks as JSON bodies (the SSE framing is the caller's)."""
+    ident, created = new_id(), protocol.now()
+    offsets = [len(echo)] * reply.n
+
+    def chunk(index, text, finish=None, lp=None):
+        return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": fingerprint,
+                "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
+
+    if echo:
+        for index in range(reply.n):
+            yield chunk(index, echo)
+    for event in reply:
+        index = choice_of(event)
+        if isinstance(event, str):
+            lp = legacy_logprobs(event.logprobs, offsets[index]) if logprobs else None
+            offsets[index] += len(event)
+            yield chunk(index, str(event), lp=lp)
+        elif isinstance(event, Finished):
+            yield chunk(index, "", finish=event.finish_reason)
+    if len(reply.finishes) < reply.n:
+        from serving.errors import InternalError
+
+        raise InternalError("the generation ended without a result")
+    if include_usage:
+        yield {"id": ident, "object": "text_completion", "created": created, "model": model,
+               "system_fingerprint": fingerprint, "choices": [],
+               "usage": _usage(reply.finishes[i] for i in range(reply.n))}
+
+
+def new_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize
+
+def tokenize(service, body) -> dict:
+    """llama.cpp's {"content": ...} (with_pieces) or vLLM's {"prompt": ...} / {"messages": [...]} (return_token_strs)."""
+    engine = service.ready_engine()
+    if not hasattr(engine, "start_ids"):
+        raise InvalidRequest("/tokenize needs the built-in engine (--backend paddle)", code="unsupported_parameter")
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
+    if "messages" in body:
+        chat = {key: body[key] for key in ("messages", "add_generation_prompt", "continue_final_message") if key in body}
+        req = service.parse_request(chat)
+        from serving.chat import prompt_ending
+
+        go_on, open_turn = prompt_ending(req)
+        turns = service.load_images(protocol.normalise_messages(req))
+        ids = engine.build_prompt(turns, continue_final=go_on, generation_prompt=open_turn).arrays["input_ids"][0]
+        ids = [int(t) for t in ids]
+    else:
+        text = body.get("content", body.get("prompt"))
+        if not isinstance(text, str):
+            raise InvalidRequest("send the text to tokenize as 'content' (or 'prompt'), a string, or 'messages'",
+                                 param="content")
+        ids = engine.encode(text)
+    names = None
+    if body.get("with_pieces") or body.get("return_token_strs"):
+        names = [engine.tokenizer.convert_ids_to_tokens(i) for i in ids]
+    out = {"tokens": [{"id": i, "piece": engine.tokenizer.decode([i])} for i in ids] if body.get("with_pieces")
+           else ids, "count": len(ids), "max_model_len": engine.info.context_length}
+    if body.get("return_token_strs"):
+        out["token_strs"] = names
+    return out
+
+
+def detokenize(service, body) -> dict:
+    """{"tokens": [ids]} -> {"content": text} (llama.cpp) and {"prompt": text} (vLLM)."""
+    engine = service.ready_engine()
+    if not hasattr(engine, "start_ids"):
+        raise InvalidRequest("/detokenize needs the built-in engine (--backend paddle)", code="unsupported_parameter")
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise InvalidRequest("tokens must be a list of token ids", param="tokens")
+    engine.check_token_ids(tokens, "tokens")
+    text = engine.tokenizer.decode(tokens)
+    return {"content": text, "prompt": text}

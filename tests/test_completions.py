@@ -1,0 +1,143 @@
+"""/v1/completions, /tokenize, /detokenize and CORS (issue 20 item 8), on the demo model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from serving.jobs import Prompt, SamplingParams
+from serving.web.app import create_app
+
+PROMPT = "Once upon a time"
+GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
+
+
+def complete(client, status=200, **body):
+    body.setdefault("prompt", PROMPT)
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == status, response.get_json()
+    return response.get_json()
+
+
+def sse(response) -> list:
+    lines = [line[6:] for line in response.get_data(as_text=True).split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def engine_answer(engine, ids, max_tokens):
+    arrays = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+    return engine.generate(Prompt(arrays, len(ids), "", 0),
+                           SamplingParams(max_tokens=max_tokens, temperature=0, repetition_penalty=1.0)).text
+
+
+def test_a_string_prompt_is_the_raw_prompt(client, engine):
+    out = complete(client, max_tokens=8, **GREEDY)
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    assert out["system_fingerprint"] == engine.info.fingerprint
+    ids = engine.encode(PROMPT)
+    choice = out["choices"][0]
+    assert choice["text"] == engine_answer(engine, ids, 8) and choice["index"] == 0 and choice["logprobs"] is None
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8}
+    by_ids = complete(client, prompt=ids, max_tokens=8, **GREEDY)
+    assert by_ids["choices"][0]["text"] == choice["text"]
+    assert complete(client, prompt=[ids], max_tokens=8, **GREEDY)["choices"][0]["text"] == choice["text"]
+
+
+def test_default_max_tokens_is_16(client):
+    assert complete(client, **GREEDY)["usage"]["completion_tokens"] == 16
+
+
+def test_logprobs_in_the_legacy_form(client):
+    choice = complete(client, max_tokens=6, logprobs=2, **GREEDY)["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 6
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert logprob <= 0 and 1 <= len(top) <= 2
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy: the chosen token is the top one
+
+
+def test_echo(client):
+    plain = complete(client, max_tokens=5, **GREEDY)["choices"][0]["text"]
+    echoed = complete(client, max_tokens=5, echo=True, **GREEDY)["choices"][0]["text"]
+    assert echoed == PROMPT + plain
+
+
+def test_streamed(client):
+    whole = complete(client, max_tokens=6, echo=True, **GREEDY)
+    chunks = sse(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "echo": True, "stream": True,
+                                                      "stream_options": {"include_usage": True}, **GREEDY}))
+    assert all(c["object"] == "text_completion" for c in chunks)
+    text = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    assert text == whole["choices"][0]["text"]
+    assert [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]] == ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_n_choices(client):
+    body = dict(max_tokens=6, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    many = complete(client, n=2, seed=5, **body)
+    assert [c["text"] for c in many["choices"]] == [complete(client, seed=5 + i, **body)["choices"][0]["text"]
+                                                    for i in range(2)]
+    assert many["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("body,param,code", [
+    (dict(prompt=["a", "b"]), "prompt", "invalid_value"),
+    (dict(prompt=[1, 10**6]), "prompt", "invalid_value"),
+    (dict(prompt=""), "prompt", "invalid_value"),
+    (dict(suffix="x"), "suffix", "unsupported_parameter"),
+    (dict(echo=True, logprobs=1), "echo", "unsupported_parameter"),
+    (dict(logprobs=21), "logprobs", "invalid_value"),
+    (dict(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
+    (dict(prompt_logprobs=1), "prompt_logprobs", "unsupported_parameter"),
+], ids=["two prompts", "unknown id", "empty", "suffix", "echo with logprobs", "logprobs 21", "stream_options",
+        "prompt_logprobs"])
+def test_mistakes(client, body, param, code):
+    error = complete(client, 400, **body)["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_tokenize_and_detokenize(client, engine):
+    ids = engine.encode(PROMPT)
+    assert client.post("/tokenize", json={"content": PROMPT}).get_json()["tokens"] == ids  # llama.cpp's form
+    vllm = client.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).get_json()
+    assert vllm["tokens"] == ids and vllm["count"] == len(ids) and vllm["max_model_len"] == engine.context_length
+    assert len(vllm["token_strs"]) == len(ids)
+    pieces = client.post("/tokenize", json={"content": PROMPT, "with_pieces": True}).get_json()["tokens"]
+    assert [p["id"] for p in pieces] == ids and "".join(p["piece"] for p in pieces) == PROMPT
+    from serving.protocol import ChatTurn
+
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": PROMPT}]}).get_json()
+    assert chat["tokens"] == engine.build_prompt([ChatTurn("user", [PROMPT])]).arrays["input_ids"][0].tolist()
+    back = client.post("/detokenize", json={"tokens": ids}).get_json()
+    assert back == {"content": PROMPT, "prompt": PROMPT}
+    bad = client.post("/detokenize", json={"tokens": [10**7]})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "tokens"
+
+
+def test_cors_is_off_by_default(client):
+    preflight = client.options("/v1/chat/completions", headers={"Origin": "https://a.example",
+                                                                "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code != 204 and "Access-Control-Allow-Origin" not in preflight.headers
+
+
+def test_cors_for_listed_origins(settings, engine):
+    client = create_app(replace(settings, cors_allow_origins=("https://a.example",), api_key=("k",)),
+                        engine).test_client()
+    ask = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = client.options("/v1/chat/completions", headers=ask)  # no API key: browsers send none here
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    other = client.options("/v1/chat/completions", headers=dict(ask, Origin="https://evil.example"))
+    assert other.status_code == 401 and "Access-Control-Allow-Origin" not in other.headers
+    answer = client.post("/v1/chat/completions", headers={"Origin": "https://a.example", "Authorization": "Bearer k"},
+                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert answer.status_code == 200 and answer.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert client.post("/tokenize", json={"content": "x"}).status_code == 401  # the tokenizer needs the key too
