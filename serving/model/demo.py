@@ -35,6 +35,19 @@ def _literal(text: str) -> str:
 
 
 # Qwen2.5-VL's chat template, as published in the checkpoint's chat_template.json (no tools section).
+# Qwen2.5-VL-3B-Instruct's preprocessor_config.json as published (every demo checkpoint carries it).
+PUBLISHED_PREPROCESSOR_CONFIG = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
 PUBLISHED_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -191,17 +204,7 @@ def build_checkpoint(folder: Path, size: DemoSize) -> None:
         "top_p": 0.001,
         "top_k": 1,
     })
-    _write_json(folder / "preprocessor_config.json", {
-        "min_pixels": 3136,
-        "max_pixels": 12845056,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-    })
+    _write_json(folder / "preprocessor_config.json", PUBLISHED_PREPROCESSOR_CONFIG)
     _write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
     _write_weights(folder, _weights(size, vocab_size))
     _write_json(folder / "DEMO_MODEL.json", {

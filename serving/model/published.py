@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.model import qwen_tokenizer
-from serving.model.demo import PUBLISHED_CHAT_TEMPLATE, SEED
+from serving.model.demo import PUBLISHED_CHAT_TEMPLATE, PUBLISHED_PREPROCESSOR_CONFIG, SEED
 
 BUILD_VERSION = "published-1"  # bump when the layout changes, so old caches are rebuilt
 VOCAB_SIZE = 151936  # the model's vocabulary: the tokenizer's 151,665 tokens padded to a multiple of 128
@@ -90,20 +90,6 @@ PUBLISHED_GENERATION_CONFIG = {
     "temperature": 1e-06,
     "transformers_version": "4.49.0",
 }
-
-# Its preprocessor_config.json as published.
-PUBLISHED_PREPROCESSOR_CONFIG = {
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "processor_class": "Qwen2_5_VLProcessor",
-}
-
 
 @dataclass(frozen=True)
 class Scale:

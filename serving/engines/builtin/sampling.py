@@ -496,15 +496,9 @@ def token_names(tokenizer) -> TokenNames:
 
 def _byte_decoder() -> dict:
     """GPT-2's bytes_to_unicode, reversed: printable character -> the byte it spells."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    byte_values, chars = list(printable), list(printable)
-    shifted = 0
-    for b in range(256):
-        if b not in printable:
-            byte_values.append(b)
-            chars.append(256 + shifted)
-            shifted += 1
-    return {chr(c): b for b, c in zip(byte_values, chars)}
+    from serving.model.qwen_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def _threshold(values: np.ndarray, count: int) -> float:
