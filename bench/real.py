@@ -206,6 +206,28 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(r: dict) -> str:
+    """The README's "At real size" table, from one run's figures."""
+    t, d = r["ttft"], r["decoding"]
+    rows = [
+        ("load: `python api.py` to `/health` ok (weights streamed in, a warm-up answer made)", f"{r['load_s']:.0f} s"),
+        ("peak / loaded resident memory (estimate before loading)",
+         f"{r['memory_gib']['peak_gib']:.2f} / {r['memory_gib']['rss_gib']:.2f} GiB, {r['peak_over_loaded']}x "
+         f"({r['estimate_gib']:.2f} GiB)"),
+        (f"first token, text question ({t['text']['prompt_tokens']} prompt tokens)", f"{t['text']['seconds']:.2f} s"),
+        (f"first token, 448x448 image ({t['image_448']['prompt_tokens']} prompt tokens)",
+         f"{t['image_448']['seconds']:.1f} s"),
+        (f"first token, 1000x1000 image ({t['image_1000']['prompt_tokens']} prompt tokens)",
+         f"{t['image_1000']['seconds']:.0f} s"),
+        ("decoding, 1 client", f"{d['1']['tokens_per_s']:.2f} tokens/s"),
+        ("decoding, 4 clients (all together)", f"{d['4']['tokens_per_s']:.2f} tokens/s"),
+        (f"batch-1 bound: {r['weight_bytes_per_token'] / 1e9:.2f} GB of float32 weights per token at "
+         f"{r['bandwidth_gb_s']:.1f} GB/s measured", f"{r['bound_tokens_per_s']:.2f} tokens/s"),
+        ("1 client against that bound", f"{r['fraction_of_bound'] * 100:.0f}%"),
+    ]
+    return "\n".join(["| measured | figure |", "| --- | ---: |"] + [f"| {a} | {b} |" for a, b in rows])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo-3b", help="demo-3b (default) or a checkpoint folder")
@@ -217,6 +239,7 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     result = run(args.model, logs, args.repeats, args.max_tokens)
     print(report(result))
+    print(markdown(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

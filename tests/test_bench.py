@@ -182,3 +182,16 @@ def test_prefix_section_compares_reuse_with_nothing_reusable(tmp_path):
         assert all(positive(t["ttft_s"]) for t in (none[turn], reuse[turn]))
     assert [r["target"] for r in results["summary"] if r["target"]] == [">= 3x", "<= 1.5x"]
     assert "(j) turn 3:" in proc.stdout
+
+
+def test_real_size_bound_counts_the_language_model_weights_once():
+    """bench.real's batch-1 bound: every decoder layer, the final norm and the tied lm_head (the
+    embedding matrix) per token; the vision tower is not read while decoding."""
+    from bench.real import language_model_bytes_per_token
+    from serving.model import gpu
+
+    three_b = {**gpu.KNOWN_CONFIGS["3B"], "vision_config": gpu._VISION}
+    text_only = {**three_b, "vision_config": {**gpu._VISION, "depth": 0}}
+    merger_and_patch = gpu.parameter_count(text_only) - language_model_bytes_per_token(three_b, 1)
+    assert language_model_bytes_per_token(three_b, 4) == 12_343_754_752  # 3,085,938,688 float32 weights
+    assert merger_and_patch == 38_213_888  # what is left of the count is the vision merger and patch embedding
