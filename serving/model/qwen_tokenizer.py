@@ -21,7 +21,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-RANKS_PACKAGE = "dashscope"  # pinned in requirements.txt
+RANKS_PACKAGE = "dashscope"  # pinned in requirements-dev.txt (bash build_env.sh --dev)
 RANKS_FILE = ("resources", "qwen.tiktoken")
 BASE_VOCAB_SIZE = 151643
 
@@ -55,10 +55,10 @@ def ranks_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RanksUnavailable(
             f"the real Qwen vocabulary is read from the '{RANKS_PACKAGE}' package, which is not installed: "
-            "pip install -r requirements.txt")
+            "bash build_env.sh --dev (or pip install dashscope==2.0.2)")
     path = Path(list(spec.submodule_search_locations)[0]).joinpath(*RANKS_FILE)
     if not path.is_file():
-        raise RanksUnavailable(f"{path} is missing: reinstall {RANKS_PACKAGE} as pinned in requirements.txt")
+        raise RanksUnavailable(f"{path} is missing: reinstall {RANKS_PACKAGE} as pinned in requirements-dev.txt")
     return path
 
 
