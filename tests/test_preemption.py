@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from PIL import Image
 
 from serving import protocol, structured
 from serving.engines.builtin.batch import Row
@@ -102,26 +103,32 @@ def json_spec():
 
 
 @pytest.mark.parametrize("kv", ["from the prefix cache", "recomputed"])
-def test_preempted_rows_answer_as_alone_greedy_seeded_and_constrained(engine, long_prompts, kv, request):
+def test_preempted_rows_answer_as_alone_greedy_seeded_constrained_and_with_an_image(engine, long_prompts, kv, request,
+                                                                                     monkeypatch):
     if kv == "recomputed":
         request.getfixturevalue("no_prefix_cache")  # resuming prefills the prompt and the answer so far again
     compiled = engine.compile_output(json_spec())
     sample = dict(temperature=1.0, top_p=1.0, top_k=0, stop=[])
-    cases = [(long_prompts[0], greedy()),
-             (long_prompts[1], SamplingParams(max_tokens=LONG, seed=3, **sample)),
+    cases = [(long_prompts[0], greedy()),  # the oldest first: the youngest rows are preempted first
              (long_prompts[2], SamplingParams(max_tokens=LONG, temperature=0, repetition_penalty=1.2, stop=[])),
+             (long_prompts[1], SamplingParams(max_tokens=LONG, seed=3, **sample)),
+             (engine.build_prompt([ChatTurn("user", [Image.new("RGB", (84, 56), (10, 200, 10)), "Describe it."])]),
+              greedy()),
              (engine.build_prompt([ChatTurn("user", ["Answer in JSON."])]),
               SamplingParams(max_tokens=LONG, seed=5, output=compiled, **sample))]
     alone = [collect(engine.submit(p, params)) for p, params in cases]
     longest = max(p.prompt_tokens for p, _ in cases) + LONG
-    with budgets(engine, rows=4, kv_tokens=2 * longest) as scheduler:  # room for two whole answers, not four
-        preempted = scheduler.preempted
+    scheduler = engine.scheduler
+    preempted = []  # the jobs of the rows preempted
+    monkeypatch.setattr(scheduler, "_preempt", lambda victims, real=scheduler._preempt: (
+        preempted.extend(victim.job for victim in victims), real(victims)))
+    with budgets(engine, rows=5, kv_tokens=2 * longest):  # all five start; room for two whole answers
         jobs = [engine.submit(p, params) for p, params in cases]
         together = [collect(job) for job in jobs]
         assert scheduler.kv_peak <= 2 * longest
-    assert scheduler.preempted - preempted >= 2
-    assert together[3][1].finish_reason == "stop"
-    json.loads(together[3][0])  # the grammar held across its row's preemptions
+    assert all(job in preempted for job in jobs[2:]), "the seeded, image and grammar rows should have been preempted"
+    assert together[-1][1].finish_reason == "stop"
+    json.loads(together[-1][0])  # the grammar held across its row's preemptions
     for (text, finish), (text_alone, finish_alone) in zip(together, alone):
         assert (text, finish.completion_tokens, finish.finish_reason) == \
             (text_alone, finish_alone.completion_tokens, finish_alone.finish_reason)

@@ -207,14 +207,16 @@ class Scheduler:
                 if isinstance(item, Job):
                     item.events.put(self.refusing)
             self.waiting = collections.deque(item for item in self.waiting if isinstance(item, Row))
-        long_waits = False
+        long_waits = False  # a long request waits: later long ones wait behind it
         for item in list(self.waiting):
             short = self._demand(item) <= self._share()
             if long_waits and not short:
                 continue
+            preempted = self.preempted
             if not self._make_room(item, short):
                 long_waits = long_waits or not short
                 continue
+            long_waits = long_waits or self.preempted > preempted  # the rows it preempted wait now
             self.waiting.remove(item)
             if isinstance(item, Row):
                 self._resume(item)
@@ -317,7 +319,7 @@ class Scheduler:
             at = next((i for i, item in enumerate(self.waiting)
                        if not isinstance(item, Row) or item.arrival > victim.arrival), len(self.waiting))
             self.waiting.insert(at, victim)
-        log.info("preempted %d row(s) for room in the KV budget; they resume where they stopped", len(victims))
+        log.debug("preempted %d row(s) for room in the KV budget; they resume where they stopped", len(victims))
 
     def _prefill(self) -> None:
         """One turn of prefill work, in prefill order, within the budget (each lane its own share of
