@@ -62,7 +62,7 @@ HEADROOM = 4
 class _Prefilling:
     def __init__(self, row: Row, prefill: Prefill, rank: int):
         self.row, self.prefill, self.rank = row, prefill, rank
-        self.key = None  # the prefix-cache key of what this prefill computes (the prompt, or a resumed row's prompt + answer)
+        self.key = None  # the prefix-cache key of what it computes: the prompt (a resumed row's: + its answer)
 
     @property
     def tokens(self) -> int:
@@ -277,7 +277,7 @@ class Scheduler:
         (prompt + max_tokens beyond one row's share) that have run QUANTUM steps since they joined, the
         youngest first, and, for a long newcomer, only rows younger than itself (a preempted row regaining its
         place; a long request that has not started is younger than every long row)."""
-        tokens = item.job.prompt.prompt_tokens + len(item.tokens) if isinstance(item, Row) else item.prompt.prompt_tokens
+        tokens = _job(item).prompt.prompt_tokens + (len(item.tokens) if isinstance(item, Row) else 0)
         rows = list(self.batch.rows)
         if self._fits(rows, tokens):
             return True
