@@ -201,7 +201,8 @@ class Scheduler:
     def _admit(self) -> None:
         """Admit waiting requests (and resume preempted rows), oldest first, while there is room or it can be
         made (see `_make_room`). A short request (its whole answer within one row's share of the budget) may
-        pass a long one that must wait; long ones never pass each other, so none starves."""
+        pass a long one that must wait; nothing passes a short one, and long ones never pass each other, so
+        none starves."""
         if self.refusing is not None:  # preempted rows waiting to resume are under way: they go on
             for item in self.waiting:
                 if isinstance(item, Job):
@@ -214,7 +215,9 @@ class Scheduler:
                 continue
             preempted = self.preempted
             if not self._make_room(item, short):
-                long_waits = long_waits or not short
+                if short:  # it waits for short rows or QUANTUM steps, not a long answer: nobody passes it
+                    break
+                long_waits = True
                 continue
             long_waits = long_waits or self.preempted > preempted  # the rows it preempted wait now
             self.waiting.remove(item)
