@@ -52,8 +52,9 @@ _FAILED = object()  # a prompt whose prefill failed (its row has the error)
 # Prompt tokens' worth of prefill time one image token of a new image's tower block by block costs:
 # measured on demo-bench, a 448x448 image's tower (256 image tokens) 227 ms, a 290-token prefill 127 ms.
 TOWER_TOKENS = 2
-# Decoding steps a row runs after joining before a newcomer may preempt it: every row makes progress
-# between preemptions (no livelock) and a preemption's recompute is spread over at least this many tokens.
+# Decoding steps a resumed row runs before a newcomer may preempt it again: it makes progress between
+# preemptions (no livelock) and each resume's prefill is spread over at least this many tokens. A row never
+# preempted may go at any step: it has made progress since it started.
 QUANTUM = 16
 # Steps of growth an admission leaves room for, so that a row admitted now is not preempted at once.
 HEADROOM = 4
@@ -277,7 +278,7 @@ class Scheduler:
 
     def _make_room(self, item: Union[Job, Row], short: bool) -> bool:
         """True when `item` fits now, or once some running rows are preempted (done here): only long rows
-        (prompt + max_tokens beyond one row's share) that have run QUANTUM steps since they joined, the
+        (prompt + max_tokens beyond one row's share), not resumed within the last QUANTUM steps, the
         youngest first, and, for a long newcomer, only rows younger than itself (a preempted row regaining its
         place; a long request that has not started is younger than every long row)."""
         tokens = _job(item).prompt.prompt_tokens + (len(item.tokens) if isinstance(item, Row) else 0)
@@ -288,7 +289,7 @@ class Scheduler:
             return False
         share = self._share()
         victims = sorted((row for row in rows
-                          if row.demand > share and self.steps - row.joined_step >= QUANTUM
+                          if row.demand > share and (not row.preemptions or self.steps - row.joined_step >= QUANTUM)
                           and (short or row.arrival > item.arrival)), key=lambda row: -row.arrival)
         for count, victim in enumerate(victims, 1):
             rows.remove(victim)
