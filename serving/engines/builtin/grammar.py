@@ -42,6 +42,10 @@ PRETTY = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A]{0,8}",
           "key_separator": ":"}
 WHITESPACE = {"compact": COMPACT, "pretty": PRETTY}
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+# a mask allowing fewer than 1/SPARSE_MASK_RATIO of the vocabulary copies the allowed scores into a row of -inf
+# (measured on 151,936 tokens: 40 us against np.where's 79 us at 0.1% allowed, 99 against 134 at 3%; np.where
+# wins from ~5%)
+SPARSE_MASK_RATIO = 32
 
 
 @dataclass
@@ -193,12 +197,16 @@ class GrammarCompiler:
 class RowConstraint:
     """One row's grammar state and logit bias; used by the model thread only."""
 
+    # Tests set this to check the greedy shortcut against the full mask (they must pick the same tokens).
+    always_full_mask = False
+
     def __init__(self, compiled: CompiledOutput, vocab: int, stats: GrammarStats):
         self.matcher = compiled.matcher.deep_copy() if compiled.matcher is not None else None
         self.trigger = compiled.trigger
         self.active = self.matcher is not None and compiled.trigger is None
         self.bias = compiled.bias
         self.bits = np.zeros((vocab + 31) // 32, dtype=np.int32)
+        self._bytes = self.bits.view(np.uint8)
         self.stats = stats
 
     @property
@@ -207,18 +215,49 @@ class RowConstraint:
         return self.bias is not None or self.active
 
     def adjust(self, scores: np.ndarray) -> np.ndarray:
-        """float32 [V] scores of this row -> the same with the bias added and the tokens the grammar forbids at -inf."""
+        """float32 [V] scores of this row -> the same with the bias added and the tokens the grammar forbids at
+        -inf (in place when it can: the caller hands over a row it owns)."""
         if self.bias is not None:
             ids, amounts = self.bias
             scores[ids] += amounts
         if self.active:
             started = time.perf_counter()
-            self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
-            allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:scores.shape[0]].astype(bool)
-            scores = np.where(allowed, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
+            self._compute_mask()
+            scores = self._masked(scores)
             self.stats.masks += 1
             self.stats.mask_seconds += time.perf_counter() - started
         return scores
+
+    def adjust_greedy(self, scores: np.ndarray) -> np.ndarray:
+        """adjust for a greedy row, whose token is the argmax of what this returns: when the grammar allows the
+        row's own argmax, that argmax is also the first maximum of the masked row (every earlier index scores
+        less), so the scores go back unmasked; only a rejected argmax costs the full mask."""
+        if self.bias is not None:
+            ids, amounts = self.bias
+            scores[ids] += amounts
+        if self.active:
+            started = time.perf_counter()
+            self._compute_mask()
+            best = int(np.argmax(scores))
+            if self.always_full_mask or not (self._bytes[best >> 3] >> (best & 7)) & 1:
+                scores = self._masked(scores)
+            self.stats.masks += 1
+            self.stats.mask_seconds += time.perf_counter() - started
+        return scores
+
+    def _compute_mask(self) -> None:
+        self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+
+    def _masked(self, scores: np.ndarray) -> np.ndarray:
+        """scores where the bitmask allows the token, -inf elsewhere (a new array)."""
+        vocab = scores.shape[0]
+        allowed = np.unpackbits(self._bytes, bitorder="little", count=vocab).view(bool)
+        if np.count_nonzero(allowed) * SPARSE_MASK_RATIO < vocab:  # a few allowed (JSON syntax): copy those
+            out = np.full(vocab, -np.inf, dtype=np.float32)
+            kept = np.flatnonzero(allowed)
+            out[kept] = scores[kept]
+            return out
+        return np.where(allowed, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
 
     def accept(self, token: int) -> Optional[str]:
         """Advance past a sampled token; an error message when the grammar cannot take it (the row must end)."""
