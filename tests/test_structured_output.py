@@ -347,3 +347,34 @@ def test_greedy_rows_pick_the_same_tokens_with_the_argmax_test_as_with_the_full_
     assert token_ids() == expected
     steps = engine.grammar.stats.masks - before
     assert 0 < masked["calls"] < steps  # the argmax was allowed at some steps and rejected at others
+
+
+def test_a_mask_sets_exactly_the_forbidden_tokens_to_minus_infinity(engine):
+    """RowConstraint's mask, copied out of a row of -inf when few tokens are allowed (JSON syntax) or by np.where
+    when many are (inside a string), equals np.where over the grammar's bitmask at every step, bias included."""
+    import numpy as np
+
+    from serving.engines.builtin.grammar import GrammarCompiler
+
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+              "required": ["note", "n"], "additionalProperties": False}
+    spec = spec_of(response_format={"type": "json_schema", "json_schema": {"name": "m", "schema": schema}},
+                   logit_bias={"7": 3.5})
+    text = '{"note": "a cat", "n": 42}'
+    dense = sparse = 0
+    for vocab in (engine.grammar.vocab, 151936):  # the demo's own, and padded to Qwen's real size
+        compiler = GrammarCompiler(engine.tokenizer, vocab, engine.eos_token_ids)
+        row = compiler.row(compiler.compile(spec))
+        rng = np.random.default_rng(vocab)
+        for token in engine.encode(text):
+            scores = rng.standard_normal(vocab).astype(np.float32)
+            biased = scores.copy()
+            biased[7] += np.float32(3.5)
+            masked = row.adjust(scores.copy())
+            allowed = np.unpackbits(row.bits.view(np.uint8), bitorder="little", count=vocab).astype(bool)
+            assert np.array_equal(masked, np.where(allowed, biased, np.float32(-np.inf)))
+            assert masked.dtype == np.float32
+            sparse += allowed.sum() * 64 < vocab
+            dense += allowed.sum() * 64 >= vocab
+            assert row.accept(token) is None
+    assert sparse and dense
