@@ -294,10 +294,9 @@ def test_greedy_rows_pick_the_same_tokens_with_the_argmax_test_as_with_the_full_
 
     digits = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 6,
               "maxItems": 6}
-    nested = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
-                                                        "maxItems": 3},
-                                               "score": {"type": "number"}, "id": {"type": "string",
-                                                                                   "pattern": "^[a-f0-9]{4}$"}},
+    tags = {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3}
+    nested = {"type": "object", "properties": {"tags": tags, "score": {"type": "number"},
+                                               "id": {"type": "string", "pattern": "^[a-f0-9]{4}$"}},
               "required": ["id", "tags", "score"], "additionalProperties": False}
     weather = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
                                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}},

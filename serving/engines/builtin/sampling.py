@@ -142,10 +142,10 @@ def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None, adjust=N
     (record kept tokens with RowSampler.accept).
 
     `adjust` (optional): one entry per row, None or a callable taking the row's penalized scores (numpy
-    float32 [V], a row it may change in place) and returning them changed: a grammar's mask (forbidden tokens at -inf) and a logit bias
-    (serving.engines.builtin.grammar.RowConstraint.adjust). It applies after the penalties and before
-    temperature, top-k and top-p; rows with None are not touched, and a row with a callable consumes its
-    draw like any other. Logprobs stay the model's raw logprobs."""
+    float32 [V], a row it may change in place) and returning them changed: a grammar's mask (forbidden tokens
+    at -inf) and a logit bias (serving.engines.builtin.grammar.RowConstraint.adjust). It applies after the
+    penalties and before temperature, top-k and top-p; rows with None are not touched, and a row with a
+    callable consumes its draw like any other. Logprobs stay the model's raw logprobs."""
     import paddle
 
     _check_batch(logits, samplers)
