@@ -94,8 +94,13 @@ class Row:
 
     def adjuster(self):
         """This step's score adjustment of the row (its grammar and logit bias, then its RowRules), or None."""
-        grammar = self.constraint.adjust if self.constraint is not None and self.constraint.shapes else None
         rules = self.rules if self.rules is not None and self.rules.shapes(self.count) else None
+        grammar = None
+        if self.constraint is not None and self.constraint.shapes:
+            # a greedy row's argmax is tested against the grammar alone (RowConstraint.adjust_greedy); rules
+            # after the grammar (no end yet) need the fully masked row
+            greedy = self.sampler.greedy and rules is None
+            grammar = self.constraint.adjust_greedy if greedy else self.constraint.adjust
         if rules is None:
             return grammar
         if grammar is None:
