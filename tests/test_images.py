@@ -148,4 +148,4 @@ def test_a_damaged_avif_is_a_400():
     data[81] ^= 0xFF  # libavif: "Failed to decode image: Missing or empty image item", a RuntimeError
     with pytest.raises(ImageError) as caught:
         load_image(b64(bytes(data)), param="p")
-    assert caught.value.code == "invalid_image" and "RuntimeError" in caught.value.message
+    assert caught.value.code == "invalid_image" and "RuntimeError" not in caught.value.message  # plain words

@@ -54,7 +54,7 @@ def test_parameters():
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),  # 1 to 16 choices
     ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
 ])
 def test_bad_requests_name_the_field(body, param):
