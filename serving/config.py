@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import shlex
 import sys
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -38,6 +41,49 @@ def _backend(text: str) -> str:
     return value
 
 
+HUBS = ("aistudio", "huggingface", "modelscope")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _hub(text: str) -> str:
+    value = str(text).strip().lower() or "aistudio"  # an empty HUB=: the default, as for DEVICE and DTYPE
+    if value not in HUBS:
+        raise ValueError(f"{text!r} is not one of {', '.join(HUBS)}")
+    return value
+
+
+def _device(text: str) -> str:
+    # Only the spelling is checked here; whether this machine has that GPU is the model loader's question.
+    value = str(text).strip().lower() or "auto"
+    if not re.fullmatch(r"auto|cpu|gpu(:\d+)?", value):
+        raise ValueError(f"{text!r} is not auto, cpu, gpu or gpu:N")
+    return value
+
+
+def _dtype(text: str) -> str:
+    value = str(text).strip().lower() or "auto"
+    if value not in ("auto",) + DTYPES:
+        raise ValueError(f"{text!r} is not one of auto, {', '.join(DTYPES)}")
+    return value
+
+
+def _urls(text: str) -> tuple:
+    urls = _keys(text)
+    for url in urls:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+    return urls
+
+
+def _shell_words(text: str) -> str:
+    try:
+        shlex.split(str(text))
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a shell-quoted list of flags ({exc})") from None
+    return str(text)
+
+
 def _json_whitespace(text: str) -> str:
     value = str(text).strip().lower()
     if value not in ("compact", "pretty"):
@@ -59,10 +105,11 @@ class Settings:
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "hub id, local checkpoint folder, or 'demo' for the offline random-weight model"})
     hub: str = field(default="aistudio", metadata={
-        "help": "where hub ids are downloaded from: aistudio, huggingface or modelscope"})
-    device: str = field(default="auto", metadata={"help": "auto, gpu, gpu:N or cpu"})
+        "help": "where hub ids are downloaded from: aistudio, huggingface or modelscope", "type": _hub})
+    device: str = field(default="auto", metadata={"help": "auto, gpu, gpu:N or cpu", "type": _device})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (GPU: bfloat16 where supported, else float16; CPU: float32), bfloat16, float16, float32"})
+        "help": "auto (GPU: bfloat16 where supported, else float16; CPU: float32), bfloat16, float16, float32",
+        "type": _dtype})
     served_model_name: str = field(default="", metadata={
         "help": "the model name responses carry (default: the --model value)"})
     api_key: tuple = field(default=(), metadata={
@@ -180,7 +227,7 @@ class Settings:
         "type": _backend})
     upstream: tuple = field(default=(), metadata={
         "help": "--backend openai: comma-separated base URLs of OpenAI-compatible servers (FastDeploy, vLLM, other "
-                "instances of this server), e.g. http://10.0.0.2:8080,http://10.0.0.3:8080", "type": _keys})
+                "instances of this server), e.g. http://10.0.0.2:8080,http://10.0.0.3:8080", "type": _urls})
     upstream_api_key: str = field(default="", metadata={
         "help": "the key sent to the upstreams as 'Authorization: Bearer <key>' (none when empty)"})
     upstream_health_interval: float = field(default=5.0, metadata={
@@ -202,7 +249,7 @@ class Settings:
         "help": "--backend fastdeploy: seconds FastDeploy may take to load and answer its /health with 200"})
     fastdeploy_args: str = field(default="", metadata={
         "help": "--backend fastdeploy: more flags for FastDeploy's server, as one shell-quoted string "
-                "(e.g. '--quantization wint8 --tool-call-parser ...')"})
+                "(e.g. '--quantization wint8 --tool-call-parser ...')", "type": _shell_words})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     @property
@@ -248,6 +295,9 @@ def load_settings(argv=None, environ=None) -> Settings:
     if settings.min_pixels > settings.max_pixels:
         raise SettingsError(f"--min-pixels / MIN_PIXELS ({settings.min_pixels}) is larger than --max-pixels / "
                             f"MAX_PIXELS ({settings.max_pixels})")
+    if settings.backend == "openai" and not settings.upstream:
+        raise SettingsError("--backend openai / BACKEND=openai needs at least one upstream URL "
+                            "(--upstream URL[,URL...] / UPSTREAM)")
     return settings
 
 

@@ -1,5 +1,7 @@
 """Settings from flags and environment; model source, device and dtype choices; clear load errors."""
 
+import os
+
 import pytest
 
 from serving.config import DEFAULT_MODEL, Settings, load_settings
@@ -23,6 +25,37 @@ def test_bad_setting_value_exits_with_message():
     with pytest.raises(SystemExit) as info:
         load_settings(["--port", "eighty"], environ={})
     assert "--port" in str(info.value)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--hub", "bogus"], "--hub / HUB: 'bogus' is not one of aistudio, huggingface, modelscope"),
+    (["--device", "tpu"], "--device / DEVICE: 'tpu' is not auto, cpu, gpu or gpu:N"),
+    (["--dtype", "fp8"], "--dtype / DTYPE: 'fp8' is not one of auto, bfloat16, float16, float32"),
+    (["--backend", "openai"], "needs at least one upstream URL"),
+    (["--backend", "openai", "--upstream", "ftp://x"], "--upstream / UPSTREAM: 'ftp://x' is not an http(s) URL"),
+    (["--fastdeploy-args", "--quantization 'wint8"], "--fastdeploy-args / FASTDEPLOY_ARGS"),
+])
+def test_api_py_refuses_a_bad_setting_before_listening(argv, named):
+    """Every setting is checked before the port is bound: one line, exit status 2, nothing served."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    done = subprocess.run([sys.executable, str(ROOT / "api.py"), "--model", "demo", "--host", "127.0.0.1",
+                           "--port", str(free_port()), *argv], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("HUB", "DEVICE", "DTYPE", "BACKEND")})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], done.stderr
+    assert "listening on" not in done.stderr + done.stdout
+
+
+def test_device_and_dtype_spellings():
+    s = load_settings(["--hub", "HuggingFace", "--device", "GPU:1", "--dtype", "Float16"], environ={})
+    assert (s.hub, s.device, s.dtype) == ("huggingface", "gpu:1", "float16")
+    s = load_settings([], environ={"HUB": "", "DEVICE": "", "DTYPE": ""})  # empty variables: the defaults
+    assert (s.hub, s.device, s.dtype) == ("aistudio", "auto", "auto")
 
 
 def test_device_and_dtype_on_cpu():

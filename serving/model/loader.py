@@ -17,8 +17,7 @@ from serving.model import weights
 
 log = logging.getLogger(__name__)
 
-HUBS = ("aistudio", "huggingface", "modelscope")
-DTYPES = ("bfloat16", "float16", "float32")
+from serving.config import DTYPES, HUBS  # noqa: F401  (one list each, checked before the port is bound)
 
 
 class ModelLoadError(RuntimeError):
