@@ -179,7 +179,8 @@ def models():
     info = state.service.ready_engine().info
     description = ("DEMO model with random weights: its answers are meaningless text"
                    if info.is_demo else "Qwen2.5-VL served with PaddlePaddle")
-    card = protocol.ModelCard(id=info.name, created=state.started, root=info.source,
+    # root is the id too, never info.source: a folder path tells a caller about this machine's disk
+    card = protocol.ModelCard(id=info.name, created=state.started, root=info.name,
                               max_model_len=info.context_length or None, demo=info.is_demo, description=description)
     return jsonify(protocol.ModelList(data=[card]).model_dump())
 
