@@ -205,6 +205,27 @@ def test_models_list_shows_the_id_not_the_folder(settings):
     assert card["id"] == card["root"] == "qwen-vl"
 
 
+def test_health_polls_are_logged_at_debug(settings, caplog):
+    """A platform polls /health every few seconds: those lines are DEBUG; other requests stay INFO, and a health
+    check that finds the engine broken is still an error."""
+    caplog.set_level("DEBUG", logger="serving.web.app")
+
+    def levels(client, path):
+        caplog.clear()
+        client.get(path)
+        return [rec.levelname for rec in caplog.records if rec.name == "serving.web.app" and f" {path} " in
+                rec.getMessage()]
+
+    loading = create_app(settings).test_client()  # no engine yet: 503 "loading" is normal operation
+    assert levels(loading, "/health") == ["DEBUG"]
+    client = client_of(settings, FakeEngine())
+    assert levels(client, "/health") == ["DEBUG"]
+    assert levels(client, "/metrics") == ["DEBUG"]
+    assert levels(client, "/v1/models") == ["INFO"]
+    broken = client_of(settings, FakeEngine(health=(False, "the model worker has stopped")))
+    assert levels(broken, "/health") == ["ERROR"]
+
+
 def metric_samples(client):
     out = {}
     for family in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True)):
