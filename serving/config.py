@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field, fields
 
@@ -111,7 +112,7 @@ class Settings:
         "help": "auto (GPU: bfloat16 where supported, else float16; CPU: float32), bfloat16, float16, float32",
         "type": _dtype})
     served_model_name: str = field(default="", metadata={
-        "help": "the model name responses carry (default: the --model value)"})
+        "help": "the model name responses carry"})
     api_key: tuple = field(default=(), metadata={
         "help": "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer <key>'",
         "type": _keys})
@@ -229,7 +230,7 @@ class Settings:
         "help": "--backend openai: comma-separated base URLs of OpenAI-compatible servers (FastDeploy, vLLM, other "
                 "instances of this server), e.g. http://10.0.0.2:8080,http://10.0.0.3:8080", "type": _urls})
     upstream_api_key: str = field(default="", metadata={
-        "help": "the key sent to the upstreams as 'Authorization: Bearer <key>' (none when empty)"})
+        "help": "the key sent to the upstreams as 'Authorization: Bearer <key>'"})
     upstream_health_interval: float = field(default=5.0, metadata={
         "help": "seconds between health checks of each upstream (GET /v1/models); an unhealthy one gets no "
                 "requests until a check passes again"})
@@ -261,12 +262,67 @@ def env_name(name: str) -> str:
     return name.upper()
 
 
+# The groups of `--help` and of README's settings table, in this order; every setting is in one.
+GROUPS = (
+    ("server", "where and how the HTTP server listens",
+     ("host", "port", "threads", "max_connections", "idle_timeout", "header_timeout", "body_timeout",
+      "shutdown_grace", "log_level")),
+    ("model", "which model, from where, on which device",
+     ("model", "hub", "device", "dtype", "served_model_name")),
+    ("engine", "the built-in engine's batching, caches and structured output",
+     ("cpu_threads", "max_batch_size", "max_batch_tokens", "prefill_chunk_tokens", "image_cache_mb",
+      "prefix_cache_mb", "grammar_cache_size", "json_whitespace")),
+    ("limits", "what one request may ask for, and how many may wait",
+     ("default_max_tokens", "max_tokens_limit", "max_request_bytes", "max_queue", "request_timeout", "max_messages",
+      "max_content_parts", "max_tools", "max_schema_bytes")),
+    ("images and video", "sizes, counts and fetching of images and videos",
+     ("min_pixels", "max_pixels", "max_images", "max_image_bytes", "max_image_pixels", "image_decode_mb",
+      "image_fetch_timeout", "allow_image_urls", "image_url_allow_hosts", "max_videos", "max_video_bytes",
+      "max_video_seconds", "max_video_decode_pixels", "video_fps", "min_frames", "max_frames", "video_min_pixels",
+      "video_max_pixels", "video_total_pixels")),
+    ("backends", "what answers: the built-in engine, other OpenAI-compatible servers, or FastDeploy",
+     ("backend", "upstream", "upstream_api_key", "upstream_health_interval", "upstream_image_format",
+      "tensor_parallel", "gpu_memory_utilization", "fastdeploy_max_model_len", "fastdeploy_start_timeout",
+      "fastdeploy_args")),
+    ("security", "who may call the server, and from which web pages",
+     ("api_key", "allowed_hosts", "cors_allow_origins")),
+)
+
+
+def default_text(f) -> str:
+    """A setting's default as README and --help show it: '(none)' rather than () or ''."""
+    if f.name == "served_model_name":
+        return "(the --model value)"
+    if f.default in ((), ""):
+        return "(none)"
+    if isinstance(f.default, bool):
+        return str(f.default).lower()
+    return str(f.default)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text without parting a flag from its value ('--quantization wint8') or breaking at a hyphen."""
+
+    def _split_lines(self, text, width):
+        glued = re.sub(r"(--[a-z][\w-]*) (?=[\w<])", "\\1\0", text)
+        glued = re.sub(r"\s+", " ", glued).strip()
+        return [line.replace("\0", " ") for line in textwrap.wrap(glued, width, break_on_hyphens=False)]
+
+
 def build_parser(description: str = "Serve Qwen2.5-VL through an OpenAI-compatible API.") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, type=str,
-                            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]")
+    parser = argparse.ArgumentParser(
+        description=description, usage="%(prog)s [--FLAG VALUE ...]",
+        formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32),
+        epilog="Each flag's value is named after its environment variable (--max-pixels MAX_PIXELS, or "
+               "MAX_PIXELS=... in the environment); the flag wins over the variable, the variable over the default.")
+    by_name = {f.name: f for f in fields(Settings)}
+    for title, description_, names in GROUPS:
+        group = parser.add_argument_group(title, description_)
+        for name in names:
+            f = by_name[name]
+            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=str,
+                               metavar=env_name(name),
+                               help=f"{f.metadata['help']} (default: {default_text(f).strip('()')})")
     return parser
 
 

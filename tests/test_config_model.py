@@ -164,3 +164,47 @@ def test_a_model_folder_is_only_read_while_loading(tmp_path, monkeypatch, stream
     state = loaded.model.state_dict()
     loaded_name = next(k for k in state if k.endswith("embed_tokens.weight"))
     assert np.array_equal(state[loaded_name].numpy(), weights[name])  # the weights did load, from the view
+
+
+def test_every_setting_is_in_one_help_group_in_readme_order():
+    """`python api.py --help` groups the flags as README's settings table does, with readable defaults."""
+    import re
+    import subprocess
+    import sys
+    from dataclasses import fields
+
+    from conftest import ROOT
+    from serving.config import GROUPS, default_text, env_name
+
+    names = [n for _, _, group in GROUPS for n in group]
+    assert sorted(names) == sorted(f.name for f in fields(Settings)), "a setting in no group, or in two"
+
+    done = subprocess.run([sys.executable, str(ROOT / "api.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    help_text = done.stdout
+    sections = re.split(r"^([a-z][a-z ]*):\n", help_text, flags=re.MULTILINE)  # "server:", "model:", ...
+    by_title = dict(zip(sections[1::2], sections[2::2]))
+    assert [t for t in by_title if t != "options"] == [title for title, _, _ in GROUPS]
+    for title, _, group in GROUPS:
+        flags = re.findall(r"^  (--[a-z0-9-]+) ", by_title[title], flags=re.MULTILINE)
+        assert flags == ["--" + n.replace("_", "-") for n in group], title
+    assert "--host" not in by_title["options"]
+    assert "()" not in help_text and "''" not in help_text and "default: (" not in help_text
+    assert re.search(r"--quantization\n", help_text) is None  # a flag is never parted from its value
+
+    # README's table: the same groups, in the same order, with the same defaults
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Settings", 1)[1].split("\n\n")[2]
+    rows = re.findall(r"^\| (?:\*\*([a-z ]+)\*\*|`--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \| `([^`]*)`)", table,
+                      flags=re.MULTILINE)
+    seen, defaults = [], {}
+    for title, flag, env, default in rows:
+        seen.append(("group", title) if title else ("flag", flag))
+        if flag:
+            defaults[flag.replace("-", "_")] = (env, default)
+    assert seen == [item for title, _, group in GROUPS
+                    for item in [("group", title)] + [("flag", n.replace("_", "-")) for n in group]]
+    by_name = {f.name: f for f in fields(Settings)}
+    wrong = {n: d for n, d in defaults.items() if d != (env_name(n), default_text(by_name[n]))}
+    assert not wrong, f"README's settings table disagrees with serving/config.py: {wrong}"
