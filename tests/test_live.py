@@ -110,7 +110,7 @@ def test_test_connection_help_gives_every_option_a_help_and_one_default():
     import re
 
     done = subprocess.run([sys.executable, str(ROOT / "test_connection.py"), "--help"], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "API_KEY": "k3y-from-the-environment",
+                          text=True, timeout=60, env={**os.environ, "API_KEY": "the-key-from-the-environment",
                                                       "COLUMNS": "100"})
     assert done.returncode == 0, done.stderr
     options = done.stdout.split("options:", 1)[1]
@@ -121,7 +121,7 @@ def test_test_connection_help_gives_every_option_a_help_and_one_default():
         words = " ".join(entry.split())
         assert len(words.split()) > 3, f"an option without help: {words}"
         assert words.count("(default:") <= 1 and "default: None" not in words, words
-    assert "k3y-from-the-environment" not in done.stdout  # the key is never printed
+    assert "the-key-from-the-environment" not in done.stdout  # the key is never printed
 
 
 def test_test_connection_fails_loudly_when_unreachable(tmp_path):
