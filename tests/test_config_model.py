@@ -131,6 +131,7 @@ def test_api_py_fails_cleanly_offline(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert "listening on" not in done.stderr  # refused before the port is bound
 
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed (CPU)", "library loader (GPU path)"])
