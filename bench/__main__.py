@@ -16,7 +16,9 @@ request sent while a long answer is generating (ours only); `memory`: (h) our se
 a first count of mixed requests and after many more; `prefix`: (j) a 4-turn chat about one image, each
 turn's time to first token and tokens prefilled with the earlier turns reusable (the prefix cache) and
 with nothing reusable (ours only); `structured`: (k) decoding tokens/s of rows held to a JSON schema
-against free rows, and a first schema compile's time to first token (in this process).
+against free rows, and a first schema compile's time to first token (in this process); `crowd`: (l) a
+short request's time to first token while 3 and 15 long answers fill the batch (ours only, its own server
+with MAX_BATCH_TOKENS at 4x the long answers' max_tokens, as 16384 is to 4096).
 See docs/bench/results.md.
 """
 
@@ -37,9 +39,9 @@ from bench import report, workloads  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 from bench.workloads import FULL, QUICK, ImageFactory  # noqa: E402
 
-SECTIONS = ("classic", "staggered", "join", "memory", "prefix", "gateway", "structured")
+SECTIONS = ("classic", "staggered", "join", "memory", "prefix", "gateway", "structured", "crowd")
 NEEDS_BASELINE = {"classic", "staggered"}  # join and memory are ours only: the baseline cannot stream
-OWN_SERVERS = {"gateway", "structured"}  # own servers (gateway) or in this process (structured), after the above
+OWN_SERVERS = {"gateway", "structured", "crowd"}  # own servers (gateway) or in this process (structured), after the above
 
 
 def say(message: str) -> None:
@@ -61,6 +63,8 @@ def run(plan, out: Path, quick: bool, sections=SECTIONS) -> dict:
         w["gateway"] = gateway(plan, quick)
     if "structured" in sections:
         w["structured"] = structured_output(plan, quick)
+    if "crowd" in sections:
+        w["crowd"] = crowd(plan)
 
     results = {
         "schema": 2,
@@ -243,6 +247,36 @@ def structured_output(plan, quick: bool) -> dict:
     return result
 
 
+def crowd(plan) -> dict:
+    """(l) Head-of-line blocking: a short request beside long answers that fill the KV budget or every row, on
+    our own server with MAX_BATCH_TOKENS = 4 x the long answers' max_tokens."""
+    budget = 4 * plan.crowd_long_tokens
+    counts = plan.crowd_long_counts
+    say(f"(l) crowd: a {plan.crowd_short_tokens}-token streamed request, idle and while "
+        f"{' and '.join(map(str, counts))} streamed {plan.crowd_long_tokens}-token answers generate "
+        f"(MAX_BATCH_TOKENS {budget}), {plan.crowd_repeats} time(s) each")
+    with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
+        server = ServerProcess("ours", [str(ROOT / "api.py"), "--model", plan.model, "--host", "127.0.0.1",
+                                        "--max-batch-tokens", str(budget), "--max-queue", str(max(counts) + 8)],
+                               ROOT, "/health", Path(tmp))
+        try:
+            server.wait_ready(900)
+            url = server.url + "/v1/chat/completions"
+            warm_up({"ours": url}, ImageFactory(*plan.image_size, seed=1))
+            result = workloads.short_beside_long(url, long_counts=counts, long_tokens=plan.crowd_long_tokens,
+                                                 short_tokens=plan.crowd_short_tokens, repeats=plan.crowd_repeats,
+                                                 metrics_url=server.url + "/metrics")
+        finally:
+            server.stop()
+    result["max_batch_tokens"] = budget
+    say(f"(l) idle: time to first token {result['median_idle_ttft_s']:.3f} s")
+    for c in result["crowds"]:
+        say(f"(l) beside {c['long_requests']} long answers: {c['median_short_ttft_s']:.3f} s ({c['ratio']:.2f}x idle), "
+            f"long answers still running: {c['longs_running']}, preemptions: "
+            f"{[r['preemptions'] for r in c['runs']]}, shortest long answer {c['min_long_tokens']} tokens")
+    return result
+
+
 def join(plan, url: str) -> dict:
     """(g) The join delay, on our server only (the baseline cannot stream)."""
     say(f"(g) join delay: a {plan.join_short_tokens}-token streamed request, idle and {plan.join_after_s:g} s "
@@ -340,6 +374,15 @@ def notes(plan, sections) -> list:
             "starts the same way; its image still comes from the vision cache after turn 1 (today's behaviour "
             "without the prefix cache). Tokens prefilled: prompt_tokens - usage.prompt_tokens_details.cached_tokens. "
             "Medians per turn over the chats.")
+    if "crowd" in sections:
+        out.append(
+            f"(l) Ours only, on its own server with MAX_BATCH_TOKENS {4 * plan.crowd_long_tokens} (4x the long "
+            "answers' max_tokens, as a CPU's default 16384 is to max_tokens 4096): a "
+            f"{plan.crowd_short_tokens}-token streamed text request, first on the idle server, then sent once "
+            f"{' and '.join(map(str, plan.crowd_long_counts))} streamed greedy answers of max_tokens "
+            f"{plan.crowd_long_tokens} (sent at once) are generating; its time to first token, medians of "
+            f"{plan.crowd_repeats}. Before rows reserved only what they hold, three such answers took the whole "
+            "budget and the short request waited for one of them to end.")
     if "gateway" in sections:
         out.append(
             "(i) Two `api.py` processes of ours on loopback: an upstream (the built-in engine, no image cache) and "
@@ -394,6 +437,9 @@ PLAN_FLAGS = {
     "--prefix-chats": ("prefix_chats", int, "(j) chats of each kind (reusable, not)"),
     "--prefix-turns": ("prefix_turns", int, "(j) turns per chat"),
     "--prefix-tokens": ("prefix_tokens", int, "(j) max_tokens of each answer"),
+    "--crowd-long-counts": ("crowd_long_counts", "ints", "(l) long answers running, comma-separated"),
+    "--crowd-long-tokens": ("crowd_long_tokens", int, "(l) max_tokens of the long answers"),
+    "--crowd-repeats": ("crowd_repeats", int, "(l) repetitions, idle and in each crowd"),
 }
 
 

@@ -90,7 +90,24 @@ def summary_rows(w: dict, plan) -> list:
         _gateway_rows(w["gateway"], row)
     if "structured" in w:
         _structured_rows(w["structured"], row)
+    if "crowd" in w:
+        _crowd_rows(w["crowd"], row)
     return rows
+
+
+def _crowd_rows(c: dict, row) -> None:
+    short = f"{c['short_tokens']}-token streamed request"
+    row(f"(l) a {short} on an idle server: time to first token", "s", None, c["median_idle_ttft_s"])
+    for crowd in c["crowds"]:
+        n, ended = crowd["long_requests"], crowd["min_long_tokens"]
+        shorter = "" if ended >= c["long_tokens"] else f"; the shortest ended at {ended}"
+        row(f"(l) the same, while {n} streamed {c['long_tokens']}-token answers generate (MAX_BATCH_TOKENS "
+            f"{c['max_batch_tokens']}{shorter})", "s", None, crowd["median_short_ttft_s"])
+        # the long answers ran to max_tokens: then a first token after one of them ended means it waited for it
+        valid, waited = ended >= c["long_tokens"], not crowd["longs_running"]
+        row(f"(l) beside {n} long answers / idle" + ("; it waited for a whole long answer" if waited else "")
+            + ("" if valid else "; NOT MEASURED: a long answer ended early (eos)"),
+            "x", None, crowd["ratio"], target="<= 2x", met=(crowd["ratio"] <= 2 and not waited) if valid else None)
 
 
 def _prefix_rows(j: dict, row) -> None:
@@ -300,7 +317,7 @@ def chart(results: dict, path: Path) -> None:
     top = [(p, width) for p, width, present in (
         (_gains_panel, 8, bool(_gain_bars(w))), (_timings_panel, 5, "streaming" in w)) if present]
     bottom = [(p, 1) for p, present in (
-        (_ttft_panel, "staggered" in w), (_ratio_panel, "staggered" in w or "join" in w),
+        (_ttft_panel, "staggered" in w), (_ratio_panel, "staggered" in w or "join" in w or "crowd" in w),
         (_memory_panel, "memory" in w), (_prefix_panel, "prefix" in w)) if present]
     rows = [r for r in (top, bottom) if r]
     heights = [max(2.4, 0.75 * len(_gain_bars(w)) + 1.2) if r is top else 4.6 for r in rows]  # inches
@@ -425,6 +442,8 @@ def _ratio_panel(ax, w: dict) -> None:
         bars.append(("(f) p95 first token,\nloaded / idle", w["staggered"]["p95_ttft_over_idle"], 4))
     if "join" in w:
         bars.append(("(g) join delay,\njoining / idle", w["join"]["ratio"], 2))
+    for crowd in w.get("crowd", {}).get("crowds", []):
+        bars.append((f"(l) first token beside\n{crowd['long_requests']} long answers / idle", crowd["ratio"], 2))
     x = range(len(bars))
     ax.bar(list(x), [b[1] for b in bars], 0.5, color="#1f77b4")
     for i, (_, value, target) in enumerate(bars):

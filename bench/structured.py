@@ -4,7 +4,10 @@
   in one run (issue 17's target: constrained within 10%). Tokens/s counts the tokens of decoding steps only
   (each row's first token comes from its prefill) over the steps' time, which includes sampling and the
   grammar's masks. The schema is an array of exactly `max_tokens` digits, so every constrained row decodes to
-  max_tokens as the free rows do;
+  max_tokens as the free rows do. Sampling rows (temperature 1) apply the full mask at every step; greedy rows
+  (temperature 0, one prompt each) mask only when the grammar rejects their argmax, measured the same way,
+  with a logit_bias of -100 on the end tokens for both kinds (a free greedy row may end early: fewer rows
+  per step would make its rate lower);
 - the time to first token a never-seen schema adds (its compile, before the request is queued) against the
   same request whose schema is cached (target: < 50 ms), and the compile alone.
 
@@ -48,11 +51,14 @@ def _schema(tag: str, length: int) -> dict:
             "maxItems": length, "description": tag}
 
 
-def _request(schema=None, *, max_tokens: int, seed: int, stream: bool = False):
+def _request(schema=None, *, max_tokens: int, seed: int, stream: bool = False, greedy: bool = False, ends=()):
     from serving import protocol
 
     body = {"messages": [{"role": "user", "content": "List some digits."}], "max_tokens": max_tokens,
             "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": seed, "stream": stream}
+    if greedy:  # one prompt per row: greedy rows of one prompt would all be the same answer
+        body.update(temperature=0, messages=[{"role": "user", "content": f"List some digits ({seed})."}],
+                    logit_bias={str(token): -100 for token in ends})
     if schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "digits", "schema": schema}}
     return protocol.parse_request(body)
@@ -91,14 +97,20 @@ def run(plan: Plan = Plan()) -> dict:
     try:
         schema = _schema("bench", plan.max_tokens // 2)  # two tokens per digit (the digit, then ", ")
         _batch(service, engine, [_request(schema, max_tokens=8, seed=0), _request(max_tokens=8, seed=0)])  # warm up
-        free, held = [], []
+        free, held, greedy_free, greedy_held = [], [], [], []
         for k in range(plan.repeats):
             seeds = range(k * plan.rows, (k + 1) * plan.rows)
             free.append(_batch(service, engine, [_request(max_tokens=plan.max_tokens, seed=s) for s in seeds]))
             held.append(_batch(service, engine, [_request(schema, max_tokens=plan.max_tokens, seed=s) for s in seeds]))
-        free_rate = statistics.median(b["decode_tokens_per_s"] for b in free)
-        held_rate = statistics.median(b["decode_tokens_per_s"] for b in held)
+            greedy_free.append(_batch(service, engine, [_request(max_tokens=plan.max_tokens, seed=s, greedy=True,
+                                                                 ends=engine.eos_token_ids) for s in seeds]))
+            greedy_held.append(_batch(service, engine, [_request(schema, max_tokens=plan.max_tokens, seed=s,
+                                                                 greedy=True, ends=engine.eos_token_ids)
+                                                        for s in seeds]))
+        free_rate, held_rate = _median_rate(free), _median_rate(held)
         slowdown = round(100 * (1 - held_rate / free_rate), 1)
+        greedy_free_rate, greedy_held_rate = _median_rate(greedy_free), _median_rate(greedy_held)
+        greedy_slowdown = round(100 * (1 - greedy_held_rate / greedy_free_rate), 1)
 
         cached = _schema("cached", 4)
         _ttft(service, _request(cached, max_tokens=4, seed=1, stream=True))
@@ -119,6 +131,10 @@ def run(plan: Plan = Plan()) -> dict:
             "free": free, "constrained": held,
             "free_decode_tokens_per_s": free_rate, "constrained_decode_tokens_per_s": held_rate,
             "slowdown_percent": slowdown, "target_slowdown_percent": TARGET_SLOWDOWN_PERCENT,
+            "greedy_free": greedy_free, "greedy_constrained": greedy_held,
+            "greedy_free_decode_tokens_per_s": greedy_free_rate,
+            "greedy_constrained_decode_tokens_per_s": greedy_held_rate, "greedy_slowdown_percent": greedy_slowdown,
+            "mask_percent_of_steps": _mask_percent(held), "greedy_mask_percent_of_steps": _mask_percent(greedy_held),
             "cached_schema_ttft_ms": round(statistics.median(warm) * 1000, 2),
             "new_schema_ttft_ms": round(statistics.median(cold) * 1000, 2),
             "first_compile_added_ttft_ms": added, "compile_ms": round(statistics.median(compile_ms), 2),
@@ -126,6 +142,16 @@ def run(plan: Plan = Plan()) -> dict:
         }
     finally:
         engine.close()
+
+
+def _median_rate(batches) -> float:
+    return statistics.median(b["decode_tokens_per_s"] for b in batches)
+
+
+def _mask_percent(batches) -> float:
+    """The grammar's share of the constrained steps' time (its masks, the bias and the argmax test): less
+    sensitive to the machine's load than two rates measured apart."""
+    return round(100 * sum(b["mask_seconds"] for b in batches) / sum(b["step_seconds"] for b in batches), 2)
 
 
 def report(result: dict) -> str:
@@ -136,6 +162,10 @@ def report(result: dict) -> str:
         f"  free rows:        {r['free_decode_tokens_per_s']} decoding tokens/s",
         f"  JSON-schema rows: {r['constrained_decode_tokens_per_s']} decoding tokens/s "
         f"({r['slowdown_percent']:+g}% slower; target <= {r['target_slowdown_percent']}%)",
+        f"  greedy: free rows {r['greedy_free_decode_tokens_per_s']}, JSON-schema rows "
+        f"{r['greedy_constrained_decode_tokens_per_s']} decoding tokens/s ({r['greedy_slowdown_percent']:+g}% slower)",
+        f"  the grammar's masks took {r['mask_percent_of_steps']}% of the JSON-schema rows' step time "
+        f"(greedy: {r['greedy_mask_percent_of_steps']}%)",
         f"  time to first token, cached schema {r['cached_schema_ttft_ms']} ms, new schema {r['new_schema_ttft_ms']} ms: "
         f"a first compile adds {r['first_compile_added_ttft_ms']} ms (target < {r['target_compile_ttft_ms']} ms); "
         f"compile alone {r['compile_ms']} ms",

@@ -415,6 +415,60 @@ def short_during_long(url: str, short: dict, long: dict, join_after: float) -> d
             "long_running_when_sent": long_ends > joining.started}
 
 
+def short_beside_long(url: str, *, long_counts: tuple, long_tokens: int, short_tokens: int, repeats: int,
+                      metrics_url: Optional[str] = None) -> dict:
+    """A short streamed request alone, then sent while `count` long streamed answers (`long_tokens` each, the
+    same greedy question) are generating, for each count of `long_counts`: its time to first token (medians of
+    `repeats`), whether every long answer was still running when it got its first token, and the server's
+    preemptions (from /metrics) meanwhile. Streams only: our server."""
+    short = tutorial_payload(None, SHORT_QUESTION, max_tokens=short_tokens, stream=True)
+    long = tutorial_payload(None, LONG_QUESTION, max_tokens=long_tokens, stream=True)
+    with requests.Session() as session:
+        idle = [post(url, short, kind="ours", session=session).first_token for _ in range(repeats)]
+    idle_s = median(idle)
+    crowds = []
+    for count in long_counts:
+        runs = []
+        for _ in range(repeats):
+            before = _preemptions(metrics_url)
+            runs.append(_short_in_crowd(url, short, long, count))
+            after = _preemptions(metrics_url)
+            runs[-1]["preemptions"] = None if before is None or after is None else after - before
+        ttft = median([r["short_ttft_s"] for r in runs])
+        crowds.append({"long_requests": count, "runs": runs, "median_short_ttft_s": round(ttft, 4),
+                       "ratio": round(ttft / idle_s, 2) if idle_s > 0 else 0.0,
+                       "longs_running": all(r["longs_running"] for r in runs),
+                       "min_long_tokens": min(r["min_long_tokens"] for r in runs)})
+    return {"repeats": repeats, "long_tokens": long_tokens, "short_tokens": short_tokens,
+            "idle_ttft_s": [round(x, 4) for x in idle], "median_idle_ttft_s": round(idle_s, 4), "crowds": crowds}
+
+
+def _short_in_crowd(url: str, short: dict, long: dict, count: int) -> dict:
+    """`count` long streams sent at once; once the first of them is generating, one short stream."""
+    first_token = threading.Event()
+    with ThreadPoolExecutor(count) as pool:
+        pending = [pool.submit(post, url, long, kind="ours", first_token=first_token) for _ in range(count)]
+        while not first_token.wait(0.05) and not all(p.done() for p in pending):
+            pass
+        time.sleep(0.2)  # the rest of the long prompts are in too
+        joining = post(url, short, kind="ours")
+        answers = [p.result() for p in pending]
+    got_first = joining.started + joining.first_token
+    return {"short_ttft_s": round(joining.first_token, 4),
+            "longs_running": all(a.started + a.latency > got_first for a in answers),
+            "min_long_tokens": min(a.completion_tokens for a in answers),
+            "long_total_s": round(max(a.started + a.latency for a in answers) - min(a.started for a in answers), 2)}
+
+
+def _preemptions(metrics_url: Optional[str]) -> Optional[float]:
+    if metrics_url is None:
+        return None
+    for line in requests.get(metrics_url, timeout=30).text.splitlines():
+        if line.startswith("qwenvl_preemptions_total "):
+            return float(line.split()[1])
+    return None
+
+
 CHAT_TURNS = ["Describe this image.", "What colours dominate it?", "How many shapes can you see?",
               "Write a one-line caption for it."]
 
@@ -503,6 +557,12 @@ class Plan:
     prefix_turns: int = 4
     prefix_chats: int = 3  # chats of each kind, each about a fresh image
     prefix_tokens: int = 32  # max_tokens of each answer
+    # (l) crowd: a short streamed request while long answers fill the batch; the server's MAX_BATCH_TOKENS is
+    # 4 x crowd_long_tokens, the ratio of a CPU's default (16384) to max_tokens 4096
+    crowd_long_counts: tuple = (3, 15)
+    crowd_long_tokens: int = 1024
+    crowd_short_tokens: int = 4
+    crowd_repeats: int = 2
 
 
 FULL = Plan(model="demo-bench", max_tokens=64, sequential_n=5, concurrent_clients=8, concurrent_n=16,
@@ -512,4 +572,4 @@ QUICK = Plan(model="demo", max_tokens=8, sequential_n=2, concurrent_clients=8, c
              repeat_questions=5, large_n=1, large_size=(2000, 1500), stream_tokens=16, stream_n=1,
              overhead_n=2, clients=4, requests_per_client=2, token_mix=(4, 8, 16), idle_repeats=2,
              join_repeats=2, join_long_tokens=256, join_after_s=0.1, memory_checkpoint=20, memory_requests=60,
-             prefix_chats=1, prefix_tokens=8)
+             prefix_chats=1, prefix_tokens=8, crowd_long_tokens=512, crowd_repeats=1)

@@ -179,8 +179,9 @@ class Settings:
     max_batch_size: int = field(default=0, metadata={
         "help": "most requests decoding together in the running batch (0: 8 on a CPU, 32 on a GPU)"})
     max_batch_tokens: int = field(default=0, metadata={
-        "help": "most KV-cache tokens the running batch may come to hold, padding included: rows x the longest "
-                "prompt + max_tokens (0: 16384 on a CPU, 65536 on a GPU)"})
+        "help": "most KV-cache tokens the running batch holds, padding included: rows x the longest row as it is "
+                "now; when it would hold more, the youngest long answer is preempted and resumes later "
+                "(0: 16384 on a CPU, 65536 on a GPU)"})
     prefill_chunk_tokens: int = field(default=0, metadata={
         "help": "most prompt tokens prefilled per decoding step while other requests are decoding; a longer "
                 "prompt is prefilled over several steps (0: 256 on a CPU, 2048 on a GPU)"})

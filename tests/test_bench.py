@@ -195,3 +195,20 @@ def test_real_size_bound_counts_the_language_model_weights_once():
     merger_and_patch = gpu.parameter_count(text_only) - language_model_bytes_per_token(three_b, 1)
     assert language_model_bytes_per_token(three_b, 4) == 12_343_754_752  # 3,085,938,688 float32 weights
     assert merger_and_patch == 38_213_888  # what is left of the count is the vision merger and patch embedding
+
+
+def test_crowd_section_times_a_short_request_beside_long_answers(tmp_path):
+    """(l): a short request's first token beside long answers that fill the KV budget (3) and every row (9);
+    its own server with MAX_BATCH_TOKENS at 4x the long answers' max_tokens (no timing asserted)."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "crowd", "--out", str(tmp_path),
+           "--crowd-long-counts", "3,9", "--crowd-long-tokens", "256", "--crowd-repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c = json.loads((tmp_path / "results.json").read_text())["workloads"]["crowd"]
+    assert c["max_batch_tokens"] == 1024 and positive(c["median_idle_ttft_s"])
+    assert [crowd["long_requests"] for crowd in c["crowds"]] == [3, 9]
+    for crowd in c["crowds"]:
+        assert positive(crowd["median_short_ttft_s"]) and crowd["min_long_tokens"] > 0
+        assert crowd["longs_running"], "the short request waited for a whole long answer"
+    assert c["crowds"][1]["runs"][0]["preemptions"] >= 1  # nine long answers do not fit the budget together
+    assert "(l) beside 9 long answers" in proc.stdout

@@ -284,3 +284,96 @@ def test_json_whitespace_compact_or_bounded_pretty(engine):
             accepted[whitespace, name] = matcher.try_consume_tokens(ids) == len(ids) and not matcher.is_error()
     assert accepted == {("compact", "compact"): True, ("compact", "pretty"): False, ("compact", "too wide"): False,
                         ("pretty", "compact"): True, ("pretty", "pretty"): True, ("pretty", "too wide"): False}
+
+
+def test_greedy_rows_pick_the_same_tokens_with_the_argmax_test_as_with_the_full_mask(engine, monkeypatch):
+    """A greedy constrained row tests its argmax's bit and masks only when the grammar rejects it
+    (RowConstraint.adjust_greedy): over several schemas, tool calls and a logit bias, decoded side by side, the
+    token ids are exactly those of the full mask at every step, and both branches were taken."""
+    from serving.engines.builtin.grammar import RowConstraint
+
+    digits = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 6,
+              "maxItems": 6}
+    tags = {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3}
+    nested = {"type": "object", "properties": {"tags": tags, "score": {"type": "number"},
+                                               "id": {"type": "string", "pattern": "^[a-f0-9]{4}$"}},
+              "required": ["id", "tags", "score"], "additionalProperties": False}
+    weather = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+               "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+    forms = [dict(response_format=FORMAT),
+             dict(response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": digits}}),
+             dict(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": nested}}),
+             dict(response_format={"type": "json_object"}),
+             dict(tools=tools, tool_choice="required"),
+             dict(response_format=FORMAT, logit_bias={"20": 5, "33": -3})]
+    prompts = ["Answer in JSON.", "Describe a cat, please.", "x"]
+    requests = [([ChatTurn("user", [prompt])],
+                 SamplingParams(max_tokens=48, temperature=0, return_token_ids=True,
+                                output=engine.compile_output(spec_of(**form))))
+                for form in forms for prompt in prompts]
+
+    masked = {"calls": 0}
+    full_mask = RowConstraint._masked
+
+    def counted(self, scores):
+        masked["calls"] += 1
+        return full_mask(self, scores)
+
+    monkeypatch.setattr(RowConstraint, "_masked", counted)
+
+    def token_ids() -> list:
+        jobs = [engine.submit(engine.build_prompt(turns), replace(params)) for turns, params in requests]
+        answers = []
+        for job in jobs:
+            ids, finish = [], None
+            for event in job:
+                if isinstance(event, Finished):
+                    finish = event
+                else:
+                    ids.extend(getattr(event, "token_ids", ()))
+            assert finish is not None and len(ids) == finish.completion_tokens
+            answers.append(ids)
+        return answers
+
+    monkeypatch.setattr(RowConstraint, "always_full_mask", True)
+    before = engine.grammar.stats.masks
+    expected = token_ids()
+    assert masked["calls"] == engine.grammar.stats.masks - before  # every step masked in full
+    masked["calls"], before = 0, engine.grammar.stats.masks
+    monkeypatch.setattr(RowConstraint, "always_full_mask", False)
+    assert token_ids() == expected
+    steps = engine.grammar.stats.masks - before
+    assert 0 < masked["calls"] < steps  # the argmax was allowed at some steps and rejected at others
+
+
+def test_a_mask_sets_exactly_the_forbidden_tokens_to_minus_infinity(engine):
+    """RowConstraint's mask, copied out of a row of -inf when few tokens are allowed (JSON syntax) or by np.where
+    when many are (inside a string), equals np.where over the grammar's bitmask at every step, bias included."""
+    import numpy as np
+
+    from serving.engines.builtin.grammar import GrammarCompiler
+
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+              "required": ["note", "n"], "additionalProperties": False}
+    spec = spec_of(response_format={"type": "json_schema", "json_schema": {"name": "m", "schema": schema}},
+                   logit_bias={"7": 3.5})
+    text = '{"note": "a cat", "n": 42}'
+    dense = sparse = 0
+    for vocab in (engine.grammar.vocab, 151936):  # the demo's own, and padded to Qwen's real size
+        compiler = GrammarCompiler(engine.tokenizer, vocab, engine.eos_token_ids)
+        row = compiler.row(compiler.compile(spec))
+        rng = np.random.default_rng(vocab)
+        for token in engine.encode(text):
+            scores = rng.standard_normal(vocab).astype(np.float32)
+            biased = scores.copy()
+            biased[7] += np.float32(3.5)
+            masked = row.adjust(scores.copy())
+            allowed = np.unpackbits(row.bits.view(np.uint8), bitorder="little", count=vocab).astype(bool)
+            assert np.array_equal(masked, np.where(allowed, biased, np.float32(-np.inf)))
+            assert masked.dtype == np.float32
+            sparse += allowed.sum() * 64 < vocab
+            dense += allowed.sum() * 64 >= vocab
+            assert row.accept(token) is None
+    assert sparse and dense

@@ -83,7 +83,8 @@ class Engine(Protocol):
         queue_depth (requests waiting), rows_running (sequences decoding now), steps (decoding steps
         run), step_seconds (their total time), prefill_tokens (prompt tokens prefilled), joined
         (requests admitted into a batch that was already decoding), prefilled_side_by_side (prompt
-        prefill turns run beside another prompt's), caches ({name: {hits, misses, bytes}})."""
+        prefill turns run beside another prompt's), preemptions (rows taken out of the batch for KV room and
+        resumed later), kv_tokens (KV slots held now), caches ({name: {hits, misses, bytes}})."""
         ...
 
     def close(self, timeout: float = 30.0) -> None:

@@ -67,6 +67,7 @@ class Metrics:
 ENGINE_GAUGES = {
     "queue_depth": ("qwenvl_queue_depth", "chat requests waiting for the model"),
     "rows_running": ("qwenvl_rows_running", "sequences being decoded now"),
+    "kv_tokens": ("qwenvl_kv_tokens", "KV cache slots the running batch holds now (rows x longest row)"),
 }
 ENGINE_COUNTERS = {
     "batches": ("qwenvl_batches", "batched generations run"),
@@ -75,6 +76,7 @@ ENGINE_COUNTERS = {
     "step_seconds": ("qwenvl_decode_step_seconds", "time spent in decoding steps"),
     "prefill_tokens": ("qwenvl_prefill_tokens", "prompt tokens prefilled"),
     "joined": ("qwenvl_joined_requests", "requests admitted into a batch that was already decoding"),
+    "preemptions": ("qwenvl_preemptions", "rows taken out of the batch for KV room, resumed later where they stopped"),
     "prefilled_side_by_side": ("qwenvl_prefilled_side_by_side",
                                "prompt prefill turns run beside another prompt's (CPU prefill lanes)"),
     # structured output (built-in engine): response_format, tools, logit_bias

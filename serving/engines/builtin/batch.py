@@ -31,13 +31,21 @@ class Row:
         self.tokens: list = []  # the answer's token ids so far (its KV goes to the prefix cache when it ends)
         self.prefix_key = None  # the prompt's serving.engines.builtin.prefix_cache.PrefixKey, once prefill starts
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.arrival = 0  # admission order (the scheduler's): younger rows are preempted first
+        self.joined_step = 0  # the scheduler's step count when it (re)joined the running batch
+        self.preemptions = 0  # times it left the batch to be resumed later (its KV recomputed)
         self.done = False
         self._logprobs: list = []  # TokenLogprob of tokens whose text is not released yet
 
     @property
-    def reserve(self) -> int:
+    def demand(self) -> int:
         """KV slots this row may come to hold: its prompt and its whole answer."""
         return self.job.prompt.prompt_tokens + self.job.params.max_tokens
+
+    @property
+    def held(self) -> int:
+        """KV slots it holds in the running batch: its prompt and its answer but the latest token (not fed yet)."""
+        return self.job.prompt.prompt_tokens + max(0, len(self.tokens) - 1)
 
     def add(self, token: int, logprob=None) -> None:
         """One generated token (and its TokenLogprob when the request asked for logprobs)."""
@@ -86,8 +94,13 @@ class Row:
 
     def adjuster(self):
         """This step's score adjustment of the row (its grammar and logit bias, then its RowRules), or None."""
-        grammar = self.constraint.adjust if self.constraint is not None and self.constraint.shapes else None
         rules = self.rules if self.rules is not None and self.rules.shapes(self.count) else None
+        grammar = None
+        if self.constraint is not None and self.constraint.shapes:
+            # a greedy row's argmax is tested against the grammar alone (RowConstraint.adjust_greedy); rules
+            # after the grammar (no end yet) need the fully masked row
+            greedy = self.sampler.greedy and rules is None
+            grammar = self.constraint.adjust_greedy if greedy else self.constraint.adjust
         if rules is None:
             return grammar
         if grammar is None:

@@ -320,6 +320,7 @@ class PaddleEngine:
         return {"queue_depth": s.queue_depth(), "rows_running": s.rows_running(), "steps": s.steps,
                 "step_seconds": s.step_seconds, "prefill_tokens": s.prefill_tokens_done, "joined": s.joined,
                 "prefilled_side_by_side": s.side_by_side, "batches": s.batches, "batched_requests": s.requests_run,
+                "preemptions": s.preempted, "kv_tokens": s.kv_tokens,
                 "caches": self.cache_stats(), "prefix_cache": self.prefix_cache.stats(),
                 **self._grammar_stats()}
 

@@ -8,7 +8,9 @@ GrammarCompiler, one per engine:
     the request field (the unsupported keyword, the grammar too complex), raised before any model work.
 RowConstraint, one per row: its own copy of the compiled matcher, its bitmask and its logit bias.
   `adjust(scores)` is the per-row callback serving.engines.builtin.sampling applies to the row's penalized
-  scores (after the penalties, before temperature, top-k and top-p); `accept(token)` advances the matcher.
+  scores (after the penalties, before temperature, top-k and top-p); a greedy row's `adjust_greedy` masks only
+  when the grammar rejects the row's argmax (the same token; measured on 151,936 tokens, ~45 us a row against
+  ~140 us for the full mask); `accept(token)` advances the matcher.
 
 JSON is written compact (", " and ": ", no other whitespace) unless JSON_WHITESPACE=pretty (at most 8
 spaces or newlines between items): llguidance's default unbounded whitespace lets a model emit whitespace
@@ -42,6 +44,10 @@ PRETTY = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A]{0,8}",
           "key_separator": ":"}
 WHITESPACE = {"compact": COMPACT, "pretty": PRETTY}
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+# a mask allowing fewer than 1/SPARSE_MASK_RATIO of the vocabulary copies the allowed scores into a row of -inf:
+# measured on 151,936 tokens (a loaded machine), 40-85 us against np.where's 79-177 us at 0.1% allowed, ~110
+# against ~220 at 1%, even at 3%; on 576 tokens both take a few us
+SPARSE_MASK_RATIO = 64
 
 
 @dataclass
@@ -193,12 +199,16 @@ class GrammarCompiler:
 class RowConstraint:
     """One row's grammar state and logit bias; used by the model thread only."""
 
+    # Tests set this to check the greedy shortcut against the full mask (they must pick the same tokens).
+    always_full_mask = False
+
     def __init__(self, compiled: CompiledOutput, vocab: int, stats: GrammarStats):
         self.matcher = compiled.matcher.deep_copy() if compiled.matcher is not None else None
         self.trigger = compiled.trigger
         self.active = self.matcher is not None and compiled.trigger is None
         self.bias = compiled.bias
         self.bits = np.zeros((vocab + 31) // 32, dtype=np.int32)
+        self._bytes = self.bits.view(np.uint8)
         self.stats = stats
 
     @property
@@ -207,18 +217,52 @@ class RowConstraint:
         return self.bias is not None or self.active
 
     def adjust(self, scores: np.ndarray) -> np.ndarray:
-        """float32 [V] scores of this row -> the same with the bias added and the tokens the grammar forbids at -inf."""
+        """float32 [V] scores of this row -> the same with the bias added and the tokens the grammar forbids at
+        -inf (in place when it can: the caller hands over a row it owns)."""
         if self.bias is not None:
             ids, amounts = self.bias
             scores[ids] += amounts
         if self.active:
             started = time.perf_counter()
-            self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
-            allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:scores.shape[0]].astype(bool)
-            scores = np.where(allowed, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
+            self._compute_mask()
+            scores = self._masked(scores)
             self.stats.masks += 1
             self.stats.mask_seconds += time.perf_counter() - started
         return scores
+
+    def adjust_greedy(self, scores: np.ndarray) -> np.ndarray:
+        """adjust for a greedy row, whose token is the argmax of what this returns: when the grammar allows the
+        row's own argmax, that argmax is also the first maximum of the masked row (every earlier index scores
+        less), so the scores go back unmasked; only a rejected argmax costs the full mask."""
+        if self.bias is not None:
+            ids, amounts = self.bias
+            scores[ids] += amounts
+        if self.active:
+            started = time.perf_counter()
+            self._compute_mask()
+            best = int(np.argmax(scores))
+            if self.always_full_mask or not (self._bytes[best >> 3] >> (best & 7)) & 1:
+                scores = self._masked(scores)
+            self.stats.masks += 1
+            self.stats.mask_seconds += time.perf_counter() - started
+        return scores
+
+    def _compute_mask(self) -> None:
+        # On the model thread, not ahead in a thread beside the forward pass: llguidance drops the GIL here, but a
+        # mask takes ~12 us a row (measured, 151,936 tokens), well under 1% of a decoding step, and the forward
+        # already keeps both of a small machine's cores busy.
+        self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+
+    def _masked(self, scores: np.ndarray) -> np.ndarray:
+        """scores where the bitmask allows the token, -inf elsewhere (a new array)."""
+        vocab = scores.shape[0]
+        allowed = np.unpackbits(self._bytes, bitorder="little", count=vocab).view(bool)
+        if np.count_nonzero(allowed) * SPARSE_MASK_RATIO < vocab:  # a few allowed (JSON syntax): copy those
+            out = np.full(vocab, -np.inf, dtype=np.float32)
+            kept = np.flatnonzero(allowed)
+            out[kept] = scores[kept]
+            return out
+        return np.where(allowed, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
 
     def accept(self, token: int) -> Optional[str]:
         """Advance past a sampled token; an error message when the grammar cannot take it (the row must end)."""

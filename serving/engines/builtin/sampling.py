@@ -142,10 +142,10 @@ def next_tokens(logits, samplers: Sequence[RowSampler], tokenizer=None, adjust=N
     (record kept tokens with RowSampler.accept).
 
     `adjust` (optional): one entry per row, None or a callable taking the row's penalized scores (numpy
-    float32 [V]) and returning them changed: a grammar's mask (forbidden tokens at -inf) and a logit bias
-    (serving.engines.builtin.grammar.RowConstraint.adjust). It applies after the penalties and before
-    temperature, top-k and top-p; rows with None are not touched, and a row with a callable consumes its
-    draw like any other. Logprobs stay the model's raw logprobs."""
+    float32 [V], a row it may change in place) and returning them changed: a grammar's mask (forbidden tokens
+    at -inf) and a logit bias (serving.engines.builtin.grammar.RowConstraint.adjust). It applies after the
+    penalties and before temperature, top-k and top-p; rows with None are not touched, and a row with a
+    callable consumes its draw like any other. Logprobs stay the model's raw logprobs."""
     import paddle
 
     _check_batch(logits, samplers)
@@ -228,9 +228,12 @@ def adjusted_scores(scores, adjust, rows: Sequence[int]):
     scores (a CPU's) are copied first (they may be the logits' own read-only memory); a device tensor
     sends only those rows to the host and back."""
     if isinstance(scores, np.ndarray):
-        scores = np.array(scores, dtype=np.float32, order="C")
+        scores = np.array(scores, dtype=np.float32, order="C")  # ours: each row goes to its adjuster as is
         for i in rows:
-            scores[i] = np.asarray(adjust[i](scores[i].copy()), dtype=np.float32)
+            row = scores[i]
+            changed = adjust[i](row)
+            if changed is not row:
+                scores[i] = changed
         return scores
     import paddle
 
