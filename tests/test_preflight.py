@@ -221,7 +221,11 @@ def test_stray_wheels_and_archives(folder):
     for name in ("py_spy-0.4.3-py2.py3-none-manylinux1_x86_64.whl (3.0 MiB)", "backup/notebooks.tar.gz", "upload.zip"):
         assert name in result.detail
     assert "PyPI" in result.fix
-    # One meant to ship is not flagged.
+    # A test tool's cache of .gz files is one cache, not archives; one meant to ship is not flagged.
+    (folder / ".hypothesis" / "unicode_data").mkdir(parents=True, exist_ok=True)
+    (folder / ".hypothesis" / "unicode_data" / "charmap.json.gz").write_bytes(b"\x1f\x8b")
+    result = pf.check_leftovers(ctx(folder))
+    assert "3 wheel(s)/archive(s)" in result.detail and ".hypothesis" in result.detail.split("caches:")[1]
     assert "upload.zip" not in pf.check_leftovers(ctx(folder, allow=("upload.zip",))).detail
 
 

@@ -16,8 +16,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pdparams", ".pdiparams", ".pdopt", ".bin", 
 ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar", ".gz", ".xz",
                     ".bz2", ".egg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mp4", ".avi", ".mov")
-CACHE_DIRS = ("__pycache__", ".pytest_cache", ".ipynb_checkpoints", ".benchmarks", ".mypy_cache", ".ruff_cache",
-              "artifacts")
+CACHE_DIRS = ("__pycache__", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints", ".benchmarks", ".mypy_cache",
+              ".ruff_cache", "artifacts")
 SECRET_FILE_NAMES = (".env", ".aistudio_token", "id_rsa", "id_ed25519", ".netrc", ".pypirc")
 
 
