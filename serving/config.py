@@ -13,8 +13,8 @@ import re
 import shlex
 import sys
 import textwrap
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 
