@@ -392,31 +392,47 @@ def _use_utf8() -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # Each default is written in its help by hand: argparse's own "(default: ...)" would print the API key
+    # taken from the environment, and "None" for options whose default depends on the others.
     p = argparse.ArgumentParser(
-        description="Send a question (and an image) to the OpenAI-compatible Qwen2.5-VL API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Send a question (and an image or a video) to the OpenAI-compatible Qwen2.5-VL API and print "
+                    "the answer. Exit status 0 on success, 1 on any failure, 2 on bad arguments.",
     )
-    p.add_argument("--api-url", default=DEFAULT_API_URL, help="chat completions endpoint")
-    p.add_argument("--api-key", default=os.environ.get("API_KEY"),
-                   help="sent as 'Authorization: <scheme> <key>' (default: env API_KEY)")
+    p.add_argument("--api-url", default=DEFAULT_API_URL, metavar="URL",
+                   help=f"the chat completions endpoint (default: {DEFAULT_API_URL})")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="sent as 'Authorization: <scheme> <key>' (default: the environment variable API_KEY; "
+                        "none when it is unset)")
     p.add_argument("--auth-scheme", choices=("Bearer", "token"), default="Bearer",
-                   help="Bearer (this server, OpenAI) or token (AI Studio's gateway and access tokens)")
-    p.add_argument("--image", help="local image path or http(s) URL; omit for a text-only question")
-    p.add_argument("--video", help="local video file (mp4, webm, mov, ...) or http(s) URL")
-    p.add_argument("--question", help=f"default: {DEFAULT_IMAGE_QUESTION!r} with an image, "
-                                      f"{DEFAULT_TEXT_QUESTION!r} without")
-    p.add_argument("--stream", action="store_true", help="stream the answer (SSE)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=256)
+                   help="Bearer (this server, OpenAI) or token (AI Studio's gateway and its access tokens) "
+                        "(default: Bearer)")
+    p.add_argument("--image", metavar="PATH_OR_URL",
+                   help="a local image file or an http(s) URL (default: none, a text-only question)")
+    p.add_argument("--video", metavar="PATH_OR_URL",
+                   help="a local video file (mp4, webm, mov, ...) or an http(s) URL (default: none)")
+    p.add_argument("--question", metavar="TEXT",
+                   help=f"the question (default: {DEFAULT_VIDEO_QUESTION!r} with a video, "
+                        f"{DEFAULT_IMAGE_QUESTION!r} with an image, {DEFAULT_TEXT_QUESTION!r} with neither)")
+    p.add_argument("--stream", action="store_true", help="stream the answer as it is written (server-sent events)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0: greedy (default: 0.7)")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="the longest answer, in tokens (default: 256)")
     p.add_argument("--format", choices=("tutorial", "openai"), default="tutorial",
-                   help="how the image and video parts are written")
-    p.add_argument("--timeout", type=float, default=300, help="seconds")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+                   help="how the image and video parts are written: tutorial ({'type': 'image', 'image': ...}) or "
+                        "openai ({'type': 'image_url', ...}) (default: tutorial)")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+                   help="how long to wait for the whole answer (default: 300)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"the request's model field; this server answers with the model it serves whatever it says "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--boxes", action="store_true",
                    help="print the answer's Qwen2.5-VL boxes (bbox_2d) in pixels of --image, mapped back from the "
                         "resized image the model saw with the sizes the server reports (image_sizes)")
-    p.add_argument("--draw-boxes", metavar="PNG", help="with --boxes: also save a copy of --image with the boxes drawn")
+    p.add_argument("--draw-boxes", metavar="PNG",
+                   help="also save a copy of --image with the boxes drawn (implies --boxes; needs Pillow)")
     args = p.parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get("API_KEY") or None
     if args.draw_boxes:
         args.boxes = True
     return args

@@ -1039,6 +1039,9 @@ def spawn(log_dir: Path, changes=None, name="attack-server") -> Server:
     except RuntimeError as exc:
         proc.stop()
         raise SystemExit(str(exc)) from None
+    except BaseException:  # interrupted while waiting: the server is stopped all the same
+        proc.stop()
+        raise
     return Server(proc.url, proc)
 
 

@@ -104,6 +104,9 @@ class Server:
         except RuntimeError as exc:
             proc.stop()
             raise SystemExit(str(exc)) from None
+        except BaseException:  # interrupted while waiting: the server is stopped all the same
+            proc.stop()
+            raise
         return server
 
     @classmethod

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import shlex
 import sys
+import textwrap
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -38,6 +42,49 @@ def _backend(text: str) -> str:
     return value
 
 
+HUBS = ("aistudio", "huggingface", "modelscope")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _hub(text: str) -> str:
+    value = str(text).strip().lower() or "aistudio"  # an empty HUB=: the default, as for DEVICE and DTYPE
+    if value not in HUBS:
+        raise ValueError(f"{text!r} is not one of {', '.join(HUBS)}")
+    return value
+
+
+def _device(text: str) -> str:
+    # Only the spelling is checked here; whether this machine has that GPU is the model loader's question.
+    value = str(text).strip().lower() or "auto"
+    if not re.fullmatch(r"auto|cpu|gpu(:\d+)?", value):
+        raise ValueError(f"{text!r} is not auto, cpu, gpu or gpu:N")
+    return value
+
+
+def _dtype(text: str) -> str:
+    value = str(text).strip().lower() or "auto"
+    if value not in ("auto",) + DTYPES:
+        raise ValueError(f"{text!r} is not one of auto, {', '.join(DTYPES)}")
+    return value
+
+
+def _urls(text: str) -> tuple:
+    urls = _keys(text)
+    for url in urls:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+    return urls
+
+
+def _shell_words(text: str) -> str:
+    try:
+        shlex.split(str(text))
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a shell-quoted list of flags ({exc})") from None
+    return str(text)
+
+
 def _json_whitespace(text: str) -> str:
     value = str(text).strip().lower()
     if value not in ("compact", "pretty"):
@@ -59,12 +106,13 @@ class Settings:
     model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "hub id, local checkpoint folder, or 'demo' for the offline random-weight model"})
     hub: str = field(default="aistudio", metadata={
-        "help": "where hub ids are downloaded from: aistudio, huggingface or modelscope"})
-    device: str = field(default="auto", metadata={"help": "auto, gpu, gpu:N or cpu"})
+        "help": "where hub ids are downloaded from: aistudio, huggingface or modelscope", "type": _hub})
+    device: str = field(default="auto", metadata={"help": "auto, gpu, gpu:N or cpu", "type": _device})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (GPU: bfloat16 where supported, else float16; CPU: float32), bfloat16, float16, float32"})
+        "help": "auto (GPU: bfloat16 where supported, else float16; CPU: float32), bfloat16, float16, float32",
+        "type": _dtype})
     served_model_name: str = field(default="", metadata={
-        "help": "the model name responses carry (default: the --model value)"})
+        "help": "the model name responses carry"})
     api_key: tuple = field(default=(), metadata={
         "help": "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer <key>'",
         "type": _keys})
@@ -181,9 +229,9 @@ class Settings:
         "type": _backend})
     upstream: tuple = field(default=(), metadata={
         "help": "--backend openai: comma-separated base URLs of OpenAI-compatible servers (FastDeploy, vLLM, other "
-                "instances of this server), e.g. http://10.0.0.2:8080,http://10.0.0.3:8080", "type": _keys})
+                "instances of this server), e.g. http://10.0.0.2:8080,http://10.0.0.3:8080", "type": _urls})
     upstream_api_key: str = field(default="", metadata={
-        "help": "the key sent to the upstreams as 'Authorization: Bearer <key>' (none when empty)"})
+        "help": "the key sent to the upstreams as 'Authorization: Bearer <key>'"})
     upstream_health_interval: float = field(default=5.0, metadata={
         "help": "seconds between health checks of each upstream (GET /v1/models); an unhealthy one gets no "
                 "requests until a check passes again"})
@@ -203,7 +251,7 @@ class Settings:
         "help": "--backend fastdeploy: seconds FastDeploy may take to load and answer its /health with 200"})
     fastdeploy_args: str = field(default="", metadata={
         "help": "--backend fastdeploy: more flags for FastDeploy's server, as one shell-quoted string "
-                "(e.g. '--quantization wint8 --tool-call-parser ...')"})
+                "(e.g. '--quantization wint8 --tool-call-parser ...')", "type": _shell_words})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     @property
@@ -215,12 +263,67 @@ def env_name(name: str) -> str:
     return name.upper()
 
 
+# The groups of `--help` and of README's settings table, in this order; every setting is in one.
+GROUPS = (
+    ("server", "where and how the HTTP server listens",
+     ("host", "port", "threads", "max_connections", "idle_timeout", "header_timeout", "body_timeout",
+      "shutdown_grace", "log_level")),
+    ("model", "which model, from where, on which device",
+     ("model", "hub", "device", "dtype", "served_model_name")),
+    ("engine", "the built-in engine's batching, caches and structured output",
+     ("cpu_threads", "max_batch_size", "max_batch_tokens", "prefill_chunk_tokens", "image_cache_mb",
+      "prefix_cache_mb", "grammar_cache_size", "json_whitespace")),
+    ("limits", "what one request may ask for, and how many may wait",
+     ("default_max_tokens", "max_tokens_limit", "max_request_bytes", "max_queue", "request_timeout", "max_messages",
+      "max_content_parts", "max_tools", "max_schema_bytes")),
+    ("images and video", "sizes, counts and fetching of images and videos",
+     ("min_pixels", "max_pixels", "max_images", "max_image_bytes", "max_image_pixels", "image_decode_mb",
+      "image_fetch_timeout", "allow_image_urls", "image_url_allow_hosts", "max_videos", "max_video_bytes",
+      "max_video_seconds", "max_video_decode_pixels", "video_fps", "min_frames", "max_frames", "video_min_pixels",
+      "video_max_pixels", "video_total_pixels")),
+    ("backends", "what answers: the built-in engine, other OpenAI-compatible servers, or FastDeploy",
+     ("backend", "upstream", "upstream_api_key", "upstream_health_interval", "upstream_image_format",
+      "tensor_parallel", "gpu_memory_utilization", "fastdeploy_max_model_len", "fastdeploy_start_timeout",
+      "fastdeploy_args")),
+    ("security", "who may call the server, and from which web pages",
+     ("api_key", "allowed_hosts", "cors_allow_origins")),
+)
+
+
+def default_text(f) -> str:
+    """A setting's default as README and --help show it: '(none)' rather than () or ''."""
+    if f.name == "served_model_name":
+        return "(the --model value)"
+    if f.default in ((), ""):
+        return "(none)"
+    if isinstance(f.default, bool):
+        return str(f.default).lower()
+    return str(f.default)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text without parting a flag from its value ('--quantization wint8') or breaking at a hyphen."""
+
+    def _split_lines(self, text, width):
+        glued = re.sub(r"(--[a-z][\w-]*) (?=[\w<])", "\\1\0", text)
+        glued = re.sub(r"\s+", " ", glued).strip()
+        return [line.replace("\0", " ") for line in textwrap.wrap(glued, width, break_on_hyphens=False)]
+
+
 def build_parser(description: str = "Serve Qwen2.5-VL through an OpenAI-compatible API.") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, type=str,
-                            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]")
+    parser = argparse.ArgumentParser(
+        description=description, usage="%(prog)s [--FLAG VALUE ...]",
+        formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32),
+        epilog="Each flag's value is named after its environment variable (--max-pixels MAX_PIXELS, or "
+               "MAX_PIXELS=... in the environment); the flag wins over the variable, the variable over the default.")
+    by_name = {f.name: f for f in fields(Settings)}
+    for title, description_, names in GROUPS:
+        group = parser.add_argument_group(title, description_)
+        for name in names:
+            f = by_name[name]
+            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=str,
+                               metavar=env_name(name),
+                               help=f"{f.metadata['help']} (default: {default_text(f).strip('()')})")
     return parser
 
 
@@ -249,6 +352,9 @@ def load_settings(argv=None, environ=None) -> Settings:
     if settings.min_pixels > settings.max_pixels:
         raise SettingsError(f"--min-pixels / MIN_PIXELS ({settings.min_pixels}) is larger than --max-pixels / "
                             f"MAX_PIXELS ({settings.max_pixels})")
+    if settings.backend == "openai" and not settings.upstream:
+        raise SettingsError("--backend openai / BACKEND=openai needs at least one upstream URL "
+                            "(--upstream URL[,URL...] / UPSTREAM)")
     return settings
 
 

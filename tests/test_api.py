@@ -33,6 +33,7 @@ def test_root_health_models(client):
     assert models["object"] == "list"
     card = models["data"][0]
     assert card["id"] == "demo" and card["demo"] is True and "random weights" in card["description"]
+    assert card["root"] == "demo"  # the id, not the demo checkpoint's folder on this machine
     assert card["max_model_len"] > 0
 
 

@@ -1,5 +1,7 @@
 """Settings from flags and environment; model source, device and dtype choices; clear load errors."""
 
+import os
+
 import pytest
 
 from serving.config import DEFAULT_MODEL, Settings, load_settings
@@ -23,6 +25,37 @@ def test_bad_setting_value_exits_with_message():
     with pytest.raises(SystemExit) as info:
         load_settings(["--port", "eighty"], environ={})
     assert "--port" in str(info.value)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--hub", "bogus"], "--hub / HUB: 'bogus' is not one of aistudio, huggingface, modelscope"),
+    (["--device", "tpu"], "--device / DEVICE: 'tpu' is not auto, cpu, gpu or gpu:N"),
+    (["--dtype", "fp8"], "--dtype / DTYPE: 'fp8' is not one of auto, bfloat16, float16, float32"),
+    (["--backend", "openai"], "needs at least one upstream URL"),
+    (["--backend", "openai", "--upstream", "ftp://x"], "--upstream / UPSTREAM: 'ftp://x' is not an http(s) URL"),
+    (["--fastdeploy-args", "--quantization 'wint8"], "--fastdeploy-args / FASTDEPLOY_ARGS"),
+])
+def test_api_py_refuses_a_bad_setting_before_listening(argv, named):
+    """Every setting is checked before the port is bound: one line, exit status 2, nothing served."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    done = subprocess.run([sys.executable, str(ROOT / "api.py"), "--model", "demo", "--host", "127.0.0.1",
+                           "--port", str(free_port()), *argv], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("HUB", "DEVICE", "DTYPE", "BACKEND")})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], done.stderr
+    assert "listening on" not in done.stderr + done.stdout
+
+
+def test_device_and_dtype_spellings():
+    s = load_settings(["--hub", "HuggingFace", "--device", "GPU:1", "--dtype", "Float16"], environ={})
+    assert (s.hub, s.device, s.dtype) == ("huggingface", "gpu:1", "float16")
+    s = load_settings([], environ={"HUB": "", "DEVICE": "", "DTYPE": ""})  # empty variables: the defaults
+    assert (s.hub, s.device, s.dtype) == ("aistudio", "auto", "auto")
 
 
 def test_device_and_dtype_on_cpu():
@@ -98,6 +131,7 @@ def test_api_py_fails_cleanly_offline(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert "listening on" not in done.stderr  # refused before the port is bound
 
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed (CPU)", "library loader (GPU path)"])
@@ -131,3 +165,47 @@ def test_a_model_folder_is_only_read_while_loading(tmp_path, monkeypatch, stream
     state = loaded.model.state_dict()
     loaded_name = next(k for k in state if k.endswith("embed_tokens.weight"))
     assert np.array_equal(state[loaded_name].numpy(), weights[name])  # the weights did load, from the view
+
+
+def test_every_setting_is_in_one_help_group_in_readme_order():
+    """`python api.py --help` groups the flags as README's settings table does, with readable defaults."""
+    import re
+    import subprocess
+    import sys
+    from dataclasses import fields
+
+    from conftest import ROOT
+    from serving.config import GROUPS, default_text, env_name
+
+    names = [n for _, _, group in GROUPS for n in group]
+    assert sorted(names) == sorted(f.name for f in fields(Settings)), "a setting in no group, or in two"
+
+    done = subprocess.run([sys.executable, str(ROOT / "api.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    help_text = done.stdout
+    sections = re.split(r"^([a-z][a-z ]*):\n", help_text, flags=re.MULTILINE)  # "server:", "model:", ...
+    by_title = dict(zip(sections[1::2], sections[2::2]))
+    assert [t for t in by_title if t != "options"] == [title for title, _, _ in GROUPS]
+    for title, _, group in GROUPS:
+        flags = re.findall(r"^  (--[a-z0-9-]+) ", by_title[title], flags=re.MULTILINE)
+        assert flags == ["--" + n.replace("_", "-") for n in group], title
+    assert "--host" not in by_title["options"]
+    assert "()" not in help_text and "''" not in help_text and "default: (" not in help_text
+    assert re.search(r"--quantization\n", help_text) is None  # a flag is never parted from its value
+
+    # README's table: the same groups, in the same order, with the same defaults
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Settings", 1)[1].split("\n\n")[2]
+    rows = re.findall(r"^\| (?:\*\*([a-z ]+)\*\*|`--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \| `([^`]*)`)", table,
+                      flags=re.MULTILINE)
+    seen, defaults = [], {}
+    for title, flag, env, default in rows:
+        seen.append(("group", title) if title else ("flag", flag))
+        if flag:
+            defaults[flag.replace("-", "_")] = (env, default)
+    assert seen == [item for title, _, group in GROUPS
+                    for item in [("group", title)] + [("flag", n.replace("_", "-")) for n in group]]
+    by_name = {f.name: f for f in fields(Settings)}
+    wrong = {n: d for n, d in defaults.items() if d != (env_name(n), default_text(by_name[n]))}
+    assert not wrong, f"README's settings table disagrees with serving/config.py: {wrong}"

@@ -255,7 +255,7 @@ def start_api(tmp_path, port, mode=None, delay=None):
     return process, tmp_path / "api.log"
 
 
-def wait_health(url, process, timeout=120):
+def wait_health(url, process, timeout=600):  # generous: start-up is slow on a loaded machine
     statuses = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
@@ -294,6 +294,7 @@ def test_api_py_serves_through_fastdeploy_and_sigterm_stops_both(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait(30)
 
 
 def test_api_py_exits_non_zero_when_fastdeploy_dies(tmp_path):
@@ -309,6 +310,7 @@ def test_api_py_exits_non_zero_when_fastdeploy_dies(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait(30)
 
 
 def test_a_sigkill_of_this_server_stops_fastdeploy_too(tmp_path):
@@ -325,6 +327,7 @@ def test_a_sigkill_of_this_server_stops_fastdeploy_too(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait(30)
 
 
 def test_settings_reach_the_backend_choice():

@@ -191,7 +191,39 @@ def test_models_and_health_come_from_the_engine_info(settings):
     client = client_of(settings, FakeEngine())
     assert client.get("/health").json == {"status": "ok", "model": "fake", "demo": True}
     card = client.get("/v1/models").json["data"][0]
-    assert (card["id"], card["root"], card["max_model_len"], card["demo"]) == ("fake", "nowhere", 4096, True)
+    assert (card["id"], card["root"], card["max_model_len"], card["demo"]) == ("fake", "fake", 4096, True)
+
+
+def test_models_list_shows_the_id_not_the_folder(settings):
+    """The engine's source is a folder on this machine: /v1/models names the model by its id alone."""
+    engine = FakeEngine()
+    engine.info = replace(engine.info, name="qwen-vl", source="/home/aistudio/secret/Qwen2.5-VL-3B")
+    client = client_of(settings, engine)
+    body = client.get("/v1/models").get_data(as_text=True)
+    assert "/home/aistudio" not in body and "secret" not in body
+    card = client.get("/v1/models").json["data"][0]
+    assert card["id"] == card["root"] == "qwen-vl"
+
+
+def test_health_polls_are_logged_at_debug(settings, caplog):
+    """A platform polls /health every few seconds: those lines are DEBUG; other requests stay INFO, and a health
+    check that finds the engine broken is still an error."""
+    caplog.set_level("DEBUG", logger="serving.web.app")
+
+    def levels(client, path):
+        caplog.clear()
+        client.get(path)
+        return [rec.levelname for rec in caplog.records if rec.name == "serving.web.app" and f" {path} " in
+                rec.getMessage()]
+
+    loading = create_app(settings).test_client()  # no engine yet: 503 "loading" is normal operation
+    assert levels(loading, "/health") == ["DEBUG"]
+    client = client_of(settings, FakeEngine())
+    assert levels(client, "/health") == ["DEBUG"]
+    assert levels(client, "/metrics") == ["DEBUG"]
+    assert levels(client, "/v1/models") == ["INFO"]
+    broken = client_of(settings, FakeEngine(health=(False, "the model worker has stopped")))
+    assert levels(broken, "/health") == ["ERROR"]
 
 
 def metric_samples(client):

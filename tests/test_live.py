@@ -98,8 +98,30 @@ def test_test_connection_sends_the_key_in_either_scheme(engine, settings, tmp_pa
             assert done.returncode == 0, done.stderr
         wrong = subprocess.run(base + ["--api-key", "nope"], capture_output=True, text=True, timeout=120)
         assert wrong.returncode != 0 and "401" in wrong.stderr
+        from_env = subprocess.run(base, capture_output=True, text=True, timeout=120,
+                                  env={**__import__("os").environ, "API_KEY": "s3cret"})  # no --api-key: API_KEY
+        assert from_env.returncode == 0, from_env.stderr
     finally:
         keyed.stop()
+
+
+def test_test_connection_help_gives_every_option_a_help_and_one_default():
+    import os
+    import re
+
+    done = subprocess.run([sys.executable, str(ROOT / "test_connection.py"), "--help"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "API_KEY": "the-key-from-the-environment",
+                                                      "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    options = done.stdout.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + options.strip("\n"))[1:]  # one per option, its help included
+    flags = [e.split()[0].rstrip(",") for e in entries]
+    assert {"--api-url", "--api-key", "--temperature", "--max-tokens", "--model", "--timeout"} <= set(flags)
+    for entry in entries:
+        words = " ".join(entry.split())
+        assert len(words.split()) > 3, f"an option without help: {words}"
+        assert words.count("(default:") <= 1 and "default: None" not in words, words
+    assert "the-key-from-the-environment" not in done.stdout  # the key is never printed
 
 
 def test_test_connection_fails_loudly_when_unreachable(tmp_path):

@@ -206,6 +206,29 @@ def test_big_safetensors_leftover(folder):
     assert "images/upload_1.jpg" in leftovers.detail and "notebooks/.ipynb_checkpoints" in leftovers.detail
 
 
+def test_stray_wheels_and_archives(folder):
+    """A wheel or tarball would ship with every deployment; packages come from PyPI through requirements.txt."""
+    assert not list(ROOT.glob("*.whl")), "the repository itself ships a wheel"
+    in_repo = pf.check_leftovers(ctx(ROOT))
+    assert "wheel(s)/archive(s)" not in in_repo.detail, in_repo
+    _sparse(folder / "py_spy-0.4.3-py2.py3-none-manylinux1_x86_64.whl", 3 * 1024 ** 2)
+    (folder / "backup").mkdir()
+    (folder / "backup" / "notebooks.tar.gz").write_bytes(b"\x1f\x8b")
+    (folder / "upload.zip").write_bytes(b"PK")
+    result = pf.check_leftovers(ctx(folder))
+    assert result.status == WARN, result
+    assert "3 wheel(s)/archive(s)" in result.detail
+    for name in ("py_spy-0.4.3-py2.py3-none-manylinux1_x86_64.whl (3.0 MiB)", "backup/notebooks.tar.gz", "upload.zip"):
+        assert name in result.detail
+    assert "PyPI" in result.fix
+    # A test tool's cache of .gz files is one cache, not archives; one meant to ship is not flagged.
+    (folder / ".hypothesis" / "unicode_data").mkdir(parents=True, exist_ok=True)
+    (folder / ".hypothesis" / "unicode_data" / "charmap.json.gz").write_bytes(b"\x1f\x8b")
+    result = pf.check_leftovers(ctx(folder))
+    assert "3 wheel(s)/archive(s)" in result.detail and ".hypothesis" in result.detail.split("caches:")[1]
+    assert "upload.zip" not in pf.check_leftovers(ctx(folder, allow=("upload.zip",))).detail
+
+
 def test_virtualenv_in_the_folder(folder):
     (folder / ".venv").mkdir()
     (folder / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")

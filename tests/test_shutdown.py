@@ -2,6 +2,7 @@
 get 503, running answers finish within SHUTDOWN_GRACE or are ended (a stream with an error event and
 [DONE]), the process exits 0 and never aborts. Start-up errors: one line, exit status 2."""
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,10 @@ LONG = {"messages": [{"role": "user", "content": "Write a long story."}], "max_t
 
 
 class ApiProcess:
+    """api.py on the demo model, as a child process; stop() always ends it."""
+
+    READY_SECONDS = 600  # generous: on a loaded 2-core machine start-up once took more than 120 s
+
     def __init__(self, tmp_path, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -30,39 +35,69 @@ class ApiProcess:
         self.process = subprocess.Popen(
             [sys.executable, "api.py", "--model", "demo", "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.time() + 120
+
+    def wait_ready(self) -> "ApiProcess":
+        deadline = time.time() + self.READY_SECONDS
         while time.time() < deadline:
             assert self.process.poll() is None, self.text()
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
             except requests.RequestException:
                 pass
             time.sleep(0.3)
-        pytest.fail("api.py did not become ready:\n" + self.text())
+        pytest.fail(f"api.py did not become ready in {self.READY_SECONDS} s:\n" + self.text())
 
     def text(self) -> str:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-        self.log.close()
+        try:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(30)
+        finally:
+            self.log.close()
 
 
-@pytest.fixture()
-def api(tmp_path):
+@contextlib.contextmanager
+def api_processes(tmp_path):
+    """start(*flags) -> a ready ApiProcess; every process started is stopped on leaving, whatever failed --
+    a server that never became ready included (it is registered before the wait)."""
     started = []
 
     def start(*args):
         started.append(ApiProcess(tmp_path, *args))
-        return started[-1]
+        return started[-1].wait_ready()
 
-    yield start
-    for proc in started:
-        proc.stop()
+    start.started = started
+    try:
+        yield start
+    finally:
+        for proc in started:
+            try:
+                proc.stop()
+            except Exception:  # noqa: BLE001 - one that would not stop must not leave the others running
+                pass
+
+
+@pytest.fixture()
+def api(tmp_path):
+    with api_processes(tmp_path) as start:
+        yield start
+
+
+def test_a_server_that_never_becomes_ready_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(ApiProcess, "READY_SECONDS", 0)  # the readiness wait fails at once
+    with pytest.raises(pytest.fail.Exception, match="did not become ready"):
+        with api_processes(tmp_path) as start:
+            try:
+                start()
+            finally:
+                procs = list(start.started)
+    assert len(procs) == 1 and procs[0].process.returncode is not None  # killed, not left running
+    assert procs[0].log.closed
 
 
 def stream_events(url, body, out, key):

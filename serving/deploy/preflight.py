@@ -1,4 +1,4 @@
-"""Check the folder the way AI Studio will deploy it, in seconds, before a deployment that takes an hour.
+"""Check the folder the way AI Studio will deploy it, in ~20 s, before a deployment that takes an hour.
 
     python -m serving.deploy.preflight                 # the checks, as a table; exit 1 on any FAIL
     python -m serving.deploy.preflight --rehearse      # then a local deployment rehearsal (minutes)

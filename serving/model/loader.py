@@ -17,8 +17,7 @@ from serving.model import weights
 
 log = logging.getLogger(__name__)
 
-HUBS = ("aistudio", "huggingface", "modelscope")
-DTYPES = ("bfloat16", "float16", "float32")
+from serving.config import DTYPES, HUBS  # noqa: F401  (one list each, checked before the port is bound)
 
 
 class ModelLoadError(RuntimeError):
@@ -125,10 +124,9 @@ def load_model(settings) -> LoadedModel:
     quiet_library_logs()
     source, is_demo = resolve_source(settings.model)
     is_local = os.path.isdir(source)
-    if not is_local and not is_hub_id(source):
-        raise ModelLoadError(
-            f"model folder {source!r} does not exist. Pass the folder that holds config.json and the "
-            "*.safetensors files, a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or --model demo.")
+    problem = model_problem(source)
+    if problem:
+        raise ModelLoadError(problem)
     if settings.hub not in HUBS:
         raise ModelLoadError(f"unknown --hub {settings.hub!r}: use one of {', '.join(HUBS)}")
     device = choose_device(settings.device)
@@ -205,6 +203,15 @@ def _use_generation_config(model, source: str, hub_args: dict) -> None:
         model.generation_config = GenerationConfig.from_pretrained(source, **hub_args)
     except Exception as exc:  # a checkpoint without one keeps the library's defaults
         log.info("no generation_config.json for %s (%s); using library defaults", source, type(exc).__name__)
+
+
+def model_problem(model: str):
+    """Why --model names nothing that can be loaded (None when it is the demo, a folder or a hub id): cheap,
+    so api.py says it before binding the port."""
+    if demo.is_demo_name(model) or os.path.isdir(model) or is_hub_id(model):
+        return None
+    return (f"model folder {model!r} does not exist. Pass the folder that holds config.json and the "
+            "*.safetensors files, a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or --model demo.")
 
 
 def is_hub_id(model: str) -> bool:

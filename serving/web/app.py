@@ -179,7 +179,8 @@ def models():
     info = state.service.ready_engine().info
     description = ("DEMO model with random weights: its answers are meaningless text"
                    if info.is_demo else "Qwen2.5-VL served with PaddlePaddle")
-    card = protocol.ModelCard(id=info.name, created=state.started, root=info.source,
+    # root is the id too, never info.source: a folder path tells a caller about this machine's disk
+    card = protocol.ModelCard(id=info.name, created=state.started, root=info.name,
                               max_model_len=info.context_length or None, demo=info.is_demo, description=description)
     return jsonify(protocol.ModelList(data=[card]).model_dump())
 
@@ -339,6 +340,9 @@ def _request_context() -> dict:
                 metrics=_state().metrics)
 
 
+POLLED_ENDPOINTS = ("/health", "/metrics")  # health checks and Prometheus scrapes
+
+
 def _record(status, *, request_id, method, endpoint, path, started, metrics, prompt_tokens=None,
             completion_tokens=None, error=None, stream=False, expected=False) -> None:
     """The one log line and the metrics of a finished request (`expected`: an answer of normal operation,
@@ -346,8 +350,11 @@ def _record(status, *, request_id, method, endpoint, path, started, metrics, pro
     seconds = time.perf_counter() - started
     metrics.requests.labels(endpoint, str(status)).inc()
     metrics.latency.labels(endpoint).observe(seconds)
-    level = (logging.INFO if expected or status < 400 or status == 499 else logging.WARNING if status < 500
-             else logging.ERROR)
+    if endpoint in POLLED_ENDPOINTS and (expected or status < 400):
+        level = logging.DEBUG  # a platform polls these every few seconds: at INFO they would bury everything else
+    else:
+        level = (logging.INFO if expected or status < 400 or status == 499 else logging.WARNING if status < 500
+                 else logging.ERROR)
     log.log(level, "request %s %s %s status=%s latency=%.3fs prompt_tokens=%s completion_tokens=%s%s%s",
             request_id, method, path, status, seconds, prompt_tokens, completion_tokens,
             " stream" if stream else "", f" error={error.code}: {error.message}" if error else "")

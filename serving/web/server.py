@@ -150,6 +150,13 @@ def serve(app, settings) -> None:
     (serving.web.shutdown) and end the process with status 0. A port that cannot be bound: exit status 2."""
     from serving.web.shutdown import Shutdown
 
+    if settings.backend == "paddle":  # a --model that names nothing: said before the port is bound, like bad flags
+        from serving.model.loader import model_problem
+
+        problem = model_problem(settings.model)
+        if problem:
+            log.error("%s", problem)
+            _exit(2)
     try:  # first: a port that cannot be bound is one line, before anything heavy is imported
         server = make_server(app, settings)
     except OSError as exc:

@@ -86,7 +86,7 @@ class Lab:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(command, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 90
+        deadline = time.time() + 300  # generous: JupyterLab starts slowly on a loaded machine
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"JupyterLab exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -96,7 +96,7 @@ class Lab:
             except requests.ConnectionError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"JupyterLab did not come up in 90 s:\n{self.log_tail()}")
+        raise RuntimeError(f"JupyterLab did not come up in 300 s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -11,9 +11,13 @@ FOLDER_WARN_BYTES = 1024 ** 3
 SECRET_SCAN_MAX_BYTES = 5 * 1024 ** 2
 WEIGHT_SUFFIXES = (".safetensors", ".pdparams", ".pdiparams", ".pdopt", ".bin", ".pt", ".pth", ".ckpt", ".gguf",
                    ".onnx", ".h5", ".msgpack")
+# Packages and archives: build_env.sh installs from requirements.txt, so a wheel or tarball in the folder is
+# only dead weight uploaded with every deployment (a stray 2.8 MiB wheel was once 65% of it).
+ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz", ".zip", ".7z", ".rar", ".gz", ".xz",
+                    ".bz2", ".egg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mp4", ".avi", ".mov")
-CACHE_DIRS = ("__pycache__", ".pytest_cache", ".ipynb_checkpoints", ".benchmarks", ".mypy_cache", ".ruff_cache",
-              "artifacts")
+CACHE_DIRS = ("__pycache__", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints", ".benchmarks", ".mypy_cache",
+              ".ruff_cache", "artifacts")
 SECRET_FILE_NAMES = (".env", ".aistudio_token", "id_rsa", "id_ed25519", ".netrc", ".pypirc")
 
 
@@ -30,7 +34,7 @@ def check_ascii_names(ctx: Context) -> Check:
 
 def check_leftovers(ctx: Context) -> Check:
     name = "no leftovers would ship"
-    weights, venvs, caches, images = [], [], [], []
+    weights, venvs, caches, images, archives = [], [], [], [], []
     for e in ctx.entries:
         base = e.rel.rsplit("/", 1)[-1]
         if ctx.intended(e.rel) or any(e.rel.startswith(v + "/") for v in venvs + caches):
@@ -44,19 +48,25 @@ def check_leftovers(ctx: Context) -> Check:
             weights.append(f"{e.rel} ({human(e.size)})")
         elif base.lower().endswith(IMAGE_SUFFIXES):
             images.append(e.rel)
+        elif base.lower().endswith(ARCHIVE_SUFFIXES):
+            archives.append(f"{e.rel} ({human(e.size)})")
     if weights or venvs:
         return Check(name, FAIL, join_present((weights, f"weights/checkpoints: {listing(weights)}"),
                                               (venvs, f"virtual environments: {listing(venvs)}")),
                      "move them out of the folder (the service downloads the model or reads --model DIR; "
                      "build_env.sh builds the environment). To ship a model on purpose, point MODEL/--model at its "
                      "folder or pass --allow PATTERN")
-    if caches or images:
+    if caches or images or archives:
         return Check(name, WARN,
-                     join_present((images, f"{len(images)} image/video file(s), maybe private: {listing(images, 5)}"),
+                     join_present((archives, f"{len(archives)} wheel(s)/archive(s): {listing(archives, 5)}"),
+                                  (images, f"{len(images)} image/video file(s), maybe private: {listing(images, 5)}"),
                                   (caches, f"caches: {listing(caches, 5)}")),
                      "delete what should not ship, e.g. find . -name __pycache__ -o -name .ipynb_checkpoints | "
-                     "xargs rm -rf; move user images out of the folder (--allow PATTERN marks files meant to ship)")
-    return Check(name, PASS, "no weights, virtual environments, caches or images outside what is meant to ship")
+                     "xargs rm -rf; packages come from PyPI (requirements.txt, installed by build_env.sh), not from "
+                     "wheels or archives in the folder; move user images out of the folder (--allow PATTERN marks "
+                     "files meant to ship)")
+    return Check(name, PASS, "no weights, virtual environments, caches, archives or images outside what is meant to "
+                 "ship")
 
 
 SECRET_PATTERNS = (
