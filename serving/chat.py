@@ -328,6 +328,11 @@ class Reply:
         prompt = getattr(self.generation, "prompt", None)
         return None if prompt is None else [int(t) for t in prompt.arrays["input_ids"][0]]
 
+    @property
+    def completion_tokens(self) -> Optional[int]:
+        """All choices' generated tokens (what the log line counts), None before any choice finished."""
+        return sum(f.completion_tokens for f in self.finishes.values()) if self.finishes else None
+
     def collect(self) -> Answer:
         return self.collect_choices()[0]
 

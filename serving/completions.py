@@ -72,7 +72,10 @@ def parse_completion(body) -> CompletionRequest:
         if value is not None and not (name == "best_of" and value in (1, req.n)):
             raise InvalidRequest(why, param=name, code="unsupported_parameter")
     refuse_peer_fields(req)
-    req.stop = protocol.ChatCompletionRequest._stop_list(req.stop)
+    try:
+        req.stop = protocol.ChatCompletionRequest._stop_list(req.stop)
+    except ValueError as exc:  # more than 4 (found by the /openapi.json fuzzing: it was a 500)
+        raise InvalidRequest(str(exc), param="stop", code="invalid_value") from None
     return req
 
 
@@ -151,15 +154,21 @@ def completion(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerpri
             "system_fingerprint": fingerprint, "choices": choices, "usage": _usage(a.finished for a in answers)}
 
 
-def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str, include_usage: bool):
-    """The completion's chunks as JSON bodies (the SSE framing is the caller's)."""
+def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str, include_usage: bool,
+                  continuous_usage: bool = False):
+    """The completion's chunks as JSON bodies (the SSE framing is the caller's); `continuous_usage` (vLLM's
+    stream_options.continuous_usage_stats): every chunk carries the usage so far."""
     ident, created = new_id(), protocol.now()
     offsets = [len(echo)] * reply.n
+    generated = 0
 
     def chunk(index, text, finish=None, lp=None):
-        return {"id": ident, "object": "text_completion", "created": created, "model": model,
+        body = {"id": ident, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": fingerprint,
                 "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
+        if continuous_usage:
+            body["usage"] = protocol.usage(reply.prompt_tokens or 0, generated).model_dump(exclude_none=True)
+        return body
 
     if echo:
         for index in range(reply.n):
@@ -169,6 +178,7 @@ def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, finger
         if isinstance(event, str):
             lp = legacy_logprobs(event.logprobs, offsets[index]) if logprobs else None
             offsets[index] += len(event)
+            generated += len(getattr(event, "token_ids", ()))
             yield chunk(index, str(event), lp=lp)
         elif isinstance(event, Finished):
             yield chunk(index, "", finish=event.finish_reason)

@@ -138,6 +138,7 @@ _ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk (with include_usage)
 
 
 # ---- fields that change the answer: honoured only by engines whose info.features name them
