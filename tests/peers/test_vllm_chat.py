@@ -7,7 +7,8 @@ upstream assertion is kept, except these deliberate differences (README, "Differ
 - exact prompt token counts of zephyr-7b's tokenizer (prompt_tokens=37) are not checked;
 - prompt_logprobs is refused (400 unsupported_parameter, named) instead of answered: this server does not compute
   the prompt's logprobs;
-- stream_options.continuous_usage_stats (vLLM's extension) is not offered: that part is skipped.
+- stream_options.continuous_usage_stats: the finish chunk here carries no token (OpenAI's form), so its usage
+  repeats the last count instead of growing;
 """
 
 from __future__ import annotations
@@ -114,6 +115,20 @@ def test_chat_completion_stream_options(client):
         with pytest.raises(BadRequestError):
             client.chat.completions.create(model="demo", messages=messages, max_completion_tokens=10, temperature=0.0,
                                            stream=False, stream_options=options)
+    last_completion_tokens = 0
+    for chunk in client.chat.completions.create(model="demo", messages=messages, max_completion_tokens=10,
+                                                extra_body=dict(min_tokens=10), temperature=0.0, stream=True,
+                                                stream_options={"include_usage": True,
+                                                                "continuous_usage_stats": True}):
+        assert chunk.usage.prompt_tokens >= 0
+        # upstream: strictly growing on every chunk with choices; here the finish chunk is its own chunk,
+        # without a token (OpenAI's form), so it repeats the count
+        finish_only = bool(chunk.choices) and chunk.choices[0].finish_reason is not None
+        assert (last_completion_tokens == 0 or chunk.usage.completion_tokens > last_completion_tokens
+                or ((not chunk.choices or finish_only) and chunk.usage.completion_tokens == last_completion_tokens))
+        assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+        last_completion_tokens = chunk.usage.completion_tokens
+    assert last_completion_tokens == 10
 
 
 def test_guided_choice_chat(client):
