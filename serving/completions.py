@@ -126,10 +126,23 @@ def legacy_logprobs(tokens, offset: int) -> dict:
     for t in tokens:
         out["tokens"].append(t.token)
         out["token_logprobs"].append(max(float(t.logprob), -9999.0))
-        out["top_logprobs"].append({a.token: max(float(a.logprob), -9999.0) for a in t.top_logprobs})
+        out["top_logprobs"].append({_alternative_name(a): max(float(a.logprob), -9999.0) for a in t.top_logprobs})
         out["text_offset"].append(offset)
         offset += len(t.token)
     return out
+
+
+def _alternative_name(alternative) -> str:
+    """An alternative's key in the legacy top_logprobs map: its text; for part of a character OpenAI's
+    "bytes:\\xe5" form, for a token with no text (a special one) vLLM's "token_id:151645" form. Such tokens
+    would otherwise share one key ("") and all but one be lost from the map."""
+    raw = bytes(alternative.bytes or b"")
+    if not raw and not alternative.token:
+        return f"token_id:{alternative.id}" if alternative.id is not None else ""
+    try:
+        return raw.decode("utf-8") if raw else alternative.token
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _usage(finishes) -> dict:
