@@ -83,7 +83,8 @@ class ChatService:
         params = self._params_from_request(req)
         params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
         params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
-        params.return_token_ids = bool(req.return_token_ids)
+        # the deltas' token ids also count the tokens of vLLM's continuous_usage_stats
+        params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
         if params.min_tokens > params.max_tokens:
             raise InvalidRequest(f"min_tokens ({params.min_tokens}) is more than max_tokens ({params.max_tokens})",
                                  param="min_tokens")

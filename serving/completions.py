@@ -110,6 +110,7 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
                                      top_logprobs=req.logprobs or None, stream=req.stream)
     params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
     params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+    params.return_token_ids = protocol.continuous_usage(req.stream_options)  # the deltas' ids count the tokens
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
     ids = prompt_ids(req, engine)
     generation = (engine.start_ids(ids, params) if req.n == 1

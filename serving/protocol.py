@@ -141,6 +141,11 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk (with include_usage)
 
 
+def continuous_usage(options: Optional[StreamOptions]) -> bool:
+    """vLLM's continuous_usage_stats asked for, with include_usage (vLLM needs both)."""
+    return bool(options and options.include_usage and options.continuous_usage_stats)
+
+
 # ---- fields that change the answer: honoured only by engines whose info.features name them
 # (serving.chat refuses them with 400 unsupported_parameter otherwise; typed here so wrong types are a 400)
 

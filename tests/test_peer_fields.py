@@ -312,7 +312,13 @@ def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(client, pat
                                                                       "continuous_usage_stats": True})))
     assert all(chunk["usage"] is not None for chunk in chunks)
     so_far = [chunk["usage"]["completion_tokens"] for chunk in chunks]
-    assert so_far == sorted(so_far) and so_far[0] == 0 and so_far[-1] == 12  # both choices' tokens, growing
+    assert so_far == sorted(so_far) and so_far[-1] == 12  # both choices' tokens, growing
+    assert so_far[0] == (0 if path == CHAT else 1)  # the role chunk counts none; a completion's first text, one
+    texts = [c for c in chunks if c["choices"] and (c["choices"][0].get("text") or
+                                                     (c["choices"][0].get("delta") or {}).get("content"))]
+    counts = [c["usage"]["completion_tokens"] for c in texts]
+    assert counts == sorted(set(counts)) and counts[-1] == 12, counts  # each text chunk adds its tokens
+    assert all("token_ids" not in c["choices"][0] for c in texts)  # counted, not shown (return_token_ids not asked)
     prompt = {chunk["usage"]["prompt_tokens"] for chunk in chunks}
     assert len(prompt) == 1 and prompt.pop() > 0
     assert all(c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]

@@ -218,8 +218,7 @@ def _chat(state: AppState, slot) -> Response:
             body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
                                     fingerprint=fingerprint, token_ids=bool(req.return_token_ids),
                                     include_usage=bool(options and options.include_usage),
-                                    continuous_usage=bool(options and options.include_usage
-                                                          and options.continuous_usage_stats))
+                                    continuous_usage=protocol.continuous_usage(options))
         except BaseException:
             unwatch()
             raise
@@ -266,7 +265,7 @@ def _completion(state: AppState) -> Response:
     if req.stream:
         stream_options = req.stream_options
         include_usage = bool(stream_options and stream_options.include_usage)
-        options["continuous_usage"] = include_usage and stream_options.continuous_usage_stats
+        options["continuous_usage"] = protocol.continuous_usage(stream_options)
         request_id, context = g.request_id, _request_context()
 
         def body():
