@@ -511,6 +511,7 @@ PEER_REFUSED = {
     "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
     "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
     "enable_thinking": ("FastDeploy", (False,)), "bad_words_token_ids": ("FastDeploy", ([],)),
+    "disable_chat_template": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
 }
 
 

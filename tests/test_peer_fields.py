@@ -233,14 +233,16 @@ def test_bad_forms_are_named(client, name, body, param, code):
 
 @pytest.mark.parametrize("field,value", [("echo", True), ("prompt_logprobs", 1), ("best_of", 2),
                                          ("use_beam_search", True), ("skip_special_tokens", False),
-                                         ("typical_p", 0.5), ("mirostat", 2), ("chat_template", "{{ x }}")])
+                                         ("typical_p", 0.5), ("mirostat", 2), ("chat_template", "{{ x }}"),
+                                         ("disable_chat_template", True), ("prompt_token_ids", [1, 2, 3])])
 def test_peer_fields_not_honoured_are_refused_by_name(client, field, value):
     message = refused(client, field, "unsupported_parameter", **{field: value})
     assert field in message and "README" in message
 
 
 def test_neutral_values_of_refused_fields_are_accepted(client):
-    ask(client, max_tokens=2, echo=False, best_of=1, skip_special_tokens=True, typical_p=1.0, prompt_logprobs=None)
+    ask(client, max_tokens=2, echo=False, best_of=1, skip_special_tokens=True, typical_p=1.0, prompt_logprobs=None,
+        disable_chat_template=False)
 
 
 def test_an_engine_without_the_features_refuses_the_honoured_fields(settings):

@@ -261,7 +261,8 @@ def _completion(state: AppState) -> Response:
     unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
     g.prompt_tokens = reply.prompt_tokens
     info = state.service.engine.info
-    options = dict(model=info.name, logprobs=req.logprobs is not None, fingerprint=info.fingerprint)
+    options = dict(model=info.name, logprobs=req.logprobs is not None, fingerprint=info.fingerprint,
+                   token_ids=bool(req.return_token_ids))
     if req.stream:
         stream_options = req.stream_options
         include_usage = bool(stream_options and stream_options.include_usage)
