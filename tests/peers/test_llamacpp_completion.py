@@ -132,8 +132,8 @@ def test_different_result_different_seed(server, n_slots):
 
 @pytest.mark.parametrize("n_batch", [16, 32])
 def test_consistent_result_different_batch_size(server, n_batch):
-    pytest.skip("server option: llama.cpp's n_batch is set per test; one shared server here (the greedy "
-                "answers' independence of the batch is tests/test_parity.py's subject)")
+    pytest.skip("server option: llama.cpp's n_batch is set per test; one shared server here (greedy tokens "
+                "alone, in a batch and with chunked prefill: tests/test_continuous_batching.py)")
 
 
 def test_cache_vs_nocache_prompt(server):
