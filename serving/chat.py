@@ -83,7 +83,8 @@ class ChatService:
         params = self._params_from_request(req)
         params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
         params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
-        params.return_token_ids = bool(req.return_token_ids)
+        # the deltas' token ids also count the tokens of vLLM's continuous_usage_stats
+        params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
         if params.min_tokens > params.max_tokens:
             raise InvalidRequest(f"min_tokens ({params.min_tokens}) is more than max_tokens ({params.max_tokens})",
                                  param="min_tokens")
@@ -328,6 +329,11 @@ class Reply:
         prompt = getattr(self.generation, "prompt", None)
         return None if prompt is None else [int(t) for t in prompt.arrays["input_ids"][0]]
 
+    @property
+    def completion_tokens(self) -> Optional[int]:
+        """All choices' generated tokens (what the log line counts), None before any choice finished."""
+        return sum(f.completion_tokens for f in self.finishes.values()) if self.finishes else None
+
     def collect(self) -> Answer:
         return self.collect_choices()[0]
 
@@ -505,6 +511,7 @@ PEER_REFUSED = {
     "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
     "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
     "enable_thinking": ("FastDeploy", (False,)), "bad_words_token_ids": ("FastDeploy", ([],)),
+    "disable_chat_template": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
 }
 
 

@@ -47,6 +47,7 @@ class CompletionRequest(BaseModel):
     ignore_eos: Optional[bool] = None
     stop_token_ids: Optional[list[int]] = Field(default=None, max_length=64)
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: each choice's prompt_token_ids and token_ids
     user: Optional[str] = None
 
 
@@ -72,7 +73,10 @@ def parse_completion(body) -> CompletionRequest:
         if value is not None and not (name == "best_of" and value in (1, req.n)):
             raise InvalidRequest(why, param=name, code="unsupported_parameter")
     refuse_peer_fields(req)
-    req.stop = protocol.ChatCompletionRequest._stop_list(req.stop)
+    try:
+        req.stop = protocol.ChatCompletionRequest._stop_list(req.stop)
+    except ValueError as exc:  # more than 4 (found by the /openapi.json fuzzing: it was a 500)
+        raise InvalidRequest(str(exc), param="stop", code="invalid_value") from None
     return req
 
 
@@ -107,6 +111,8 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
                                      top_logprobs=req.logprobs or None, stream=req.stream)
     params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
     params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+    # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
+    params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
     ids = prompt_ids(req, engine)
     generation = (engine.start_ids(ids, params) if req.n == 1
@@ -123,10 +129,23 @@ def legacy_logprobs(tokens, offset: int) -> dict:
     for t in tokens:
         out["tokens"].append(t.token)
         out["token_logprobs"].append(max(float(t.logprob), -9999.0))
-        out["top_logprobs"].append({a.token: max(float(a.logprob), -9999.0) for a in t.top_logprobs})
+        out["top_logprobs"].append({_alternative_name(a): max(float(a.logprob), -9999.0) for a in t.top_logprobs})
         out["text_offset"].append(offset)
         offset += len(t.token)
     return out
+
+
+def _alternative_name(alternative) -> str:
+    """An alternative's key in the legacy top_logprobs map: its text; for part of a character OpenAI's
+    "bytes:\\xe5" form, for a token with no text (a special one) vLLM's "token_id:151645" form. Such tokens
+    would otherwise share one key ("") and all but one be lost from the map."""
+    raw = bytes(alternative.bytes or b"")
+    if not raw and not alternative.token:
+        return f"token_id:{alternative.id}" if alternative.id is not None else ""
+    try:
+        return raw.decode("utf-8") if raw else alternative.token
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _usage(finishes) -> dict:
@@ -136,7 +155,9 @@ def _usage(finishes) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-def completion(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str) -> dict:
+def completion(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str,
+               token_ids: bool = False) -> dict:
+    """The whole completion; `token_ids` (return_token_ids): each choice's prompt_token_ids and token_ids, as vLLM."""
     answers = reply.collect_choices()
     choices = []
     for index, answer in enumerate(answers):
@@ -147,19 +168,33 @@ def completion(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerpri
         choices.append({"text": echo + answer.text, "index": index,
                         "logprobs": legacy_logprobs(answer.logprobs, len(echo)) if logprobs else None,
                         "finish_reason": answer.finished.finish_reason})
+        if token_ids:
+            choices[-1].update(prompt_token_ids=reply.prompt_token_ids, token_ids=list(answer.token_ids))
     return {"id": new_id(), "object": "text_completion", "created": protocol.now(), "model": model,
             "system_fingerprint": fingerprint, "choices": choices, "usage": _usage(a.finished for a in answers)}
 
 
-def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str, include_usage: bool):
-    """The completion's chunks as JSON bodies (the SSE framing is the caller's)."""
+def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str, include_usage: bool,
+                  continuous_usage: bool = False, token_ids: bool = False):
+    """The completion's chunks as JSON bodies (the SSE framing is the caller's); `continuous_usage` (vLLM's
+    stream_options.continuous_usage_stats): every chunk carries the usage so far; `token_ids` (return_token_ids):
+    each choice's first chunk carries prompt_token_ids, each text chunk its token_ids."""
+    prompt_sent = set()
     ident, created = new_id(), protocol.now()
     offsets = [len(echo)] * reply.n
+    generated = 0
 
-    def chunk(index, text, finish=None, lp=None):
-        return {"id": ident, "object": "text_completion", "created": created, "model": model,
+    def chunk(index, text, finish=None, lp=None, ids=None):
+        body = {"id": ident, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": fingerprint,
                 "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
+        if token_ids:
+            first = index not in prompt_sent
+            prompt_sent.add(index)
+            body["choices"][0].update(prompt_token_ids=reply.prompt_token_ids if first else None, token_ids=ids)
+        if continuous_usage:
+            body["usage"] = protocol.usage(reply.prompt_tokens or 0, generated).model_dump(exclude_none=True)
+        return body
 
     if echo:
         for index in range(reply.n):
@@ -169,7 +204,8 @@ def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, finger
         if isinstance(event, str):
             lp = legacy_logprobs(event.logprobs, offsets[index]) if logprobs else None
             offsets[index] += len(event)
-            yield chunk(index, str(event), lp=lp)
+            generated += len(getattr(event, "token_ids", ()))
+            yield chunk(index, str(event), lp=lp, ids=list(getattr(event, "token_ids", ())))
         elif isinstance(event, Finished):
             yield chunk(index, "", finish=event.finish_reason)
     if len(reply.finishes) < reply.n:

@@ -50,6 +50,9 @@ class TopLogprob:
     token: str
     logprob: float
     bytes: Optional[list]  # the token's UTF-8 bytes (a token may hold part of a character)
+    # the token id (the built-in engine): names a token with no text in legacy logprobs; keyword-only, so
+    # TokenLogprob(token, logprob, bytes, top_logprobs) keeps its positions
+    id: Optional[int] = field(default=None, kw_only=True)
 
 
 @dataclass

@@ -138,6 +138,12 @@ _ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk (with include_usage)
+
+
+def continuous_usage(options: Optional[StreamOptions]) -> bool:
+    """vLLM's continuous_usage_stats asked for, with include_usage (vLLM needs both)."""
+    return bool(options and options.include_usage and options.continuous_usage_stats)
 
 
 # ---- fields that change the answer: honoured only by engines whose info.features name them

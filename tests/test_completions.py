@@ -78,6 +78,23 @@ def test_streamed(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def test_return_token_ids_whole_and_streamed(client, engine):
+    ids = engine.encode(PROMPT)
+    whole = complete(client, max_tokens=6, return_token_ids=True, n=2, **GREEDY)
+    for choice in whole["choices"]:  # vLLM's form: on each choice
+        assert choice["prompt_token_ids"] == ids
+        assert engine.tokenizer.decode(choice["token_ids"]) == choice["text"]
+        assert len(choice["token_ids"]) == whole["usage"]["completion_tokens"] // 2
+    chunks = sse(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "stream": True,
+                                                      "return_token_ids": True, **GREEDY}))
+    choices = [ch for c in chunks for ch in c["choices"]]
+    assert choices[0]["prompt_token_ids"] == ids and all(ch["prompt_token_ids"] is None for ch in choices[1:])
+    streamed = [t for ch in choices for t in (ch["token_ids"] or [])]
+    assert streamed == complete(client, max_tokens=6, return_token_ids=True, **GREEDY)["choices"][0]["token_ids"]
+    plain = complete(client, max_tokens=2, **GREEDY)["choices"][0]
+    assert "token_ids" not in plain and "prompt_token_ids" not in plain
+
+
 def test_n_choices(client):
     body = dict(max_tokens=6, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     many = complete(client, n=2, seed=5, **body)

@@ -28,8 +28,13 @@ def test_spec_comes_from_the_request_models(settings):
         assert name in schemas
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     assert {"200", "400", "413", "429", "503", "504"} <= set(chat["responses"])
+    assert "CompletionRequest" in schemas  # the endpoints added for issue 20 are described too
+    for path in ("/v1/completions", "/tokenize", "/detokenize"):
+        assert spec["paths"][path]["post"]["requestBody"]["required"] is True, path
     assert "securitySchemes" not in spec["components"]
-    assert "bearer" in build_spec(settings.__class__(api_key=("k",)))["components"]["securitySchemes"]
+    keyed = build_spec(settings.__class__(api_key=("k",)))
+    assert "bearer" in keyed["components"]["securitySchemes"]
+    assert keyed["paths"]["/tokenize"]["post"]["security"] == [{"bearer": []}]
 
 
 def test_spec_is_served(client):

@@ -233,14 +233,16 @@ def test_bad_forms_are_named(client, name, body, param, code):
 
 @pytest.mark.parametrize("field,value", [("echo", True), ("prompt_logprobs", 1), ("best_of", 2),
                                          ("use_beam_search", True), ("skip_special_tokens", False),
-                                         ("typical_p", 0.5), ("mirostat", 2), ("chat_template", "{{ x }}")])
+                                         ("typical_p", 0.5), ("mirostat", 2), ("chat_template", "{{ x }}"),
+                                         ("disable_chat_template", True), ("prompt_token_ids", [1, 2, 3])])
 def test_peer_fields_not_honoured_are_refused_by_name(client, field, value):
     message = refused(client, field, "unsupported_parameter", **{field: value})
     assert field in message and "README" in message
 
 
 def test_neutral_values_of_refused_fields_are_accepted(client):
-    ask(client, max_tokens=2, echo=False, best_of=1, skip_special_tokens=True, typical_p=1.0, prompt_logprobs=None)
+    ask(client, max_tokens=2, echo=False, best_of=1, skip_special_tokens=True, typical_p=1.0, prompt_logprobs=None,
+        disable_chat_template=False)
 
 
 def test_an_engine_without_the_features_refuses_the_honoured_fields(settings):
@@ -292,3 +294,41 @@ def test_n_streamed_with_index(client):
         assert "".join(c["delta"].get("content") or "" for c in mine) == whole["choices"][i]["message"]["content"]
         assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [whole["choices"][i]["finish_reason"]]
     assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_a_streamed_n_request_logs_all_choices_tokens(client, caplog):
+    caplog.set_level("INFO", logger="serving.web.app")
+    for path, body in ((CHAT, dict(messages=ASK)), ("/v1/completions", dict(prompt="Once upon a time"))):
+        caplog.clear()
+        events(client.post(path, json=dict(body, max_tokens=5, ignore_eos=True, n=3, stream=True)))
+        lines = [rec.getMessage() for rec in caplog.records if f"POST {path} status=200" in rec.getMessage()]
+        assert len(lines) == 1 and "completion_tokens=15 stream" in lines[0], lines  # 3 choices x 5 tokens
+
+
+# ---------------------------------------------------------------- vLLM's stream_options.continuous_usage_stats
+
+@pytest.mark.parametrize("path,body", [(CHAT, dict(messages=ASK)), ("/v1/completions", dict(prompt="Once upon"))])
+def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(client, path, body):
+    body = dict(body, max_tokens=6, ignore_eos=True, n=2, stream=True)
+    chunks = events(client.post(path, json=dict(body, stream_options={"include_usage": True,
+                                                                      "continuous_usage_stats": True})))
+    assert all(chunk["usage"] is not None for chunk in chunks)
+    so_far = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert so_far == sorted(so_far) and so_far[-1] == 12  # both choices' tokens, growing
+    assert so_far[0] == (0 if path == CHAT else 1)  # the role chunk counts none; a completion's first text, one
+    texts = [c for c in chunks if c["choices"] and (c["choices"][0].get("text") or
+                                                     (c["choices"][0].get("delta") or {}).get("content"))]
+    counts = [c["usage"]["completion_tokens"] for c in texts]
+    assert counts == sorted(set(counts)) and counts[-1] == 12, counts  # each text chunk adds its tokens
+    assert all("token_ids" not in c["choices"][0] for c in texts)  # counted, not shown (return_token_ids not asked)
+    prompt = {chunk["usage"]["prompt_tokens"] for chunk in chunks}
+    assert len(prompt) == 1 and prompt.pop() > 0
+    assert all(c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+               for c in chunks)
+    if path == CHAT:
+        for chunk in chunks:
+            validate(chunk, "CreateChatCompletionStreamResponse")
+    # without include_usage it asks for nothing (as vLLM: both are needed); off by default
+    for options in ({"continuous_usage_stats": True}, {"include_usage": True}):
+        chunks = events(client.post(path, json=dict(body, stream_options=options)))
+        assert all(chunk.get("usage") is None for chunk in chunks[:-1])

@@ -213,11 +213,13 @@ def _chat(state: AppState, slot) -> Response:
     info = state.service.engine.info
     model, logprobs, fingerprint = info.name, bool(req.logprobs), info.fingerprint
     if req.stream:
+        options = req.stream_options
         on_end = functools.partial(_stream_ended, state.metrics, slot, _request_context())
         try:
             body = responses.stream(reply, model=model, logprobs=logprobs, request_id=g.request_id, on_end=on_end,
                                     fingerprint=fingerprint, token_ids=bool(req.return_token_ids),
-                                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+                                    include_usage=bool(options and options.include_usage),
+                                    continuous_usage=protocol.continuous_usage(options))
         except BaseException:
             unwatch()
             raise
@@ -260,20 +262,31 @@ def _completion(state: AppState) -> Response:
     unwatch = state.disconnects.watch(request.environ.get("waitress.client_disconnected"), reply)
     g.prompt_tokens = reply.prompt_tokens
     info = state.service.engine.info
-    options = dict(model=info.name, logprobs=req.logprobs is not None, fingerprint=info.fingerprint)
+    options = dict(model=info.name, logprobs=req.logprobs is not None, fingerprint=info.fingerprint,
+                   token_ids=bool(req.return_token_ids))
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        request_id = g.request_id
+        stream_options = req.stream_options
+        include_usage = bool(stream_options and stream_options.include_usage)
+        options["continuous_usage"] = protocol.continuous_usage(stream_options)
+        request_id, context = g.request_id, _request_context()
 
         def body():
+            status, problem = 200, None
             try:
                 for event in completions.stream_events(reply, echo, include_usage=include_usage, **options):
                     yield responses._event(event)
+            except GeneratorExit:
+                status = 499  # the client went away
+                raise
             except Exception as exc:  # the stream has started: the error is its last event
-                yield responses._event(http_errors.problem(exc, request_id).body())
+                problem = http_errors.problem(exc, request_id)
+                status = problem.status
+                yield responses._event(problem.body())
             finally:
                 reply.cancel()
                 unwatch()
+                # a stream is logged when it ends (the after-request hook skips streams), all choices counted
+                _record(status, error=problem, completion_tokens=reply.completion_tokens, stream=True, **context)
             yield "data: [DONE]\n\n"
 
         return Response(body(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -296,12 +309,11 @@ def detokenize():
     return jsonify(completions.detokenize(_state().service, _json_body()))
 
 
-def _stream_ended(metrics, slot, context, status, problem, finished) -> None:
+def _stream_ended(metrics, slot, context, status, problem, completion_tokens) -> None:
     if problem is not None:
         metrics.rejected.labels(problem.reason).inc()
     slot.release()
-    _record(status, error=problem, completion_tokens=finished.completion_tokens if finished else None,
-            stream=True, **context)
+    _record(status, error=problem, completion_tokens=completion_tokens, stream=True, **context)
 
 
 # ---------------------------------------------------------------- helpers

@@ -56,17 +56,20 @@ def total_usage(finishes) -> protocol.Usage:
 
 
 def stream(reply: Reply, *, model: str, logprobs: bool, include_usage: bool, request_id: str,
-           on_end: Callable, fingerprint: Optional[str] = None, token_ids: bool = False) -> Iterator[str]:
+           on_end: Callable, fingerprint: Optional[str] = None, token_ids: bool = False,
+           continuous_usage: bool = False) -> Iterator[str]:
     """The answer as SSE text, event by event. Waits for the first event here, so errors before it are
     raised to the caller; after it, an error travels in the stream as its last event. `on_end(status,
-    problem, finished)` is called once when the stream ends (499: the client went away)."""
+    problem, completion_tokens)` is called once when the stream ends (499: the client went away), with all
+    choices' tokens. `continuous_usage`: vLLM's stream_options.continuous_usage_stats, usage on every chunk."""
     events = iter(reply)
     try:
         first = list(itertools.islice(events, 1))
     except BaseException:
         reply.cancel()
         raise
-    chunk = _Chunks(model, fingerprint)
+    # an upstream engine knows the prompt's size only at the end: 0 until then
+    chunk = _Chunks(model, fingerprint, (reply.prompt_tokens or 0) if continuous_usage else None)
     return _sse(reply, itertools.chain(first, events), chunk, logprobs, include_usage, request_id, on_end, token_ids)
 
 
@@ -82,6 +85,7 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end, toke
             index = choice_of(event)
             if isinstance(event, str):
                 tokens = getattr(event, "logprobs", ()) if logprobs else None
+                chunk.generated += len(getattr(event, "token_ids", ()))
                 yield chunk(protocol.Delta(content=str(event)), index=index,
                             logprobs=choice_logprobs(tokens) if tokens is not None else None,
                             choice_extra={"token_ids": list(event.token_ids)} if token_ids else None)
@@ -109,15 +113,17 @@ def _sse(reply, events, chunk, logprobs, include_usage, request_id, on_end, toke
         yield "data: [DONE]\n\n"
     finally:
         reply.cancel()
-        on_end(status, problem, reply.finished)
+        on_end(status, problem, reply.completion_tokens)
 
 
 class _Chunks:
-    """chat.completion.chunk events of one answer: one id, one creation time."""
+    """chat.completion.chunk events of one answer: one id, one creation time. With `prompt_tokens` (vLLM's
+    continuous_usage_stats) every chunk carries the usage so far: `generated` counts the tokens sent."""
 
-    def __init__(self, model: str, fingerprint: Optional[str] = None):
+    def __init__(self, model: str, fingerprint: Optional[str] = None, prompt_tokens: Optional[int] = None):
         self.model, self.fingerprint = model, fingerprint
         self.id, self.created = protocol.new_completion_id(), protocol.now()
+        self.prompt_tokens, self.generated = prompt_tokens, 0
 
     def __call__(self, delta: Optional[protocol.Delta] = None, *, finish: Optional[str] = None, usage=None,
                  logprobs: Optional[protocol.ChoiceLogprobs] = None, choices: bool = True, image_sizes=None,
@@ -125,6 +131,8 @@ class _Chunks:
                  choice_extra: Optional[dict] = None, index: int = 0) -> str:
         choice = protocol.ChunkChoice(index=index, delta=delta or protocol.Delta(), finish_reason=finish,
                                       logprobs=logprobs)
+        if usage is None and self.prompt_tokens is not None:
+            usage = protocol.usage(self.prompt_tokens, self.generated)
         body = protocol.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                             choices=[choice] if choices else [], usage=usage,
                                             image_sizes=image_sizes, system_fingerprint=self.fingerprint).model_dump()

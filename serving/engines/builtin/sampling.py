@@ -440,7 +440,7 @@ def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler]
             for token_id in _largest_logits(row, most):
                 text, raw = names(int(token_id))
                 alternatives.append(TopLogprob(token=text, logprob=float((row[token_id] - largest) - log_total),
-                                               bytes=list(raw)))
+                                               bytes=list(raw), id=int(token_id)))
         text, raw = names(tokens[i])
         result[i] = TokenLogprob(token=text, logprob=float((row[tokens[i]] - largest) - log_total),
                                  bytes=list(raw), top_logprobs=alternatives)
