@@ -207,7 +207,7 @@ def report(r: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    """The README's "At real size" table, from one run's figures."""
+    """The "At real size" table (docs/benchmark.md), from one run's figures."""
     t, d = r["ttft"], r["decoding"]
     rows = [
         ("load: `python api.py` to `/health` ok (weights streamed in, a warm-up answer made)", f"{r['load_s']:.0f} s"),

@@ -521,7 +521,7 @@ def refuse_peer_fields(req) -> None:
         known = PEER_REFUSED.get(name)
         if known is None or value is None or any(_same(value, neutral) for neutral in known[1]):
             continue
-        raise InvalidRequest(f"{name} (an extension of {known[0]}) is not supported by this server; README lists "
+        raise InvalidRequest(f"{name} (an extension of {known[0]}) is not supported by this server; docs/api.md lists "
                              "the extensions it honours", param=name, code="unsupported_parameter")
 
 

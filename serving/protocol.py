@@ -230,7 +230,7 @@ class ChatCompletionRequest(BaseModel):
     functions: Optional[list[FunctionDefinition]] = None  # the deprecated form of tools
     function_call: Union[Literal["none", "auto"], dict, None] = None  # the deprecated form of tool_choice
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
-    # the peers' extensions this server honours (README: vLLM, llama.cpp, FastDeploy); engines without the
+    # the peers' extensions this server honours (docs/api.md: vLLM, llama.cpp, FastDeploy); engines without the
     # feature refuse them (serving.chat.unsupported_fields), other peer fields are refused by name (PEER_REFUSED)
     continue_final_message: Optional[bool] = None  # vLLM: the answer continues the final assistant message
     add_generation_prompt: Optional[bool] = None  # vLLM: open the assistant's turn after the last message

@@ -1,6 +1,6 @@
 """The attack harness's short run (python -m bench.attacks --quick): every attack on a demo server of its own,
 each held, with its figures written. The figures themselves (latencies, RSS) are printed, not asserted
-beyond what "held" means; the full run is `python -m bench.attacks` (README, "Attacks")."""
+beyond what "held" means; the full run is `python -m bench.attacks` (docs/security.md, "The attack harness")."""
 
 import json
 import subprocess

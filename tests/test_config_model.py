@@ -196,7 +196,7 @@ def test_every_setting_is_in_one_help_group_in_readme_order():
 
     # README's table: the same groups, in the same order, with the same defaults
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme.split("### Settings", 1)[1].split("\n\n")[2]
+    table = readme.split("\n## Settings", 1)[1].split("\n\n")[2]
     rows = re.findall(r"^\| (?:\*\*([a-z ]+)\*\*|`--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \| `([^`]*)`)", table,
                       flags=re.MULTILINE)
     seen, defaults = [], {}

@@ -128,7 +128,7 @@ def test_the_model_folder_is_prepared_without_touching_the_users(tmp_path):
 
 
 def test_concurrent_preparations_of_one_folder_agree_and_never_replace_each_other(tmp_path):
-    """Several servers preparing one folder at once (README's one FastDeploy per GPU starts two): each gets the
+    """Several servers preparing one folder at once (docs/backends.md's one FastDeploy per GPU starts two): each gets the
     same prepared folder, none fails, and a folder once returned is never replaced (it used to be removed and
     renamed over: ENOTEMPTY failures, and folders replaced after they were returned)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -206,18 +206,19 @@ def test_client_needs_a_local_image_to_draw(grounding_server, capsys):
 
 
 def test_readme_mapping_snippet_works_with_the_openai_client(grounding_server, capsys):
-    """README's Python lines that map boxes back, run as written on what the official client returns."""
+    """The Python lines that map boxes back (docs/serving.md, Grounding), run as written on what the official client
+    returns."""
     import openai
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    snippet = re.search(r"Scale by their ratio.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
+    guide = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
+    snippet = re.search(r"Scale by their ratio.*?```python\n(.*?)```", guide, re.DOTALL).group(1)
     client = openai.OpenAI(base_url=grounding_server.base_url + "/v1", api_key="unused", max_retries=0)
     picture = base64.b64encode(CAT.read_bytes()).decode()
     reply = client.chat.completions.create(model="any", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{picture}"}},
         {"type": "text", "text": "Outline the position of the cat and output its coordinates in JSON format."}]}])
     client.close()
-    exec(snippet, {"reply": reply})  # noqa: S102 - README's own code
+    exec(snippet, {"reply": reply})  # noqa: S102 - the documentation's own code
     size = reply.model_extra["image_sizes"][0]
     assert (size["width"], size["height"]) == (640, 480)
     sx, sy = 640 / size["model_width"], 480 / size["model_height"]

@@ -66,7 +66,7 @@ def test_an_engine_that_cannot_serve_is_still_an_error(settings, caplog):
 
 def test_a_full_disk_at_first_start_is_one_line_and_exit_status_2(settings, tmp_path, monkeypatch, caplog):
     """The demo checkpoint is built at first start; on a full disk that was a 20-line traceback and exit status
-    1. Now one line naming the cause and what to do, and exit status 2, as README says of start-up errors."""
+    1. Now one line naming the cause and what to do, and exit status 2, as docs/backends.md says of start-up errors."""
     import errno
     import threading
 

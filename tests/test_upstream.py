@@ -721,7 +721,7 @@ def test_an_upstream_that_keeps_the_stream_open_after_done_does_not_hold_the_ans
 
 
 def test_the_gateway_benchmark_runs():
-    """bench.gateway, as small as it goes (no timing asserted: the figures are README's, from a full run)."""
+    """bench.gateway, as small as it goes (no timing asserted: the figures are in docs/backends.md, from a full run)."""
     from dataclasses import replace as change
 
     from bench import gateway

@@ -94,7 +94,7 @@ def prepare_model_dir(source: Path, cache_root: Optional[Path] = None) -> Path:
     other entries are symbolic links to `source`'s (nothing is copied but config.json, nothing in
     `source` is written).
 
-    Safe when several servers prepare the same folder at once (README's one-server-per-GPU example starts two):
+    Safe when several servers prepare the same folder at once (docs/backends.md's one-server-per-GPU example starts two):
     the prepared folder's name is a digest of everything in it (the source, its entries, the edited config), so
     a folder once made is never replaced or removed; each preparation builds in a temporary folder of its own
     and renames it into place, and the one that finds the place taken uses the folder already there. (It used to

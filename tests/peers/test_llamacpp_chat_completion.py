@@ -1,7 +1,7 @@
 """Ported from llama.cpp tools/server/tests/unit/test_chat_completion.py at commit
 0ce03597e8c11b6cbc746c3915e0e0a9982d31b7 (github.com/ggml-org/llama.cpp). The checks are re-expressed here
 against this project's demo server; each upstream assertion is kept, except these deliberate differences
-(README, "Differences from the peers' tests"):
+(docs/api.md, "Differences from the peers' tests"):
 
 - the demo model's answers are random text: assertions on a real model's words (re_content) and llama.cpp's
   exact prompt token counts (n_prompt, from its tinyllama tokenizer and template) are skipped;

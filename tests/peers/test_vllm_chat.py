@@ -1,7 +1,7 @@
 """Ported from vLLM tests/entrypoints/openai/test_chat.py at commit 0091c9502ffb9f6761588a21b8d917db8ede4990
 (github.com/vllm-project/vllm), the whole module.
 The checks are re-expressed here with the synchronous OpenAI client against this project's demo server; each
-upstream assertion is kept, except these deliberate differences (README, "Differences from the peers' tests"):
+upstream assertion is kept, except these deliberate differences (docs/api.md, "Differences from the peers' tests"):
 
 - no LoRA adapters and no V0/V1 engines: each test runs once, on the one model;
 - exact prompt token counts of zephyr-7b's tokenizer (prompt_tokens=37) are not checked;
