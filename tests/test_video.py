@@ -812,3 +812,16 @@ def test_a_stream_ffmpeg_cannot_decode_is_a_400(data):
     with pytest.raises(VideoError) as caught:
         video.decode(data(), SMALL, param="p")
     assert caught.value.code == "invalid_video" and "no decoder" in caught.value.message
+
+
+def test_a_video_prompt_prints_no_paddle_type_promotion_warning(engine, clips, capfd):
+    """PaddleFormers' get_rope_index multiplies int64 positions by the seconds per patch: given a float32
+    tensor, Paddle's C++ logged "got different data type, run type promotion automatically" on every video
+    request (seen in the notebooks). The seconds go in as Python floats: the same positions, no warning."""
+    from serving.jobs import SamplingParams
+
+    clip = video.decode(clips["mp4"], VideoLimits(), param="p")
+    prompt = engine.build_prompt([ChatTurn("user", [clip, "What happens?"])])
+    capfd.readouterr()
+    engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+    assert "type promotion" not in capfd.readouterr().err

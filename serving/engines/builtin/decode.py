@@ -94,7 +94,10 @@ class Prefill:
             grid = paddle.to_tensor(arrays["image_grid_thw"])
         if "video_grid_thw" in arrays:
             video_grid = paddle.to_tensor(arrays["video_grid_thw"])
-            seconds = paddle.to_tensor(arrays["second_per_grid_ts"])  # seconds per temporal patch: time positions
+            # seconds per temporal patch (time positions), as Python floats of their float32 values: the same
+            # positions as a tensor gives, without Paddle's C++ "type promotion" warning on every video (int64
+            # positions times a float32 tensor in PaddleFormers' get_rope_index)
+            seconds = [float(s) for s in np.asarray(_numpy(arrays["second_per_grid_ts"]), dtype=np.float32).reshape(-1)]
         mask = paddle.ones(full_ids.shape, dtype="int64")
         positions, _ = inner.get_rope_index(full_ids, grid, video_grid, seconds, attention_mask=mask)  # [3, 1, n]
         self.next_position = int(positions.max()) + 1
@@ -297,3 +300,8 @@ def _pad_left(tensor, width: int, axis: int):
     shape = list(tensor.shape)
     shape[axis] = missing
     return paddle.concat([paddle.zeros(shape, dtype=tensor.dtype), tensor], axis=axis)
+
+
+def _numpy(value):
+    """A tensor's values as numpy; lists and arrays as they are."""
+    return value.numpy() if hasattr(value, "numpy") else value
