@@ -264,8 +264,9 @@ def test_chat_widget_in_jupyterlab(lab):
 
             # Stop: no empty answer is left behind
             box.fill("Stop this one")
+            seen = page.evaluate("window.__statuses.length")  # the statuses of earlier turns do not count
             box.press("Enter")
-            page.wait_for_function("window.__statuses.some(s => s.includes('reading the prompt') || "
+            page.wait_for_function(f"window.__statuses.slice({seen}).some(s => s.includes('reading the prompt') || "
                                    "s.includes('writing'))", timeout=30_000)
             page.locator("button.qv-stop").click()
             status.filter(has_text="stopped").wait_for(timeout=60_000)
