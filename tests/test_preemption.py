@@ -19,19 +19,10 @@ from serving.engines.builtin.batch import Row
 from serving.engines.builtin.scheduler import QUANTUM
 from serving.jobs import Finished, SamplingParams
 from serving.protocol import ChatTurn
+from test_continuous_batching import collect
 
 LONG = 100  # max_tokens of the long answers; these prompts' greedy answers run to it on the demo model
 LONG_TEXTS = ["Hello there, how are you today?", "Write a poem about the sea.", "Tell me a long story."]
-
-
-def collect(job) -> tuple:
-    pieces, finish = [], None
-    for event in job:
-        if isinstance(event, Finished):
-            finish = event
-        else:
-            pieces.append(event)
-    return "".join(pieces), finish
 
 
 @contextmanager
