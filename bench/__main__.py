@@ -103,7 +103,7 @@ def shared_servers_sections(plan, sections, w: dict):
             if "memory" in sections:
                 w["memory"] = memory(plan, servers["ours"])
             if "prefix" in sections:
-                w["prefix"] = prefix(plan, urls["ours"])
+                w["prefix"] = prefix(plan, servers["ours"])
         finally:
             for server in servers.values():
                 server.stop()
@@ -289,19 +289,36 @@ def join(plan, url: str) -> dict:
     return result
 
 
-def prefix(plan, url: str) -> dict:
-    """(j) Reusing earlier turns (the prefix cache), on our server only."""
+def prefix(plan, server: ServerProcess) -> dict:
+    """(j) Reusing earlier turns (the prefix cache), on our server only; then its RSS over many conversations."""
+    url = server.url + "/v1/chat/completions"
     images = ImageFactory(*plan.image_size, seed=5)
     say(f"(j) prefix reuse: {plan.prefix_chats} chat(s) of {plan.prefix_turns} turns about one "
         f"{plan.image_size[0]}x{plan.image_size[1]} image, {plan.prefix_tokens}-token answers, with the earlier "
         "turns reusable and with the system message changed every turn (nothing reusable)")
-    result = workloads.prefix_reuse(url, [images.next() for _ in range(2 * plan.prefix_chats)], turns=plan.prefix_turns,
+    result = workloads.prefix_reuse(url, [images.next() for _ in range(3 * plan.prefix_chats)], turns=plan.prefix_turns,
                                     max_tokens=plan.prefix_tokens)
-    for turn, (none, reuse) in enumerate(zip(result["per_turn"]["none"], result["per_turn"]["reuse"]), start=1):
+    per_turn = result["per_turn"]
+    for turn, (none, reuse, free) in enumerate(zip(per_turn["none"], per_turn["reuse"],
+                                                   per_turn["reuse_random_answers"]), start=1):
         say(f"(j) turn {turn}: {reuse['prompt_tokens']:.0f} prompt tokens; prefilled {none['prefilled_tokens']:.0f} "
             f"-> {reuse['prefilled_tokens']:.0f}, time to first token {none['ttft_s']:.3f} -> {reuse['ttft_s']:.3f} s "
-            f"({result['speedup'][turn - 1]:.2f}x)")
-    say(f"(j) a short text request's time to first token: {result['short_text_ttft_s']:.3f} s")
+            f"({result['speedup'][turn - 1]:.2f}x); with the demo's random answers sent back: prefilled "
+            f"{free['prefilled_tokens']:.0f}, {free['ttft_s']:.3f} s")
+    say(f"(j) a short text request's time to first token: {result['short_text_ttft_s']:.3f} s; turns 2-{plan.prefix_turns} "
+        f"took {max(result['reuse_over_short_text'][1:]):.2f}x of it at most "
+        f"({max(result['random_answers_over_short_text'][1:]):.2f}x with the random answers)")
+    say(f"(j) memory: {plan.prefix_memory_chats} distinct 2-turn chats about one image, "
+        f"{plan.prefix_memory_tokens}-token answers")
+    result["memory"] = workloads.prefix_memory(
+        url, server.process.pid, images.next(), conversations=plan.prefix_memory_chats, turns=2,
+        max_tokens=plan.prefix_memory_tokens,
+        on_reading=lambda r: say(f"(j) RSS after {r['conversations']} chats: {r['rss_mb']:.1f} MB (prefix cache "
+                                 f"{r['prefix_cache_mb']:.1f} MB, {r['prefix_cache_evictions']:.0f} evictions)"))
+    m = result["memory"]
+    say(f"(j) RSS grew {m['growth_mb']:.1f} MB over {m['conversations']} chats; bound PREFIX_CACHE_MB "
+        f"({m['prefix_cache_capacity_mb']:.0f}) + 100 = {m['bound_mb']:.0f} MB: "
+        f"{'within' if m['within_bound'] else 'OVER'}")
     return result
 
 
@@ -368,12 +385,16 @@ def notes(plan, sections) -> list:
         out.append(
             f"(j) Ours only: {plan.prefix_chats} chat(s) of {plan.prefix_turns} turns, each about a fresh "
             f"{plan.image_size[0]}x{plan.image_size[1]} JPEG (another for each kind) sent in turn 1, the whole history sent every turn, "
-            f"streamed, greedy, {plan.prefix_tokens}-token answers. Reusable: one system message throughout, so "
+            f"streamed, greedy, {plan.prefix_tokens}-token answers held to whole English words with logit_bias (a real "
+            "model's answers tokenize back to the tokens it wrote, so a client sending them back leaves them reusable; "
+            "the demo's random tokens do not: that case is measured too, as 'random answers'). Reusable: one system message throughout, so "
             "each turn's prompt starts with the previous turn's prompt and answer (the prefix cache). Nothing "
             "reusable: the same chat with the system message changed every turn (same length), so no earlier prompt "
             "starts the same way; its image still comes from the vision cache after turn 1 (today's behaviour "
             "without the prefix cache). Tokens prefilled: prompt_tokens - usage.prompt_tokens_details.cached_tokens. "
-            "Medians per turn over the chats.")
+            "Medians per turn over the chats. Then the server's RSS (psutil) before and after "
+            f"{plan.prefix_memory_chats} distinct 2-turn chats about one image ({plan.prefix_memory_tokens}-token "
+            "answers), against PREFIX_CACHE_MB (qwenvl_prefix_cache_capacity_bytes) + 100 MB.")
     if "crowd" in sections:
         out.append(
             f"(l) Ours only, on its own server with MAX_BATCH_TOKENS {4 * plan.crowd_long_tokens} (4x the long "
@@ -434,9 +455,10 @@ PLAN_FLAGS = {
     "--memory-checkpoint": ("memory_checkpoint", int, "(h) requests before the first RSS reading"),
     "--memory-token-mix": ("memory_token_mix", "ints", "(h) max_tokens values, comma-separated"),
     "--memory-clients": ("memory_clients", int, "(h) concurrent clients"),
-    "--prefix-chats": ("prefix_chats", int, "(j) chats of each kind (reusable, not)"),
+    "--prefix-chats": ("prefix_chats", int, "(j) chats of each kind (nothing reusable, reusable, reusable with random answers)"),
     "--prefix-turns": ("prefix_turns", int, "(j) turns per chat"),
     "--prefix-tokens": ("prefix_tokens", int, "(j) max_tokens of each answer"),
+    "--prefix-memory-chats": ("prefix_memory_chats", int, "(j) distinct chats between the RSS readings"),
     "--crowd-long-counts": ("crowd_long_counts", "ints", "(l) long answers running, comma-separated"),
     "--crowd-long-tokens": ("crowd_long_tokens", int, "(l) max_tokens of the long answers"),
     "--crowd-repeats": ("crowd_repeats", int, "(l) repetitions, idle and in each crowd"),

@@ -449,4 +449,5 @@ def test_usage_reports_cached_tokens_and_metrics_count_the_reuse(engine, cache, 
     assert found[("qwenvl_prefix_cache_lookups_total", (("result", "miss"),))] == 1
     assert found[("qwenvl_prefix_cache_hit_tokens_total", ())] == usage["prompt_tokens_details"]["cached_tokens"]
     assert found[("qwenvl_prefix_cache_bytes", ())] == cache.bytes > 0
+    assert found[("qwenvl_prefix_cache_capacity_bytes", ())] == cache.max_bytes >= cache.bytes
     assert ("qwenvl_prefix_cache_evictions_total", ()) in found

@@ -140,6 +140,8 @@ def prefix_cache_metrics(s: dict):
     yield CounterMetricFamily("qwenvl_prefix_cache_evictions", "prefix cache entries evicted for room (LRU)",
                               value=s["evictions"])
     yield GaugeMetricFamily("qwenvl_prefix_cache_bytes", "bytes of KV the prefix cache holds", value=s["bytes"])
+    yield GaugeMetricFamily("qwenvl_prefix_cache_capacity_bytes", "the most bytes it may hold (PREFIX_CACHE_MB)",
+                            value=s["max_bytes"])
     yield GaugeMetricFamily("qwenvl_prefix_cache_entries", "sequences (prompts, prompts with answers) it holds",
                             value=s["entries"])
 
