@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.load import Server, _is_loopback  # noqa: E402  (the server under test: started here or at a URL)
+from bench.loopback import LoopbackServer  # noqa: E402
 from bench.process import ServerProcess  # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -676,7 +677,7 @@ def attack_gateway(size, log_dir: Path) -> Result:
     return r
 
 
-class FakeUpstream:
+class FakeUpstream(LoopbackServer):
     """An OpenAI-compatible upstream on 127.0.0.1 that misbehaves on purpose (see attack_gateway)."""
 
     def __init__(self, trickle_models=False):
@@ -757,14 +758,7 @@ class FakeUpstream:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def _threads(server):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.loopback import LoopbackServer  # noqa: E402
 from serving.web.app import create_app  # noqa: E402
 from serving.config import Settings  # noqa: E402
 from serving.web.server import BackgroundServer, build_engine, free_port  # noqa: E402,F401
@@ -121,7 +121,7 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-class ImageHost:
+class ImageHost(LoopbackServer):
     """A local HTTP server with good and bad image URLs, on 127.0.0.1 (allow it: IMAGE_URL_ALLOW_HOSTS)."""
 
     def __init__(self):
@@ -136,11 +136,7 @@ class ImageHost:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     @staticmethod
     def send(handler, status, body=b"", headers=(), length=True):
@@ -201,10 +197,6 @@ class ImageHost:
             "/slow.png": slow,
             "/slow-headers.png": slow_headers,
         }
-
-    def stop(self):
-        self.server.shutdown()
-
 
 def _noise_png(width, height) -> bytes:
     """Random pixels: a PNG that does not compress (about 3 bytes per pixel)."""

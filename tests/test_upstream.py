@@ -26,6 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
+from bench.loopback import LoopbackServer
 from conftest import ROOT, LiveServer, b64, png_bytes
 from serving.web.app import create_app
 from serving.web.server import build_engine, free_port
@@ -328,7 +329,7 @@ def test_tutorial_format_images_auth_and_limits_work_through_the_gateway(setting
 
 # ---------------------------------------------------------------- a scripted upstream for what a real one will not do
 
-class Scripted:
+class Scripted(LoopbackServer):
     """An OpenAI-compatible server whose chat answers a test scripts: `respond(handler, request_body)`."""
 
     def __init__(self, respond, model="scripted-model"):
@@ -384,14 +385,7 @@ class Scripted:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def chunk(content=None, finish=None, **delta):
@@ -883,7 +877,7 @@ def test_reading_events_is_linear_in_a_long_line():
         list(upstream.sse_events(Response(huge)))
 
 
-class ModelsServer:
+class ModelsServer(LoopbackServer):
     """An upstream whose /v1/models answers as `answer(handler)` says; counts the checks it gets."""
 
     def __init__(self, answer):
@@ -900,14 +894,7 @@ class ModelsServer:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def _models(h, body=None):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.loopback import LoopbackServer
 from conftest import ROOT, b64, png_bytes
 from serving.intake import video
 from serving.web.app import create_app
@@ -541,7 +542,7 @@ def api(settings, engine):
     return create_app(replace(settings, **API_SETTINGS), engine).test_client()
 
 
-class VideoHost:
+class VideoHost(LoopbackServer):
     """A local HTTP server with a video on it (127.0.0.1: allowed only through IMAGE_URL_ALLOW_HOSTS)."""
 
     def __init__(self, files: dict):
@@ -556,9 +557,7 @@ class VideoHost:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")
