@@ -1028,14 +1028,7 @@ def spawn(log_dir: Path, changes=None, name="attack-server") -> Server:
     for key, value in config.items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     proc = ServerProcess(name, argv, ROOT, "/health", log_dir)
-    try:
-        proc.wait_ready(300)
-    except RuntimeError as exc:
-        proc.stop()
-        raise SystemExit(str(exc)) from None
-    except BaseException:  # interrupted while waiting: the server is stopped all the same
-        proc.stop()
-        raise
+    proc.wait_ready_or_exit(300)
     return Server(proc.url, proc)
 
 

@@ -99,14 +99,7 @@ class Server:
                 "--max-tokens-limit", str(max(64, args.max_tokens)), "--max-images", "4", "--log-level", "WARNING"]
         proc = ServerProcess("bench-load-server", argv, ROOT, "/health", Path(tempfile.mkdtemp(prefix="bench-load-")))
         server = cls(proc.url, proc)
-        try:
-            proc.wait_ready(300)
-        except RuntimeError as exc:
-            proc.stop()
-            raise SystemExit(str(exc)) from None
-        except BaseException:  # interrupted while waiting: the server is stopped all the same
-            proc.stop()
-            raise
+        proc.wait_ready_or_exit(300)
         return server
 
     @classmethod

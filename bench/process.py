@@ -47,6 +47,18 @@ class ServerProcess:
     def wait_ready(self, timeout: float) -> None:
         wait_ready(self.url + self.ready_path, timeout, self.name, process=self.process, log_tail=self.log_tail)
 
+    def wait_ready_or_exit(self, timeout: float) -> None:
+        """wait_ready for a command-line tool: a server that does not start is stopped, and the tool exits with
+        its log's end."""
+        try:
+            self.wait_ready(timeout)
+        except RuntimeError as exc:
+            self.stop()
+            raise SystemExit(str(exc)) from None
+        except BaseException:  # interrupted while waiting: the server is stopped all the same
+            self.stop()
+            raise
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
