@@ -251,8 +251,7 @@ def completion(reply: Reply, prompt: PromptPart, *, model: str, logprobs: bool, 
         choices.append({"text": prompt.text + (answer.text if prompt.answer else ""), "index": index,
                         "logprobs": lp,
                         "finish_reason": answer.finished.finish_reason if prompt.answer else "length"})
-        if scores is not None:
-            choices[-1]["prompt_logprobs"] = scores
+        choices[-1]["prompt_logprobs"] = scores  # null when not asked for, as vLLM's choices have it
         if token_ids:
             choices[-1].update(prompt_token_ids=reply.prompt_token_ids,
                                token_ids=list(answer.token_ids) if prompt.answer else [])
