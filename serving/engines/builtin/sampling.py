@@ -443,7 +443,7 @@ def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler]
                                                bytes=list(raw), id=int(token_id)))
         text, raw = names(tokens[i])
         result[i] = TokenLogprob(token=text, logprob=float((row[tokens[i]] - largest) - log_total),
-                                 bytes=list(raw), top_logprobs=alternatives)
+                                 bytes=list(raw), top_logprobs=alternatives, id=int(tokens[i]))
     return result
 
 
