@@ -324,3 +324,27 @@ def test_an_engine_without_prompt_logprobs_refuses_them(settings):
     fake = create_app(settings, FakeEngine()).test_client()
     error = chat(fake, 400, prompt_logprobs=1)["error"]
     assert (error["param"], error["code"]) == ("prompt_logprobs", "unsupported_parameter")
+
+
+def test_the_real_vocabulary_scores_a_harness_request(vocab_client, vocab_engine):
+    """A loglikelihood request of an evaluation harness (echo, logprobs 1, max_tokens 0) on Qwen's 151,936-token
+    vocabulary: one entry per prompt token, and their logprobs equal a float64 log-sum-exp of the model's
+    own logits over the whole prompt (numpy: Paddle's CPU log_softmax over this vocabulary is very slow)."""
+    import paddle
+
+    text = "The capital of France is Paris. \u5df4\u9ece\u662f\u6cd5\u56fd\u7684\u9996\u90fd\u3002"
+    out = vocab_client.post("/v1/completions", json={"prompt": text, "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert out.status_code == 200, out.get_json()
+    lp = out.get_json()["choices"][0]["logprobs"]
+    ids = vocab_engine.encode(text)
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    # each token's own text: a character split across tokens shows as replacement characters in its parts
+    assert "".join(lp["tokens"]).startswith("The capital of France is Paris. ")
+    wait_idle(vocab_engine)
+    with speedups.library_code(vocab_engine.model), paddle.no_grad():
+        out = vocab_engine.model(input_ids=paddle.to_tensor([ids]), use_cache=False)
+    logits = (out.logits if hasattr(out, "logits") else out[0]).numpy()[0].astype(np.float64)
+    assert logits.shape[-1] == 151936
+    expected = [logits[i - 1, ids[i]] - logits[i - 1].max()
+                - np.log(np.exp(logits[i - 1] - logits[i - 1].max()).sum()) for i in range(1, len(ids))]
+    assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
