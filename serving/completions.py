@@ -119,13 +119,13 @@ class PromptPart:
     top: int = 0  # the request's logprobs: alternatives per token in the legacy form
     names: object = None  # serving.engines.builtin.sampling.TokenNames: the first prompt token's text
 
-    def legacy(self, reply, top: int) -> dict:
+    def legacy(self, reply) -> dict:
         """The prompt's part of the legacy logprobs: its tokens, the first with null logprobs (nothing comes
         before it), the others scored by the model given the tokens before them."""
         ids, scores = reply.prompt_token_ids, prompt_scores(reply)
         first = {"tokens": [self.names(ids[0])[0]], "token_logprobs": [None], "top_logprobs": [None],
                  "text_offset": [0]}
-        rest = legacy_logprobs(scores[1:], len(first["tokens"][0]), top)
+        rest = legacy_logprobs(scores[1:], len(first["tokens"][0]), self.top)
         return {key: first[key] + rest[key] for key in first}
 
     def end_offset(self, legacy: dict) -> int:
@@ -170,8 +170,7 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
               if asked]
     answer = req.max_tokens != 0  # 0 (with echo): the prompt alone; one token is generated and not shown
     params = service.sampling_params(max_tokens=req.max_tokens if answer else 1, temperature=req.temperature,
-                                     top_p=req.top_p,
-                                     top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                                     top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                      seed=req.seed, stop=req.stop, logprobs=req.logprobs is not None,
                                      top_logprobs=req.logprobs or None, stream=req.stream)
@@ -233,7 +232,7 @@ def completion(reply: Reply, prompt: PromptPart, *, model: str, logprobs: bool, 
                token_ids: bool = False) -> dict:
     """The whole completion; `token_ids` (return_token_ids): each choice's prompt_token_ids and token_ids, as vLLM."""
     answers = reply.collect_choices()
-    head = prompt.legacy(reply, prompt.top) if logprobs and prompt.scored else None
+    head = prompt.legacy(reply) if logprobs and prompt.scored else None
     scores = (vllm_prompt_logprobs(prompt_scores(reply), prompt.prompt_logprobs)
               if prompt.prompt_logprobs is not None else None)
     choices = []
@@ -289,7 +288,7 @@ def stream_events(reply: Reply, prompt: PromptPart, *, model: str, logprobs: boo
         head = None
         if logprobs and prompt.scored:  # the scores are set before the generation's first event
             waited = [event for event in [next(events, None)] if event is not None]
-            head = prompt.legacy(reply, prompt.top)
+            head = prompt.legacy(reply)
             offsets = [prompt.end_offset(head)] * reply.n
         for index in range(reply.n):
             yield chunk(index, prompt.text, lp=head)
