@@ -89,6 +89,10 @@ class ChatService:
             raise InvalidRequest(f"min_tokens ({params.min_tokens}) is more than max_tokens ({params.max_tokens})",
                                  param="min_tokens")
         params.continue_final, params.generation_prompt = prompt_ending(req)
+        if req.prompt_logprobs is not None and req.stream:
+            raise InvalidRequest("prompt_logprobs is not available when stream is true (as in vLLM)",
+                                 param="prompt_logprobs")
+        params.prompt_logprobs = req.prompt_logprobs
         return params
 
     def _params_from_request(self, req: protocol.ChatCompletionRequest) -> SamplingParams:
@@ -385,6 +389,8 @@ class Choices:
         for i in range(n):
             mine = copy.copy(params)
             mine.seed = None if params.seed is None else params.seed + i
+            if i:  # the prompt is scored once, by choice 0 (the others then reuse its KV from the prefix cache)
+                mine.prompt_logprobs = None
             self._params.append(mine)
         self._start, self.n = start, n  # start(params) -> a generation of the prompt
         self._generations = [start(self._params[0])]  # errors in the prompt: raised here
@@ -394,6 +400,11 @@ class Choices:
         self._lock = threading.Lock()
         threading.Thread(target=self._pump, args=(0, self._generations[0]), daemon=True,
                          name="choice-0").start()
+
+    @property
+    def prompt_logprobs(self) -> Optional[list]:
+        """The prompt's scores (serving.jobs.Job.prompt_logprobs), computed by choice 0."""
+        return getattr(self._generations[0], "prompt_logprobs", None)
 
     def _start_others(self) -> None:
         for i in range(1, self.n):
@@ -496,7 +507,7 @@ def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
 # The peers' fields this server does not honour: refused by name (400 unsupported_parameter) when they ask for
 # something (a value other than the neutral ones listed), never dropped. name -> (source, neutral values).
 PEER_REFUSED = {
-    "echo": ("vLLM", (False,)), "prompt_logprobs": ("vLLM", ()), "best_of": ("vLLM", (1,)),
+    "echo": ("vLLM", (False,)), "best_of": ("vLLM", (1,)),
     "use_beam_search": ("vLLM", (False,)), "length_penalty": ("vLLM", (1, 1.0)),
     "include_stop_str_in_output": ("vLLM", (False,)), "skip_special_tokens": ("vLLM", (True,)),
     "spaces_between_special_tokens": ("vLLM", (True,)), "truncate_prompt_tokens": ("vLLM", ()),
@@ -536,7 +547,7 @@ def _same(value, neutral) -> bool:
 # (the built-in Paddle engine enforces all three with grammars: serving.engines.builtin.grammar). Sent to an
 # engine that does not, they are refused (400 unsupported_parameter) rather than dropped: a client asking for
 # JSON or tool calls must not get prose.
-FEATURES = ("response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling")
+FEATURES = ("response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling", "prompt_logprobs")
 _ELSEWHERE = ("to serve it, use --backend openai (an OpenAI-compatible upstream that supports it, such as vLLM) "
               "or --backend fastdeploy")
 
@@ -563,6 +574,8 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
     for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids"):
         if getattr(req, name):
             found.append(("peer_sampling", name, name))
+    if req.prompt_logprobs is not None:
+        found.append(("prompt_logprobs", "prompt_logprobs", "prompt_logprobs (vLLM's)"))
     go_on, open_turn = prompt_ending(req)
     if go_on:
         found.append(("prompt_ending", "continue_final_message" if req.continue_final_message else "messages",

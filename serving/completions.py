@@ -2,14 +2,18 @@
 
 Evaluation harnesses and older clients use /v1/completions: a raw prompt (a string or token ids, no chat
 template), `logprobs` (0..20 most likely alternatives per token, in the legacy form: tokens, token_logprobs,
-top_logprobs, text_offset), `echo` (the prompt's text before the answer), `n`, streaming. llama.cpp and vLLM
+top_logprobs, text_offset), `echo` (the prompt's text before the answer; with `logprobs`, the prompt's tokens
+scored too, the first with null, as OpenAI and vLLM do; `max_tokens: 0` then scores the prompt alone: a
+harness's loglikelihood request), vLLM's `prompt_logprobs`, `n`, streaming. llama.cpp and vLLM
 serve /tokenize and /detokenize; both forms of their bodies are taken. All of it needs an engine that builds
 prompts itself from token ids (the built-in one: `start_ids`, `tokenizer`).
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,7 +33,7 @@ class CompletionRequest(BaseModel):
 
     prompt: Union[str, list[int], list[str], list[list[int]]]
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for this endpoint
+    max_tokens: Optional[int] = Field(default=16, ge=0)  # OpenAI's default for this endpoint; 0: echo only
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, ge=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=-1)
@@ -48,6 +52,7 @@ class CompletionRequest(BaseModel):
     stop_token_ids: Optional[list[int]] = Field(default=None, max_length=64)
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: each choice's prompt_token_ids and token_ids
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)  # vLLM's, on each choice
     user: Optional[str] = None
 
 
@@ -73,6 +78,12 @@ def parse_completion(body) -> CompletionRequest:
         if value is not None and not (name == "best_of" and value in (1, req.n)):
             raise InvalidRequest(why, param=name, code="unsupported_parameter")
     refuse_peer_fields(req)
+    if req.max_tokens == 0 and not req.echo:
+        raise InvalidRequest("max_tokens 0 asks for no answer; it is accepted only with echo (the prompt alone, "
+                             "scored when logprobs is set)", param="max_tokens", code="invalid_value")
+    if req.prompt_logprobs is not None and req.stream:
+        raise InvalidRequest("prompt_logprobs is not available when stream is true (as in vLLM); use echo with "
+                             "logprobs for the prompt's logprobs in a stream", param="prompt_logprobs")
     try:
         req.stop = protocol.ChatCompletionRequest._stop_list(req.stop)
     except ValueError as exc:  # more than 4 (found by the /openapi.json fuzzing: it was a 500)
@@ -95,22 +106,77 @@ def prompt_ids(req: CompletionRequest, engine) -> list:
     return ids
 
 
+@dataclass
+class PromptPart:
+    """What a completion's choices show of the prompt: `text` before the answer (echo; "" when not), the prompt's
+    tokens scored in the legacy logprobs (echo with logprobs), vLLM's `prompt_logprobs` (its top count, or None),
+    and whether the answer follows (max_tokens 0 with echo: the prompt alone)."""
+
+    text: str = ""
+    scored: bool = False
+    prompt_logprobs: Optional[int] = None
+    answer: bool = True
+    top: int = 0  # the request's logprobs: alternatives per token in the legacy form
+    names: object = None  # serving.engines.builtin.sampling.TokenNames: the first prompt token's text
+
+    def legacy(self, reply) -> dict:
+        """The prompt's part of the legacy logprobs: its tokens, the first with null logprobs (nothing comes
+        before it), the others scored by the model given the tokens before them."""
+        ids, scores = reply.prompt_token_ids, prompt_scores(reply)
+        first = {"tokens": [self.names(ids[0])[0]], "token_logprobs": [None], "top_logprobs": [None],
+                 "text_offset": [0]}
+        rest = legacy_logprobs(scores[1:], len(first["tokens"][0]), self.top)
+        return {key: first[key] + rest[key] for key in first}
+
+    def end_offset(self, legacy: dict) -> int:
+        """Where the answer's text_offset starts after the prompt's legacy logprobs (vLLM: after its tokens)."""
+        return legacy["text_offset"][-1] + len(legacy["tokens"][-1])
+
+
+def prompt_scores(reply) -> list:
+    """The engine's scores of the prompt's tokens (serving.jobs.Job.prompt_logprobs), once its prefill is done."""
+    scores = getattr(reply.generation, "prompt_logprobs", None)
+    if scores is None:
+        from serving.errors import InternalError
+
+        raise InternalError("the prompt's logprobs were asked for but not computed")
+    return scores
+
+
+def vllm_prompt_logprobs(scores: list, top: int) -> list:
+    """vLLM's prompt_logprobs form: None for the first token, then per token {token id: {logprob, rank,
+    decoded_token}} holding the prompt's token and the `top` most likely ones (so top or top + 1 entries)."""
+    out: list = [None]
+    for scored in scores[1:]:
+        entry = {str(scored.id): _vllm_logprob(scored)}
+        for alternative in scored.top_logprobs[:top]:
+            entry.setdefault(str(alternative.id), _vllm_logprob(alternative))
+        out.append(entry)
+    return out
+
+
+def _vllm_logprob(scored) -> dict:
+    return {"logprob": max(float(scored.logprob), -9999.0), "rank": scored.rank, "decoded_token": scored.token}
+
+
 def start(service, req: CompletionRequest, *, started: float) -> tuple:
-    """(Reply, the prompt's text for echo) of a completion request."""
+    """(Reply, PromptPart: what the choices show of the prompt) of a completion request."""
     engine = service.ready_engine()
     if not hasattr(engine, "start_ids"):
         raise InvalidRequest("/v1/completions needs the built-in engine (--backend paddle)", param="prompt",
                              code="unsupported_parameter")
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequest("echo with logprobs needs the prompt's logprobs, which this server does not compute",
-                             param="echo", code="unsupported_parameter")
-    params = service.sampling_params(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                     top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+    scored = req.echo and req.logprobs is not None
+    wanted = [k for k, asked in ((req.logprobs, scored), (req.prompt_logprobs, req.prompt_logprobs is not None))
+              if asked]
+    answer = req.max_tokens != 0  # 0 (with echo): the prompt alone; one token is generated and not shown
+    params = service.sampling_params(max_tokens=req.max_tokens if answer else 1, temperature=req.temperature,
+                                     top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                      seed=req.seed, stop=req.stop, logprobs=req.logprobs is not None,
                                      top_logprobs=req.logprobs or None, stream=req.stream)
-    params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
+    params.min_tokens, params.ignore_eos = (req.min_tokens or 0) if answer else 0, bool(req.ignore_eos)
     params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+    params.prompt_logprobs = max(wanted) if wanted else None
     # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
     params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
@@ -120,16 +186,23 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
     reply = Reply(generation, started=started, time_limit=service.settings.request_timeout,
                   metrics=service.metrics, n=req.n)
     echo = (req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)) if req.echo else ""
-    return reply, echo
+    from serving.engines.builtin.sampling import token_names
+
+    return reply, PromptPart(echo, scored, req.prompt_logprobs, answer, req.logprobs or 0,
+                             token_names(engine.tokenizer))
 
 
-def legacy_logprobs(tokens, offset: int) -> dict:
-    """serving.jobs.TokenLogprob items -> the completion endpoint's logprobs form."""
+def legacy_logprobs(tokens, offset: int, top: Optional[int] = None) -> dict:
+    """serving.jobs.TokenLogprob items -> the completion endpoint's logprobs form. Each top_logprobs map holds
+    the `top` most likely tokens (all given when None) and the token itself: up to logprobs + 1 entries, as
+    OpenAI documents (and vLLM answers)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         out["tokens"].append(t.token)
         out["token_logprobs"].append(max(float(t.logprob), -9999.0))
-        out["top_logprobs"].append({_alternative_name(a): max(float(a.logprob), -9999.0) for a in t.top_logprobs})
+        alternatives = {_alternative_name(a): max(float(a.logprob), -9999.0) for a in t.top_logprobs[:top]}
+        alternatives.setdefault(_alternative_name(t), max(float(t.logprob), -9999.0))
+        out["top_logprobs"].append(alternatives)
         out["text_offset"].append(offset)
         offset += len(t.token)
     return out
@@ -148,40 +221,53 @@ def _alternative_name(alternative) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def _usage(finishes) -> dict:
+def _usage(finishes, answer: bool = True) -> dict:
     finishes = list(finishes)
     prompt = finishes[0].prompt_tokens
-    done = sum(f.completion_tokens for f in finishes)
+    done = sum(f.completion_tokens for f in finishes) if answer else 0
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-def completion(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str,
+def completion(reply: Reply, prompt: PromptPart, *, model: str, logprobs: bool, fingerprint: str,
                token_ids: bool = False) -> dict:
     """The whole completion; `token_ids` (return_token_ids): each choice's prompt_token_ids and token_ids, as vLLM."""
     answers = reply.collect_choices()
+    head = prompt.legacy(reply) if logprobs and prompt.scored else None
+    scores = (vllm_prompt_logprobs(prompt_scores(reply), prompt.prompt_logprobs)
+              if prompt.prompt_logprobs is not None else None)
     choices = []
     for index, answer in enumerate(answers):
         if answer.finished is None:
             from serving.errors import InternalError
 
             raise InternalError("the generation ended without a result")
-        choices.append({"text": echo + answer.text, "index": index,
-                        "logprobs": legacy_logprobs(answer.logprobs, len(echo)) if logprobs else None,
-                        "finish_reason": answer.finished.finish_reason})
+        lp = None
+        if logprobs:
+            offset = prompt.end_offset(head) if head is not None else len(prompt.text)
+            lp = legacy_logprobs(answer.logprobs if prompt.answer else [], offset, prompt.top)
+            if head is not None:
+                lp = {key: head[key] + lp[key] for key in lp}
+        choices.append({"text": prompt.text + (answer.text if prompt.answer else ""), "index": index,
+                        "logprobs": lp,
+                        "finish_reason": answer.finished.finish_reason if prompt.answer else "length"})
+        choices[-1]["prompt_logprobs"] = scores  # null when not asked for, as vLLM's choices have it
         if token_ids:
-            choices[-1].update(prompt_token_ids=reply.prompt_token_ids, token_ids=list(answer.token_ids))
+            choices[-1].update(prompt_token_ids=reply.prompt_token_ids,
+                               token_ids=list(answer.token_ids) if prompt.answer else [])
     return {"id": new_id(), "object": "text_completion", "created": protocol.now(), "model": model,
-            "system_fingerprint": fingerprint, "choices": choices, "usage": _usage(a.finished for a in answers)}
+            "system_fingerprint": fingerprint, "choices": choices,
+            "usage": _usage((a.finished for a in answers), prompt.answer)}
 
 
-def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, fingerprint: str, include_usage: bool,
-                  continuous_usage: bool = False, token_ids: bool = False):
+def stream_events(reply: Reply, prompt: PromptPart, *, model: str, logprobs: bool, fingerprint: str,
+                  include_usage: bool, continuous_usage: bool = False, token_ids: bool = False):
     """The completion's chunks as JSON bodies (the SSE framing is the caller's); `continuous_usage` (vLLM's
     stream_options.continuous_usage_stats): every chunk carries the usage so far; `token_ids` (return_token_ids):
-    each choice's first chunk carries prompt_token_ids, each text chunk its token_ids."""
+    each choice's first chunk carries prompt_token_ids, each text chunk its token_ids. With echo, each choice's
+    first chunk is the prompt's text (and, with logprobs, its tokens scored: sent once the prompt is prefilled)."""
     prompt_sent = set()
     ident, created = new_id(), protocol.now()
-    offsets = [len(echo)] * reply.n
+    offsets = [len(prompt.text)] * reply.n
     generated = 0
 
     def chunk(index, text, finish=None, lp=None, ids=None):
@@ -196,18 +282,27 @@ def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, finger
             body["usage"] = protocol.usage(reply.prompt_tokens or 0, generated).model_dump(exclude_none=True)
         return body
 
-    if echo:
+    events = iter(reply)
+    waited = []
+    if prompt.text:
+        head = None
+        if logprobs and prompt.scored:  # the scores are set before the generation's first event
+            waited = [event for event in [next(events, None)] if event is not None]
+            head = prompt.legacy(reply)
+            offsets = [prompt.end_offset(head)] * reply.n
         for index in range(reply.n):
-            yield chunk(index, echo)
-    for event in reply:
+            yield chunk(index, prompt.text, lp=head)
+    for event in itertools.chain(waited, events):
         index = choice_of(event)
         if isinstance(event, str):
-            lp = legacy_logprobs(event.logprobs, offsets[index]) if logprobs else None
+            if not prompt.answer:  # max_tokens 0: the generated token is not shown
+                continue
+            lp = legacy_logprobs(event.logprobs, offsets[index], prompt.top) if logprobs else None
             offsets[index] += len(event)
             generated += len(getattr(event, "token_ids", ()))
             yield chunk(index, str(event), lp=lp, ids=list(getattr(event, "token_ids", ())))
         elif isinstance(event, Finished):
-            yield chunk(index, "", finish=event.finish_reason)
+            yield chunk(index, "", finish=event.finish_reason if prompt.answer else "length")
     if len(reply.finishes) < reply.n:
         from serving.errors import InternalError
 
@@ -215,7 +310,7 @@ def stream_events(reply: Reply, echo: str, *, model: str, logprobs: bool, finger
     if include_usage:
         yield {"id": ident, "object": "text_completion", "created": created, "model": model,
                "system_fingerprint": fingerprint, "choices": [],
-               "usage": _usage(reply.finishes[i] for i in range(reply.n))}
+               "usage": _usage((reply.finishes[i] for i in range(reply.n)), prompt.answer)}
 
 
 def new_id() -> str:

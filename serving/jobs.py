@@ -43,6 +43,9 @@ class SamplingParams:
     return_token_ids: bool = False  # deltas carry the token ids they cover
     continue_final: bool = False  # the last message is the assistant's answer so far: continue its text
     generation_prompt: bool = True  # open the assistant's turn after the last message (False: vLLM's option)
+    # score the prompt too (vLLM's prompt_logprobs; /v1/completions' echo with logprobs): each prompt token's
+    # logprob given the tokens before it, with this many most likely alternatives; None: not asked
+    prompt_logprobs: Optional[int] = None
 
 
 @dataclass
@@ -53,6 +56,7 @@ class TopLogprob:
     # the token id (the built-in engine): names a token with no text in legacy logprobs; keyword-only, so
     # TokenLogprob(token, logprob, bytes, top_logprobs) keeps its positions
     id: Optional[int] = field(default=None, kw_only=True)
+    rank: Optional[int] = field(default=None, kw_only=True)  # 1 + tokens more likely (prompt logprobs: vLLM's form)
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Job:
         self.events: queue.Queue = queue.Queue()  # str deltas, then a Finished or an Exception
         self.cancelled = threading.Event()
         self.created = time.perf_counter()
+        # params.prompt_logprobs asked: one Optional[TokenLogprob] per prompt token (the first None), set by the
+        # engine once the prompt is prefilled, before its first event goes out
+        self.prompt_logprobs: Optional[list] = None
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -239,6 +239,7 @@ class ChatCompletionRequest(BaseModel):
     stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = Field(default=None, max_length=64)  # vLLM, FastDeploy
     min_p: Optional[float] = Field(default=None, ge=0, le=1)  # vLLM, llama.cpp: drop tokens below min_p x the top one
     return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: prompt_token_ids and each choice's token_ids
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # vLLM: the prompt's tokens scored
     guided_json: Union[dict, str, None] = None  # vLLM (before structured_outputs), FastDeploy: a JSON schema
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = Field(default=None, min_length=1)

@@ -108,12 +108,9 @@ def test_n_choices(client):
     (dict(prompt=[1, 10**6]), "prompt", "invalid_value"),
     (dict(prompt=""), "prompt", "invalid_value"),
     (dict(suffix="x"), "suffix", "unsupported_parameter"),
-    (dict(echo=True, logprobs=1), "echo", "unsupported_parameter"),
     (dict(logprobs=21), "logprobs", "invalid_value"),
     (dict(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
-    (dict(prompt_logprobs=1), "prompt_logprobs", "unsupported_parameter"),
-], ids=["two prompts", "unknown id", "empty", "suffix", "echo with logprobs", "logprobs 21", "stream_options",
-        "prompt_logprobs"])
+], ids=["two prompts", "unknown id", "empty", "suffix", "logprobs 21", "stream_options"])
 def test_mistakes(client, body, param, code):
     error = complete(client, 400, **body)["error"]
     assert (error["param"], error["code"]) == (param, code), error

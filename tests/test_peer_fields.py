@@ -231,7 +231,7 @@ def test_bad_forms_are_named(client, name, body, param, code):
     refused(client, param, code, **body)
 
 
-@pytest.mark.parametrize("field,value", [("echo", True), ("prompt_logprobs", 1), ("best_of", 2),
+@pytest.mark.parametrize("field,value", [("echo", True), ("best_of", 2),
                                          ("use_beam_search", True), ("skip_special_tokens", False),
                                          ("typical_p", 0.5), ("mirostat", 2), ("chat_template", "{{ x }}"),
                                          ("disable_chat_template", True), ("prompt_token_ids", [1, 2, 3])])

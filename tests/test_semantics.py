@@ -149,5 +149,6 @@ def test_stream_refusals_are_plain_json_errors(featureless):
 
 
 def test_features_are_field_names():
-    # the OpenAI fields, and two groups of the peers' extensions (serving.chat.unsupported_fields names each field)
-    assert set(FEATURES) == {"response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling"}
+    # the OpenAI fields, and three groups of the peers' extensions (serving.chat.unsupported_fields names each field)
+    assert set(FEATURES) == {"response_format", "tools", "logit_bias", "prompt_ending", "peer_sampling",
+                             "prompt_logprobs"}

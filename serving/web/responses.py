@@ -45,6 +45,11 @@ def completion(reply: Reply, *, model: str, logprobs: bool, fingerprint: Optiona
     body["choices"] = choices
     if token_ids:
         body["prompt_token_ids"] = reply.prompt_token_ids
+    scores = getattr(reply.generation, "prompt_logprobs", None)  # set when the request asked (prompt_logprobs)
+    if scores is not None:  # vLLM's form, at the response's top level
+        from serving.completions import vllm_prompt_logprobs
+
+        body["prompt_logprobs"] = vllm_prompt_logprobs(scores, len(scores[1].top_logprobs) if len(scores) > 1 else 0)
     return body
 
 

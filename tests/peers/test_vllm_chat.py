@@ -5,8 +5,10 @@ upstream assertion is kept, except these deliberate differences (docs/api.md, "D
 
 - no LoRA adapters and no V0/V1 engines: each test runs once, on the one model;
 - exact prompt token counts of zephyr-7b's tokenizer (prompt_tokens=37) are not checked;
-- prompt_logprobs is refused (400 unsupported_parameter, named) instead of answered: this server does not compute
-  the prompt's logprobs;
+- prompt_logprobs: when not asked for, the response has no prompt_logprobs field (vLLM's is null): read with
+  getattr; at a prompt position the map holds the k most likely tokens and the prompt's own token, so k entries
+  when that token is among them and k + 1 when not, which depends on the model's meaning (upstream's zephyr-7b
+  predicts the third prompt token: k; vLLM's later version of this test asserts k + 1): checked as k or k + 1;
 - the demo model's answers are random text: assertions on a real model's reading ("a different name", "2",
   {"result": 2}) are not checked (the answer's form is), or the test is skipped when nothing else is left;
 - sampling: vLLM samples at its temperature; the checkpoint's generation defaults (Qwen's top_k 1) do not, so
@@ -66,11 +68,27 @@ def test_too_many_chat_logprobs(client):
     assert message.content is not None and len(message.content) >= 0
 
 
-@pytest.mark.parametrize("prompt_logprobs", [1, 0, -1])
-def test_prompt_logprobs_chat_is_refused(client, prompt_logprobs):
-    with pytest.raises(BadRequestError) as caught:
-        client.chat.completions.create(model="demo", messages=MESSAGES, extra_body={"prompt_logprobs": prompt_logprobs})
-    assert caught.value.body["param"] == "prompt_logprobs"  # upstream: answered for 0 and 1, 400 for -1
+WORLD_SERIES = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Who won the world series in 2020?"},
+                {"role": "assistant", "content": "The Los Angeles Dodgers won the World Series in 2020."},
+                {"role": "user", "content": "Where was it played?"}]
+
+
+@pytest.mark.parametrize("prompt_logprobs", [1, 0, -1, None])
+def test_prompt_logprobs_chat(client, prompt_logprobs):
+    params = {"messages": WORLD_SERIES, "model": "demo"}
+    if prompt_logprobs is not None:
+        params["extra_body"] = {"prompt_logprobs": prompt_logprobs}
+    if prompt_logprobs is not None and prompt_logprobs < 0:
+        with pytest.raises(BadRequestError):
+            client.chat.completions.create(**params)
+    else:
+        completion = client.chat.completions.create(**params)
+        if prompt_logprobs is not None:
+            assert completion.prompt_logprobs is not None
+            assert len(completion.prompt_logprobs) > 0
+        else:
+            assert getattr(completion, "prompt_logprobs", None) is None
 
 
 def test_single_chat_session(client):
@@ -174,8 +192,12 @@ def employee_messages():
 
 
 def test_more_than_one_prompt_logprobs_chat(client):
-    pytest.skip("declined: prompt_logprobs (this server does not compute the prompt's logprobs; refused by name, "
-                "see test_prompt_logprobs_chat_is_refused)")
+    params = {"messages": WORLD_SERIES, "model": "demo", "extra_body": {"prompt_logprobs": 1}}
+    completion_1 = client.chat.completions.create(**params)
+    params["extra_body"] = {"prompt_logprobs": 2}
+    completion_2 = client.chat.completions.create(**params)
+    assert len(completion_1.prompt_logprobs[3]) in (1, 2)  # upstream: == 1 (see the module's docstring)
+    assert len(completion_2.prompt_logprobs[3]) in (2, 3)  # upstream: == 2
 
 
 def test_guided_json_chat(client):

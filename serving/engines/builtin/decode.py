@@ -33,6 +33,7 @@ def _paddle():
 
 
 FORWARD_TOKENS = 1024  # most prompt tokens in one forward pass (bounds the attention scores' memory)
+SCORE_TOKENS = 64  # prompt positions whose logits exist at once when a prompt is scored (64 x 151,936 floats: 39 MB)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class PrefillResult:
     cache: object  # the prompt's DynamicCache, [1, heads, n, dim] per layer
     length: int  # n: tokens in the cache
     next_position: int  # the rope position of the first generated token
+    prompt_logprobs: Optional[list] = None  # when the prompt was scored: None, then a TokenLogprob per later token
 
 
 class Prefill:
@@ -55,16 +57,26 @@ class Prefill:
     Images and videos wholly inside the prefix need no embeddings, so neither the tower nor the vision
     cache is asked for them; those in the rest go through both as without a hit. Rope positions are
     computed for the whole prompt (they depend on every earlier token and grid) and the rest's are used.
+
+    Given `score_prompt` (callable: (float32 logits [c, vocab] of c prompt positions, the c prompt tokens they
+    predict) -> a TokenLogprob per token), every chunk's hidden states also go through lm_head, SCORE_TOKENS
+    positions at a time, and the result carries each prompt token's logprob (the first token's None). Such a
+    prefill starts at the prompt's first token (no `reuse`): the positions a prefix hit skips have no logits.
+    The sampling logits of the last position are computed as without scoring (the same first token).
     """
 
     def __init__(self, model, arrays: dict, set_media_keys=None, vision_cache=None, image_keys=(), video_keys=(),
-                 reuse=None):
+                 reuse=None, score_prompt=None):
         paddle = _paddle()
         from paddleformers.transformers.cache_utils import DynamicCache
 
         self.model = model
         inner = model.model
+        assert reuse is None or score_prompt is None, "a scored prompt needs the logits of all its positions"
         start = reuse.length if reuse is not None else 0
+        self.score_prompt = score_prompt
+        self.prompt_ids = np.asarray(arrays["input_ids"]).reshape(-1) if score_prompt is not None else None
+        self.prompt_logprobs = [None] if score_prompt is not None else None
         full_ids = paddle.to_tensor(arrays["input_ids"])
         ids = full_ids[:, start:] if start else full_ids  # the tokens to prefill
         embeds = inner.get_input_embeddings()(ids)
@@ -151,12 +163,24 @@ class Prefill:
                 input_ids=None, inputs_embeds=self.embeds[:, here], position_ids=self.positions[:, :, here],
                 attention_mask=paddle.ones([1, stop], dtype="int64"), past_key_values=self.cache, use_cache=True,
                 return_dict=True, cache_position=paddle.arange(start, stop)).last_hidden_state
+            if self.score_prompt is not None:
+                self._score(hidden, start, stop)
             self.done = stop
         if end < self.length:
             return None
         logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
         self.embeds = self.positions = None  # no longer needed: free them now
-        return PrefillResult(logits, self.cache, self.length, self.next_position)
+        return PrefillResult(logits, self.cache, self.length, self.next_position, self.prompt_logprobs)
+
+    def _score(self, hidden, start: int, stop: int) -> None:
+        """The logprobs of the prompt tokens that positions start..stop-1 predict (the prompt's last position
+        predicts the answer, not a prompt token), from this chunk's hidden states [1, stop - start, dim]."""
+        last = min(stop, self.length - 1)  # positions before it score tokens 1..length-1
+        for first in range(start, last, SCORE_TOKENS):
+            until = min(last, first + SCORE_TOKENS)
+            logits = self.model.lm_head(hidden[:, first - start:until - start, :])[0]
+            rows = logits.astype("float32").numpy()
+            self.prompt_logprobs.extend(self.score_prompt(rows, self.prompt_ids[first + 1:until + 1]))
 
 
 class RunningBatch:

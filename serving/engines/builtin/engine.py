@@ -43,7 +43,7 @@ IMAGE_PAD = "<|image_pad|>"
 # the OpenAI fields this engine honours beyond sampling (serving.chat refuses the others): enforced by grammars
 OUTPUT_FEATURES = frozenset({"response_format", "tools", "logit_bias"})
 # the peers' extensions it honours whatever the tokenizer (serving.chat.PEER_FIELDS)
-BASE_FEATURES = frozenset({"prompt_ending", "peer_sampling"})
+BASE_FEATURES = frozenset({"prompt_ending", "peer_sampling", "prompt_logprobs"})
 VIDEO_PAD = "<|video_pad|>"
 MAX_CHARS_PER_TOKEN = 16  # no BPE token of Qwen's covers more characters than this on average
 

@@ -443,8 +443,32 @@ def token_logprobs(logits, tokens: Sequence[int], samplers: Sequence[RowSampler]
                                                bytes=list(raw), id=int(token_id)))
         text, raw = names(tokens[i])
         result[i] = TokenLogprob(token=text, logprob=float((row[tokens[i]] - largest) - log_total),
-                                 bytes=list(raw), top_logprobs=alternatives)
+                                 bytes=list(raw), top_logprobs=alternatives, id=int(tokens[i]))
     return result
+
+
+def prompt_token_logprobs(rows: np.ndarray, targets: Sequence[int], top: int, tokenizer) -> list:
+    """TokenLogprob of targets[i] under rows[i] (float32 numpy [c, V]: the logits of c prompt positions, each
+    scoring the prompt token after it), with its rank (1 + tokens more likely) and the `top` most likely tokens
+    (ranks 1..top): the same raw logprobs as token_logprobs (one log-sum-exp per row, no log_softmax tensor)."""
+    names = token_names(tokenizer)
+    rows = np.asarray(rows, dtype=np.float32)
+    targets = np.asarray(targets, dtype=np.int64)
+    largest = rows.max(axis=1)
+    log_totals = np.log(np.exp(rows - largest[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
+    chosen = rows[np.arange(len(targets)), targets]
+    ranks = (rows > chosen[:, None]).sum(axis=1) + 1
+    out = []
+    for row, target, best, log_total, rank in zip(rows, targets, largest, log_totals, ranks):
+        alternatives = []
+        for place, token_id in enumerate(_largest_logits(row, min(top, row.size)) if top else (), 1):
+            text, raw = names(int(token_id))
+            alternatives.append(TopLogprob(token=text, logprob=float((row[token_id] - best) - log_total),
+                                           bytes=list(raw), id=int(token_id), rank=place))
+        text, raw = names(int(target))
+        out.append(TokenLogprob(token=text, logprob=float((row[target] - best) - log_total), bytes=list(raw),
+                                top_logprobs=alternatives, id=int(target), rank=int(rank)))
+    return out
 
 
 class TokenNames:

@@ -383,6 +383,8 @@ class Scheduler:
             return spent, _FAILED
         if result is None:
             return spent, None
+        if result.prompt_logprobs is not None:  # before the first token's event: its reader finds them set
+            job.prompt_logprobs = result.prompt_logprobs
         token = self._first_token(item.row, result)
         if token is not None:  # after the first token is out: the client does not wait for this copy
             self._keep_prompt(item.key, result)
@@ -394,6 +396,11 @@ class Scheduler:
         follow on as its decoding steps' did)."""
         engine, row = self.engine, item.row
         prompt = row.job.prompt
+        top = row.job.params.prompt_logprobs
+        scoring = None  # a resumed row scored its prompt at its first prefill
+        if top is not None and not row.tokens:
+            def scoring(rows, targets):
+                return sampling.prompt_token_logprobs(rows, targets, top, engine.tokenizer)
         if row.tokens:  # a preempted row resuming
             ids = np.concatenate([prompt.arrays["input_ids"], np.asarray([row.tokens], dtype=np.int64)], axis=1)
             prompt = dataclasses.replace(prompt, arrays={**prompt.arrays, "input_ids": ids},
@@ -402,11 +409,14 @@ class Scheduler:
             hit = engine.prefix_cache.lookup(item.key)
         else:
             row.prefix_key = item.key = engine.prefix_key(prompt)
-            hit = engine.prefix_cache.lookup(row.prefix_key)
+            # a row scoring its prompt needs the logits of every prompt position: it takes no prefix-cache hit
+            # (the positions a hit skips have none) and prefills the whole prompt; its KV still goes into the cache
+            hit = None if scoring is not None else engine.prefix_cache.lookup(row.prefix_key)
             row.cached_tokens = hit.length if hit is not None else 0
         try:
             return Prefill(self.model, prompt.arrays, engine.set_image_keys, vision_cache=engine.vision_cache,
-                           image_keys=prompt.image_keys, video_keys=prompt.video_keys, reuse=hit)
+                           image_keys=prompt.image_keys, video_keys=prompt.video_keys, reuse=hit,
+                           score_prompt=scoring)
         finally:
             engine.set_image_keys(())
 
