@@ -14,14 +14,15 @@ from __future__ import annotations
 import itertools
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving import protocol
 from serving.chat import Choices, Reply, choice_of, refuse_peer_fields
 from serving.errors import InvalidRequest
 from serving.jobs import Finished
+from serving.structured import OutputSpec
 
 MAX_LOGPROBS = 20
 
@@ -53,11 +54,16 @@ class CompletionRequest(BaseModel):
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: each choice's prompt_token_ids and token_ids
     prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)  # vLLM's, on each choice
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None  # token id -> bias (OpenAI's)
     user: Optional[str] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, value):
+        return protocol._token_ids(value)
 
 
 REFUSED = {"suffix": "suffix (insertion) is not supported by this model's server",
-           "logit_bias": "logit_bias is served on /v1/chat/completions only",
            "best_of": "best_of other than n is not supported"}
 
 
@@ -180,6 +186,11 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
     # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
     params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    if req.logit_bias:  # enforced per row as on /v1/chat/completions (the engine's grammar path)
+        if "logit_bias" not in getattr(engine.info, "features", ()):
+            raise InvalidRequest("logit_bias is not supported here: structured output is off (see the log)",
+                                 param="logit_bias", code="unsupported_parameter")
+        params.output = engine.compile_output(OutputSpec(logit_bias={int(k): float(v) for k, v in req.logit_bias.items()}))
     ids = prompt_ids(req, engine)
     generation = (engine.start_ids(ids, params) if req.n == 1
                   else Choices(lambda p: engine.start_ids(ids, p), params, req.n))

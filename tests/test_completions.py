@@ -103,6 +103,20 @@ def test_n_choices(client):
     assert many["usage"]["completion_tokens"] == 12
 
 
+def test_logit_bias(client, engine):
+    """OpenAI's logit_bias on /v1/completions, enforced per row as on chat: -100 keeps a token out of a greedy
+    answer that had it, +100 makes a token the answer; the unbiased answer is as before."""
+    ids = engine.encode(PROMPT)
+    free = complete(client, max_tokens=8, return_token_ids=True, **GREEDY)["choices"][0]
+    banned = sorted(set(free["token_ids"]))
+    kept_out = complete(client, max_tokens=8, return_token_ids=True, logit_bias={str(t): -100 for t in banned},
+                        **GREEDY)["choices"][0]
+    assert not set(kept_out["token_ids"]) & set(banned) and len(kept_out["token_ids"]) == 8
+    forced = complete(client, max_tokens=3, return_token_ids=True, logit_bias={str(banned[0]): 100}, **GREEDY)
+    assert forced["choices"][0]["token_ids"] == [banned[0]] * 3
+    assert complete(client, max_tokens=8, **GREEDY)["choices"][0]["text"] == engine_answer(engine, ids, 8)
+
+
 @pytest.mark.parametrize("body,param,code", [
     (dict(prompt=["a", "b"]), "prompt", "invalid_value"),
     (dict(prompt=[1, 10**6]), "prompt", "invalid_value"),
@@ -110,7 +124,11 @@ def test_n_choices(client):
     (dict(suffix="x"), "suffix", "unsupported_parameter"),
     (dict(logprobs=21), "logprobs", "invalid_value"),
     (dict(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
-], ids=["two prompts", "unknown id", "empty", "suffix", "logprobs 21", "stream_options"])
+    (dict(logit_bias={"the": -100}), "logit_bias", "invalid_value"),
+    (dict(logit_bias={"5": 101}), "logit_bias.5", "invalid_value"),
+    (dict(logit_bias={"1000000": 5}), "logit_bias", "invalid_value"),
+], ids=["two prompts", "unknown id", "empty", "suffix", "logprobs 21", "stream_options", "logit_bias text key",
+        "logit_bias 101", "logit_bias unknown id"])
 def test_mistakes(client, body, param, code):
     error = complete(client, 400, **body)["error"]
     assert (error["param"], error["code"]) == (param, code), error
