@@ -83,6 +83,7 @@ class ChatService:
         params = self._params_from_request(req)
         params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
         params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+        word_rules(params, req)
         # the deltas' token ids also count the tokens of vLLM's continuous_usage_stats
         params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
         if params.min_tokens > params.max_tokens:
@@ -493,15 +494,23 @@ def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
     return bool(go_on), (not go_on) and open_turn is not False
 
 
+def word_rules(params: SamplingParams, req) -> None:
+    """The peers' stop-string and bad-word fields of a chat or completion request `req`, onto `params` (the
+    engine turns the words into token sequences: serving.engines.builtin.row_rules)."""
+    params.include_stop = bool(req.include_stop_str_in_output)
+    params.bad_words = list(req.bad_words or [])
+    params.bad_words_token_ids = list(req.bad_words_token_ids or [])
+
+
 # The peers' fields this server does not honour: refused by name (400 unsupported_parameter) when they ask for
 # something (a value other than the neutral ones listed), never dropped. name -> (source, neutral values).
 PEER_REFUSED = {
     "echo": ("vLLM", (False,)), "prompt_logprobs": ("vLLM", ()), "best_of": ("vLLM", (1,)),
     "use_beam_search": ("vLLM", (False,)), "length_penalty": ("vLLM", (1, 1.0)),
-    "include_stop_str_in_output": ("vLLM", (False,)), "skip_special_tokens": ("vLLM", (True,)),
+    "skip_special_tokens": ("vLLM", (True,)),
     "spaces_between_special_tokens": ("vLLM", (True,)), "truncate_prompt_tokens": ("vLLM", ()),
     "chat_template": ("vLLM", ()), "chat_template_kwargs": ("vLLM", ({},)), "mm_processor_kwargs": ("vLLM", ({},)),
-    "allowed_token_ids": ("vLLM", ()), "bad_words": ("vLLM", ([],)), "logits_processors": ("vLLM", ([],)),
+    "allowed_token_ids": ("vLLM", ()), "logits_processors": ("vLLM", ([],)),
     "guided_decoding_backend": ("vLLM", ()), "guided_whitespace_pattern": ("vLLM", ()),
     "return_tokens_as_token_ids": ("vLLM", (False,)), "documents": ("vLLM", ([],)),
     "typical_p": ("vLLM, llama.cpp", (1, 1.0)), "top_n_sigma": ("llama.cpp", (-1, -1.0, 0)),
@@ -510,7 +519,7 @@ PEER_REFUSED = {
     "n_probs": ("llama.cpp", (0,)), "samplers": ("llama.cpp", ()), "n_predict": ("llama.cpp", (-1,)),
     "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
     "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
-    "enable_thinking": ("FastDeploy", (False,)), "bad_words_token_ids": ("FastDeploy", ([],)),
+    "enable_thinking": ("FastDeploy", (False,)),
     "disable_chat_template": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
 }
 
@@ -560,7 +569,8 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
         found.append(("logit_bias", "logit_bias", "logit_bias"))
     for param, _kind, _value in structured.peer_forms(req):
         found.append(("response_format", param, param))
-    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids"):
+    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids", "include_stop_str_in_output",
+                 "bad_words", "bad_words_token_ids"):
         if getattr(req, name):
             found.append(("peer_sampling", name, name))
     go_on, open_turn = prompt_ending(req)

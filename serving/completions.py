@@ -15,7 +15,7 @@ from typing import Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving import protocol
-from serving.chat import Choices, Reply, choice_of, refuse_peer_fields
+from serving.chat import Choices, Reply, choice_of, refuse_peer_fields, word_rules
 from serving.errors import InvalidRequest
 from serving.jobs import Finished
 
@@ -48,6 +48,9 @@ class CompletionRequest(BaseModel):
     stop_token_ids: Optional[list[int]] = Field(default=None, max_length=64)
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: each choice's prompt_token_ids and token_ids
+    include_stop_str_in_output: Optional[bool] = None  # vLLM, FastDeploy (serving.chat.word_rules)
+    bad_words: Optional[protocol.BadWords] = None
+    bad_words_token_ids: Optional[protocol.BadWordIds] = None
     user: Optional[str] = None
 
 
@@ -111,6 +114,7 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
                                      top_logprobs=req.logprobs or None, stream=req.stream)
     params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
     params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+    word_rules(params, req)
     # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
     params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
