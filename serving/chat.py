@@ -265,8 +265,21 @@ class ChatService:
                                           max_schema_bytes=self.settings.max_schema_bytes)
             if spec is not None:
                 params.output = compile_output(spec)  # a 400 here, before any image is read or model work done
+        if req.disable_chat_template:
+            return self.start_ids(untemplated_prompt(req, engine), params, started=started, n=req.n)
         turns = protocol.normalise_messages(req)
         return self.start(turns, params, started=started, time_limit=self.settings.request_timeout, n=req.n)
+
+    def start_ids(self, ids: list, params: SamplingParams, *, started: Optional[float] = None, n: int = 1) -> "Reply":
+        """A prompt of token ids, as written (no chat template), under REQUEST_TIMEOUT."""
+        engine = self.ready_engine()
+        started = time.perf_counter() if started is None else started
+        generation = (engine.start_ids(ids, params) if n == 1
+                      else Choices(lambda p: engine.start_ids(ids, p), params, n))
+        reply = Reply(generation, started=started, time_limit=self.settings.request_timeout, metrics=self.metrics, n=n)
+        with self._replies_lock:
+            self._replies.add(reply)
+        return reply
 
 
 @dataclass
@@ -494,6 +507,27 @@ def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
     return bool(go_on), (not go_on) and open_turn is not False
 
 
+def untemplated_prompt(req: protocol.ChatCompletionRequest, engine) -> list:
+    """FastDeploy's disable_chat_template: the token ids of the request's one message's text, as written (the
+    client wrote the template's markup itself). 400 when there is more than that one text message to send."""
+    if len(req.messages) != 1:
+        raise InvalidRequest(f"disable_chat_template needs exactly one message (its text is the whole prompt); the "
+                             f"request has {len(req.messages)}", param="disable_chat_template")
+    for name in ("tools", "functions", "continue_final_message", "add_generation_prompt"):
+        if getattr(req, name) is not None:
+            raise InvalidRequest(f"{name} needs the chat template: it cannot be combined with disable_chat_template",
+                                 param=name)
+    content = req.messages[0].content
+    if isinstance(content, list):
+        if not all(isinstance(part, protocol.TextPart) for part in content):
+            raise InvalidRequest("disable_chat_template takes text only: images and videos need the chat template",
+                                 param="messages[0].content")
+        content = "".join(part.text for part in content)
+    if not content:
+        raise InvalidRequest("messages[0] has no text", param="messages[0].content", code="empty_content")
+    return engine.encode(content)
+
+
 def word_rules(params: SamplingParams, req) -> None:
     """The peers' stop-string and bad-word fields of a chat or completion request `req`, onto `params` (the
     engine turns the words into token sequences: serving.engines.builtin.row_rules)."""
@@ -519,8 +553,7 @@ PEER_REFUSED = {
     "n_probs": ("llama.cpp", (0,)), "samplers": ("llama.cpp", ()), "n_predict": ("llama.cpp", (-1,)),
     "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
     "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
-    "enable_thinking": ("FastDeploy", (False,)),
-    "disable_chat_template": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
+    "enable_thinking": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
 }
 
 
@@ -573,6 +606,8 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
                  "bad_words", "bad_words_token_ids"):
         if getattr(req, name):
             found.append(("peer_sampling", name, name))
+    if req.disable_chat_template:
+        found.append(("prompt_ending", "disable_chat_template", "disable_chat_template"))
     go_on, open_turn = prompt_ending(req)
     if go_on:
         found.append(("prompt_ending", "continue_final_message" if req.continue_final_message else "messages",

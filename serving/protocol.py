@@ -245,6 +245,7 @@ class ChatCompletionRequest(BaseModel):
     include_stop_str_in_output: Optional[bool] = None  # vLLM, FastDeploy: the stop string stays in the text
     bad_words: Optional[BadWords] = None  # vLLM: strings never generated (serving.engines.builtin.row_rules)
     bad_words_token_ids: Optional[BadWordIds] = None  # FastDeploy: token ids never generated
+    disable_chat_template: Optional[bool] = None  # FastDeploy: the one message's text is the prompt, as written
     guided_json: Union[dict, str, None] = None  # vLLM (before structured_outputs), FastDeploy: a JSON schema
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = Field(default=None, min_length=1)
