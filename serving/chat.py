@@ -554,6 +554,7 @@ PEER_REFUSED = {
     "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
     "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
     "enable_thinking": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
+    "completion_token_ids": ("FastDeploy", ([],)), "response_max_tokens": ("FastDeploy", ()),
 }
 
 
