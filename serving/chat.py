@@ -603,8 +603,8 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
         found.append(("logit_bias", "logit_bias", "logit_bias"))
     for param, _kind, _value in structured.peer_forms(req):
         found.append(("response_format", param, param))
-    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids", "include_stop_str_in_output",
-                 "bad_words", "bad_words_token_ids"):
+    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids",
+                 "include_stop_str_in_output", "bad_words", "bad_words_token_ids"):
         if getattr(req, name):
             found.append(("peer_sampling", name, name))
     if req.disable_chat_template:

@@ -342,8 +342,7 @@ def _chat_ids(server, stream, **extra):
     """(delta texts, token ids) of a chat answer read through vLLM's return_token_ids form (FastDeploy:
     message.completion_token_ids, delta.completion_token_ids), streamed or whole."""
     body = dict(NEAR_GREEDY, model="default", messages=ASK_HELLO, top_p=0.0, return_token_ids=True, stream=stream,
-                extra_body=None, **extra)
-    body.pop("extra_body")
+                **extra)
     return _ids_of(server, "/v1/chat/completions", body, stream, "content")
 
 
