@@ -83,6 +83,7 @@ class ChatService:
         params = self._params_from_request(req)
         params.min_tokens, params.ignore_eos = req.min_tokens or 0, bool(req.ignore_eos)
         params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
+        word_rules(params, req)
         # the deltas' token ids also count the tokens of vLLM's continuous_usage_stats
         params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
         if params.min_tokens > params.max_tokens:
@@ -268,8 +269,21 @@ class ChatService:
                                           max_schema_bytes=self.settings.max_schema_bytes)
             if spec is not None:
                 params.output = compile_output(spec)  # a 400 here, before any image is read or model work done
+        if req.disable_chat_template:
+            return self.start_ids(untemplated_prompt(req, engine), params, started=started, n=req.n)
         turns = protocol.normalise_messages(req)
         return self.start(turns, params, started=started, time_limit=self.settings.request_timeout, n=req.n)
+
+    def start_ids(self, ids: list, params: SamplingParams, *, started: Optional[float] = None, n: int = 1) -> "Reply":
+        """A prompt of token ids, as written (no chat template), under REQUEST_TIMEOUT."""
+        engine = self.ready_engine()
+        started = time.perf_counter() if started is None else started
+        generation = (engine.start_ids(ids, params) if n == 1
+                      else Choices(lambda p: engine.start_ids(ids, p), params, n))
+        reply = Reply(generation, started=started, time_limit=self.settings.request_timeout, metrics=self.metrics, n=n)
+        with self._replies_lock:
+            self._replies.add(reply)
+        return reply
 
 
 @dataclass
@@ -504,15 +518,44 @@ def prompt_ending(req: protocol.ChatCompletionRequest) -> tuple:
     return bool(go_on), (not go_on) and open_turn is not False
 
 
+def untemplated_prompt(req: protocol.ChatCompletionRequest, engine) -> list:
+    """FastDeploy's disable_chat_template: the token ids of the request's one message's text, as written (the
+    client wrote the template's markup itself). 400 when there is more than that one text message to send."""
+    if len(req.messages) != 1:
+        raise InvalidRequest(f"disable_chat_template needs exactly one message (its text is the whole prompt); the "
+                             f"request has {len(req.messages)}", param="disable_chat_template")
+    for name in ("tools", "functions", "continue_final_message", "add_generation_prompt"):
+        if getattr(req, name) is not None:
+            raise InvalidRequest(f"{name} needs the chat template: it cannot be combined with disable_chat_template",
+                                 param=name)
+    content = req.messages[0].content
+    if isinstance(content, list):
+        if not all(isinstance(part, protocol.TextPart) for part in content):
+            raise InvalidRequest("disable_chat_template takes text only: images and videos need the chat template",
+                                 param="messages[0].content")
+        content = "".join(part.text for part in content)
+    if not content:
+        raise InvalidRequest("messages[0] has no text", param="messages[0].content", code="empty_content")
+    return engine.encode(content)
+
+
+def word_rules(params: SamplingParams, req) -> None:
+    """The peers' stop-string and bad-word fields of a chat or completion request `req`, onto `params` (the
+    engine turns the words into token sequences: serving.engines.builtin.row_rules)."""
+    params.include_stop = bool(req.include_stop_str_in_output)
+    params.bad_words = list(req.bad_words or [])
+    params.bad_words_token_ids = list(req.bad_words_token_ids or [])
+
+
 # The peers' fields this server does not honour: refused by name (400 unsupported_parameter) when they ask for
 # something (a value other than the neutral ones listed), never dropped. name -> (source, neutral values).
 PEER_REFUSED = {
     "echo": ("vLLM", (False,)), "best_of": ("vLLM", (1,)),
     "use_beam_search": ("vLLM", (False,)), "length_penalty": ("vLLM", (1, 1.0)),
-    "include_stop_str_in_output": ("vLLM", (False,)), "skip_special_tokens": ("vLLM", (True,)),
+    "skip_special_tokens": ("vLLM", (True,)),
     "spaces_between_special_tokens": ("vLLM", (True,)), "truncate_prompt_tokens": ("vLLM", ()),
     "chat_template": ("vLLM", ()), "chat_template_kwargs": ("vLLM", ({},)), "mm_processor_kwargs": ("vLLM", ({},)),
-    "allowed_token_ids": ("vLLM", ()), "bad_words": ("vLLM", ([],)), "logits_processors": ("vLLM", ([],)),
+    "allowed_token_ids": ("vLLM", ()), "logits_processors": ("vLLM", ([],)),
     "guided_decoding_backend": ("vLLM", ()), "guided_whitespace_pattern": ("vLLM", ()),
     "return_tokens_as_token_ids": ("vLLM", (False,)), "documents": ("vLLM", ([],)),
     "typical_p": ("vLLM, llama.cpp", (1, 1.0)), "top_n_sigma": ("llama.cpp", (-1, -1.0, 0)),
@@ -521,8 +564,8 @@ PEER_REFUSED = {
     "n_probs": ("llama.cpp", (0,)), "samplers": ("llama.cpp", ()), "n_predict": ("llama.cpp", (-1,)),
     "repeat_penalty": ("llama.cpp", (1, 1.0)), "repeat_last_n": ("llama.cpp", ()),
     "post_sampling_probs": ("llama.cpp", (False,)), "reasoning_max_tokens": ("FastDeploy", ()),
-    "enable_thinking": ("FastDeploy", (False,)), "bad_words_token_ids": ("FastDeploy", ([],)),
-    "disable_chat_template": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
+    "enable_thinking": ("FastDeploy", (False,)), "prompt_token_ids": ("FastDeploy", ()),
+    "completion_token_ids": ("FastDeploy", ([],)), "response_max_tokens": ("FastDeploy", ()),
 }
 
 
@@ -571,11 +614,14 @@ def unsupported_fields(req: protocol.ChatCompletionRequest) -> list:
         found.append(("logit_bias", "logit_bias", "logit_bias"))
     for param, _kind, _value in structured.peer_forms(req):
         found.append(("response_format", param, param))
-    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids"):
+    for name in ("min_tokens", "ignore_eos", "stop_token_ids", "min_p", "return_token_ids",
+                 "include_stop_str_in_output", "bad_words", "bad_words_token_ids"):
         if getattr(req, name):
             found.append(("peer_sampling", name, name))
     if req.prompt_logprobs is not None:
         found.append(("prompt_logprobs", "prompt_logprobs", "prompt_logprobs (vLLM's)"))
+    if req.disable_chat_template:
+        found.append(("prompt_ending", "disable_chat_template", "disable_chat_template"))
     go_on, open_turn = prompt_ending(req)
     if go_on:
         found.append(("prompt_ending", "continue_final_message" if req.continue_final_message else "messages",

@@ -19,7 +19,7 @@ from typing import Annotated, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving import protocol
-from serving.chat import Choices, Reply, choice_of, refuse_peer_fields
+from serving.chat import Choices, Reply, choice_of, refuse_peer_fields, word_rules
 from serving.errors import InvalidRequest
 from serving.jobs import Finished
 from serving.structured import OutputSpec
@@ -55,6 +55,9 @@ class CompletionRequest(BaseModel):
     return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: each choice's prompt_token_ids and token_ids
     prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)  # vLLM's, on each choice
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None  # token id -> bias (OpenAI's)
+    include_stop_str_in_output: Optional[bool] = None  # vLLM, FastDeploy (serving.chat.word_rules)
+    bad_words: Optional[protocol.BadWords] = None
+    bad_words_token_ids: Optional[protocol.BadWordIds] = None
     user: Optional[str] = None
 
     @field_validator("logit_bias")
@@ -183,6 +186,7 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
     params.min_tokens, params.ignore_eos = (req.min_tokens or 0) if answer else 0, bool(req.ignore_eos)
     params.stop_token_ids, params.min_p = list(req.stop_token_ids or []), req.min_p or 0.0
     params.prompt_logprobs = max(wanted) if wanted else None
+    word_rules(params, req)
     # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
     params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")

@@ -40,6 +40,10 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list = field(default_factory=list)
     min_p: float = 0.0
+    include_stop: bool = False  # include_stop_str_in_output: the stop string (or stop token's text) ends the text
+    bad_words: list = field(default_factory=list)  # vLLM: strings the answer must never contain (as tokens)
+    bad_words_token_ids: list = field(default_factory=list)  # FastDeploy: token ids the answer must never contain
+    banned: list = field(default_factory=list)  # the engine's token sequences of the two above (row_rules)
     return_token_ids: bool = False  # deltas carry the token ids they cover
     continue_final: bool = False  # the last message is the assistant's answer so far: continue its text
     generation_prompt: bool = True  # open the assistant's turn after the last message (False: vLLM's option)

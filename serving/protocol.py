@@ -194,6 +194,9 @@ def _token_ids(value):
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_CHOICES = 16  # n: each choice is a row of the running batch
+# the peers' bad words (vLLM's strings, FastDeploy's token ids): bounded, since every step checks each of them
+BadWords = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=64)]
+BadWordIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)]
 
 
 class ChatCompletionRequest(BaseModel):
@@ -240,6 +243,10 @@ class ChatCompletionRequest(BaseModel):
     min_p: Optional[float] = Field(default=None, ge=0, le=1)  # vLLM, llama.cpp: drop tokens below min_p x the top one
     return_token_ids: Optional[bool] = None  # vLLM, FastDeploy: prompt_token_ids and each choice's token_ids
     prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # vLLM: the prompt's tokens scored
+    include_stop_str_in_output: Optional[bool] = None  # vLLM, FastDeploy: the stop string stays in the text
+    bad_words: Optional[BadWords] = None  # vLLM: strings never generated (serving.engines.builtin.row_rules)
+    bad_words_token_ids: Optional[BadWordIds] = None  # FastDeploy: token ids never generated
+    disable_chat_template: Optional[bool] = None  # FastDeploy: the one message's text is the prompt, as written
     guided_json: Union[dict, str, None] = None  # vLLM (before structured_outputs), FastDeploy: a JSON schema
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = Field(default=None, min_length=1)

@@ -234,7 +234,8 @@ def test_bad_forms_are_named(client, name, body, param, code):
 @pytest.mark.parametrize("field,value", [("echo", True), ("best_of", 2),
                                          ("use_beam_search", True), ("skip_special_tokens", False),
                                          ("typical_p", 0.5), ("mirostat", 2), ("chat_template", "{{ x }}"),
-                                         ("disable_chat_template", True), ("prompt_token_ids", [1, 2, 3])])
+                                         ("allowed_token_ids", [1]), ("prompt_token_ids", [1, 2, 3]),
+                                         ("completion_token_ids", [5]), ("response_max_tokens", 3)])
 def test_peer_fields_not_honoured_are_refused_by_name(client, field, value):
     message = refused(client, field, "unsupported_parameter", **{field: value})
     assert field in message and "docs/api.md" in message

@@ -1,5 +1,8 @@
 """Ported from FastDeploy tests/e2e/test_Qwen2_5_VL_serving.py at commit 09283b779e6fb7de631f59f5fe17f613171e34c0
 (github.com/PaddlePaddle/FastDeploy): its chat-completions checks of Qwen2.5-VL, the model this project serves.
+FastDeploy's tests/ci_use/Qwen2_5_VL/test_qwen2_5_vl_serving.py (commit 485a41eae634e080b6dafe614fde3ddabc85d984)
+makes the same checks (its recorded answer read from a file, its server started with other flags): this file
+stands for both.
 The checks are re-expressed here against this project's demo server; each upstream assertion is kept, except
 these deliberate differences (README, "Differences from the peers' tests"):
 

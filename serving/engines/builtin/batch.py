@@ -22,7 +22,11 @@ class Row:
         self.job, self.sampler, self.text = job, sampler, text
         params = job.params
         self.eos_ids = set(eos_ids) | set(params.stop_token_ids or ())  # stop_token_ids end it as eos does
-        self.rules = RowRules.of(params, sampler, eos_ids)  # min_tokens, ignore_eos, min_p (or None)
+        self.rules = RowRules.of(params, sampler, eos_ids)  # min_tokens, ignore_eos, min_p, bad words (or None)
+        # include_stop_str_in_output: a stop_token_ids token's text stays in the answer (the model's own
+        # end-of-turn tokens are special tokens: no text)
+        self.keeps_stop_token = bool(params.include_stop) and bool(params.stop_token_ids)
+        self.model_eos = set(eos_ids)
         self._ids: list = [] if params.return_token_ids else None  # ids not yet sent with a delta
         self.constraint = constraint  # RowConstraint, or None: free text
         self.calls = calls  # serving.tools.CallReader when the answer may call tools
@@ -65,6 +69,10 @@ class Row:
         if self._ids is not None:
             self._ids.append(token)
         if token in self.eos_ids:
+            if self.keeps_stop_token and token not in self.model_eos and not self.text.stopped:
+                delta = self.text.add(token)
+                if delta:
+                    self.job.events.put(self._delta(delta))
             return self.finish("stop")
         if logprob is not None:
             self._logprobs.append(logprob)
@@ -104,8 +112,8 @@ class Row:
         if rules is None:
             return grammar
         if grammar is None:
-            return lambda scores: rules.adjust(scores, self.count)
-        return lambda scores: rules.adjust(grammar(scores), self.count)
+            return lambda scores: rules.adjust(scores, self.count, self.tokens)
+        return lambda scores: rules.adjust(grammar(scores), self.count, self.tokens)
 
     def finish(self, reason: str) -> None:
         """Release the held-back text and tell the client now."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 
 class IncrementalText:
-    def __init__(self, tokenizer, stop: list[str] | None = None, *, window: int = 8):
+    def __init__(self, tokenizer, stop: list[str] | None = None, *, window: int = 8, keep_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
+        self.keep_stop = keep_stop  # the text ends with the stop sequence found (include_stop_str_in_output)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far, up to a stop sequence
@@ -49,11 +50,11 @@ class IncrementalText:
         cut = None
         for s in self.stop:
             at = self.text.find(s, search_from)
-            if at != -1 and (cut is None or at < cut):
-                cut = at
+            if at != -1 and (cut is None or at < cut[0]):
+                cut = (at, at + len(s))
         if cut is not None:
             self.stopped = True
-            self.text = self.text[:cut]
+            self.text = self.text[:cut[1] if self.keep_stop else cut[0]]
             final = True
         end = len(self.text) if final else max(self.sent, len(self.text) - self.holdback)
         delta = self.text[self.sent:end]

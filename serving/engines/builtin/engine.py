@@ -27,7 +27,7 @@ import numpy as np
 
 from serving import tools as tool_format
 from serving.engines.builtin import cpu_math, grammar, sampling, speedups
-from serving.engines.builtin import prefix_cache, vision_cache
+from serving.engines.builtin import prefix_cache, row_rules, vision_cache
 from serving.engines.builtin.detokenize import IncrementalText
 from serving.engines.builtin.prefix_cache import PrefixCache
 from serving.intake.video import Video
@@ -239,6 +239,17 @@ class PaddleEngine:
             raise InvalidRequest(f"{param}: token id {bad[0]} is not in the model's vocabulary (0..{size - 1})",
                                  param=param, code="invalid_value")
 
+    def check_rule_tokens(self, params: SamplingParams) -> None:
+        """The token ids of the peers' rules in the vocabulary (400 otherwise), and the bad words as the token
+        sequences the rows ban (serving.engines.builtin.row_rules)."""
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.check_token_ids(params.bad_words_token_ids, "bad_words_token_ids")
+        if params.bad_words or params.bad_words_token_ids:
+            try:
+                params.banned = row_rules.bad_word_sequences(self.encode, params.bad_words, params.bad_words_token_ids)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="bad_words", code="invalid_value") from None
+
     def check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         room = self.context_length - prompt.prompt_tokens
         if room < 1:
@@ -255,13 +266,13 @@ class PaddleEngine:
     def start(self, turns, params: SamplingParams) -> Job:
         """The engine protocol's entry (serving.engines.base.Engine): prompt, then a queued job."""
         tools = params.output.tools if params.output is not None else None
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.check_rule_tokens(params)
         return self.submit(self.build_prompt(turns, tools, continue_final=params.continue_final,
                                              generation_prompt=params.generation_prompt), params)
 
     def start_ids(self, ids: list, params: SamplingParams) -> Job:
         """A raw prompt of token ids (no chat template: /v1/completions), then a queued job."""
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.check_rule_tokens(params)
         arrays = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
         return self.submit(Prompt(arrays=arrays, prompt_tokens=len(ids), text="", image_count=0), params)
 

@@ -236,8 +236,8 @@ class Scheduler:
         engine = self.engine
         try:
             sampler = sampling.RowSampler(job.params, engine.defaults, job.prompt.arrays["input_ids"][0].tolist())
-            row = Row(job, sampler, IncrementalText(engine.tokenizer, job.params.stop), engine.eos_set,
-                      *engine.output_state(job.params.output))
+            text = IncrementalText(engine.tokenizer, job.params.stop, keep_stop=job.params.include_stop)
+            row = Row(job, sampler, text, engine.eos_set, *engine.output_state(job.params.output))
         except Exception as exc:  # this request only; everyone else goes on
             _report(job, exc)
             return
