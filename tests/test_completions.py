@@ -103,6 +103,18 @@ def test_n_choices(client):
     assert many["usage"]["completion_tokens"] == 12
 
 
+def test_ids_the_model_writes_past_the_tokenizer_are_taken_back(client, engine):
+    """The model's vocabulary (its embedding rows) outnumbers the tokenizer's entries, as Qwen2.5-VL's does
+    (151,936 and 151,665): an id it can write is accepted back as a prompt, a stop id and by /detokenize."""
+    assert engine.vocab_size > len(engine.tokenizer)
+    unnamed = engine.vocab_size - 1
+    assert client.post("/detokenize", json={"tokens": [unnamed]}).status_code == 200
+    out = complete(client, prompt=engine.encode(PROMPT) + [unnamed], max_tokens=2, stop_token_ids=[unnamed], **GREEDY)
+    assert out["usage"]["prompt_tokens"] == len(engine.encode(PROMPT)) + 1
+    error = complete(client, 400, prompt=[1, engine.vocab_size], max_tokens=2)["error"]
+    assert error["param"] == "prompt" and f"token id {engine.vocab_size}" in error["message"]
+
+
 def test_logit_bias(client, engine):
     """OpenAI's logit_bias on /v1/completions, enforced per row as on chat: -100 keeps a token out of a greedy
     answer that had it, +100 makes a token the answer; the unbiased answer is as before."""

@@ -70,6 +70,9 @@ class PaddleEngine:
         self.tokenizer = loaded.processor.tokenizer
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.context_length = int(getattr(text_config, "max_position_embeddings", 32768))
+        # the ids the model can write: its embedding rows, which outnumber the tokenizer's entries (Qwen2.5-VL:
+        # 151,936 rows, 151,665 tokens); an id it wrote must be accepted back (prompt, stop ids, /detokenize)
+        self.vocab_size = max(int(getattr(text_config, "vocab_size", 0) or 0), len(self.tokenizer))
         self.defaults = sampling.generation_defaults(getattr(self.model, "generation_config", None))
         auto = AUTO_BUDGETS["cpu" if loaded.device == "cpu" else "gpu"]
         self.max_batch_size = max_batch_size or auto["max_batch_size"]
@@ -232,8 +235,8 @@ class PaddleEngine:
                                        int(self.processor.image_processor.merge_size) ** 2)
 
     def check_token_ids(self, ids, param: str) -> None:
-        """InvalidRequest naming `param` when an id is not in the tokenizer's vocabulary."""
-        size = len(self.tokenizer)
+        """InvalidRequest naming `param` when an id is not one the model can write (its vocabulary)."""
+        size = self.vocab_size
         bad = [i for i in ids if not 0 <= int(i) < size]
         if bad:
             raise InvalidRequest(f"{param}: token id {bad[0]} is not in the model's vocabulary (0..{size - 1})",
