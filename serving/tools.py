@@ -44,21 +44,32 @@ def call_text(call: dict) -> str:
     """One call of an assistant turn as Qwen writes it; `call` is OpenAI's {"function": {"name", "arguments"}}."""
     function = call.get("function", call)
     arguments = function.get("arguments")
-    if not isinstance(arguments, str):
+    if not isinstance(arguments, str) or not _is_json(arguments):
+        # text that is not JSON (a call cut short by max_tokens: '{"city": "Pa') goes in as a JSON string:
+        # written raw (as Qwen2.5's template writes any string) it left the call's own JSON unreadable
         arguments = json.dumps(arguments, ensure_ascii=False)
     return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def template_calls(calls: list) -> list:
     """An assistant turn's tool_calls for a chat template: arguments as objects when they are JSON (Qwen's
-    template writes them with tojson), else the text as sent."""
+    template writes them with tojson), else as JSON text of a string (the template writes a string raw)."""
     out = []
     for call in calls:
         function = dict(call.get("function", {}))
+        arguments = function.get("arguments", "")
         try:
-            function["arguments"] = json.loads(function.get("arguments", ""))
+            function["arguments"] = json.loads(arguments)
         except (TypeError, ValueError):
-            pass
+            function["arguments"] = json.dumps(arguments, ensure_ascii=False)
         out.append({"type": "function", "id": call.get("id"), "function": function})
     return out
 

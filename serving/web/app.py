@@ -88,7 +88,7 @@ def _start():
         raise InvalidRequest(f"this server does not answer for the host {printable(request.host)!r} (ALLOWED_HOSTS)",
                              code="host_not_allowed")
     if request.method == "OPTIONS" and _cors_origin(settings) and request.headers.get("Access-Control-Request-Method"):
-        return Response(status=204, headers=CORS_PREFLIGHT)  # a browser's preflight carries no API key
+        return Response(status=204, headers=_preflight_headers())  # a browser's preflight carries no API key
     keys = settings.api_key
     if (request.path.startswith("/v1/") or request.path in TOKENIZER_PATHS) and keys:
         check_api_key(request.headers.get("Authorization", ""), keys)
@@ -99,6 +99,22 @@ CORS_PREFLIGHT = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                   "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
                   "Access-Control-Max-Age": "600"}
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")
+# header names as RFC 9110 spells them (a token), comma-separated: anything else is not echoed back
+_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+
+
+def _preflight_headers() -> dict:
+    """The preflight's answer. Allow-Headers also names the headers the page asked for: OpenAI's JavaScript SDK
+    sends its own (x-stainless-os, x-stainless-retry-count, ...) with every request, which a fixed list refused.
+    The origin check is the guard; no credentials are allowed (the key travels in Authorization, not cookies)."""
+    asked = request.headers.get("Access-Control-Request-Headers", "").strip()
+    headers = dict(CORS_PREFLIGHT, Vary="Access-Control-Request-Headers")  # _finish adds Origin
+    if asked and len(asked) <= 2048 and _HEADER_NAMES.fullmatch(asked):
+        names = headers["Access-Control-Allow-Headers"].split(", ")
+        known = {name.lower() for name in names}
+        names += [name for name in (part.strip() for part in asked.split(",")) if name.lower() not in known]
+        headers["Access-Control-Allow-Headers"] = ", ".join(names)
+    return headers
 
 
 def _cors_origin(settings):
