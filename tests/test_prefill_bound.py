@@ -3,7 +3,7 @@ idle engine: the attention scores of one pass (heads x new tokens x all tokens) 
 9,000-token prompt in one pass took 17 GB on the demo model before (a MemoryError under a limit)."""
 
 from serving.engines.builtin import decode
-from serving.jobs import SamplingParams
+from serving.jobs import Job, SamplingParams
 from serving.protocol import ChatTurn
 
 
@@ -30,3 +30,32 @@ def test_a_long_prompt_goes_through_bounded_forward_passes(no_prefix_cache, monk
     assert tokens > 256 and max(whole_sizes) >= tokens  # unbounded: the whole prompt in one pass
     assert max(bounded_sizes) <= 64 and sum(s for s in bounded_sizes if s > 1) >= tokens - 1
     assert bounded == whole  # the same greedy answer
+
+
+def test_a_request_given_up_stops_its_prefill_within_one_pass(no_prefix_cache, monkeypatch):
+    """On an idle engine a prompt's whole prefill is one scheduler turn; a request cancelled during it (its
+    client gone, its time limit) stops after the pass under way, and the engine goes on serving. Before, an
+    80,000-token prompt ran on for minutes after its client left, and the next request waited behind it."""
+    import time
+
+    engine = no_prefix_cache
+    monkeypatch.setattr(decode, "FORWARD_TOKENS", 16)
+    passes, job_box = [], []
+
+    def count_pass(layer, inputs):
+        passes.append(1)
+        if len(passes) == 3:
+            job_box[0].cancel()  # the client goes away during the third pass
+
+    prompt = engine.build_prompt([ChatTurn("user", [" ".join(f"word{i}" for i in range(300))])])
+    assert prompt.prompt_tokens > 16 * 10
+    hook = engine.model.model.language_model.register_forward_pre_hook(count_pass)
+    job_box.append(Job(prompt, SamplingParams(max_tokens=4, temperature=0)))  # before its first pass
+    engine.scheduler.submit(job_box[0])
+    deadline = time.monotonic() + 60
+    while (not passes or engine.scheduler.rows_running()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    hook.remove()
+    assert len(passes) == 3 and not engine.scheduler.rows_running()  # not the ~20 passes of the whole prompt
+    short = engine.build_prompt([ChatTurn("user", ["Hello"])])
+    assert engine.generate(short, SamplingParams(max_tokens=4, temperature=0)).finish is not None

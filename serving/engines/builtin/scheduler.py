@@ -377,7 +377,7 @@ class Scheduler:
                 return spent, None
             tokens = item.prefill.remaining if allowance is None else min(item.prefill.remaining, allowance - spent)
             spent += tokens
-            result = item.prefill.run(tokens)
+            result = item.prefill.run(tokens, cancelled=job.cancelled.is_set)
         except Exception as exc:
             item.row.fail(_internal(exc))
             return spent, _FAILED
