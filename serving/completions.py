@@ -237,10 +237,12 @@ def _alternative_name(alternative) -> str:
 
 
 def _usage(finishes, answer: bool = True) -> dict:
+    """As chat's (prompt_tokens_details.cached_tokens: the prefix cache's share), no completion tokens for
+    the prompt alone (max_tokens 0 with echo)."""
     finishes = list(finishes)
-    prompt = finishes[0].prompt_tokens
+    first = finishes[0]
     done = sum(f.completion_tokens for f in finishes) if answer else 0
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+    return protocol.usage(first.prompt_tokens, done, first.cached_tokens).model_dump(exclude_none=True)
 
 
 def completion(reply: Reply, prompt: PromptPart, *, model: str, logprobs: bool, fingerprint: str,

@@ -41,10 +41,19 @@ def test_a_string_prompt_is_the_raw_prompt(client, engine):
     ids = engine.encode(PROMPT)
     choice = out["choices"][0]
     assert choice["text"] == engine_answer(engine, ids, 8) and choice["index"] == 0 and choice["logprobs"] is None
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8}
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8,
+                            "prompt_tokens_details": {"cached_tokens": 0}}  # shorter than a cache block
     by_ids = complete(client, prompt=ids, max_tokens=8, **GREEDY)
     assert by_ids["choices"][0]["text"] == choice["text"]
     assert complete(client, prompt=[ids], max_tokens=8, **GREEDY)["choices"][0]["text"] == choice["text"]
+
+
+def test_usage_counts_the_prompt_tokens_reused_from_the_prefix_cache(client, engine):
+    prompt = " ".join(f"part{i}" for i in range(60))
+    first = complete(client, prompt=prompt, max_tokens=2, **GREEDY)["usage"]
+    again = complete(client, prompt=prompt, max_tokens=2, **GREEDY)["usage"]
+    assert first["prompt_tokens"] == again["prompt_tokens"] > 32
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"] - 1  # all but the last one
 
 
 def test_default_max_tokens_is_16(client):
