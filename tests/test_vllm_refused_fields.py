@@ -1,6 +1,7 @@
-"""vLLM's media_io_kwargs and prompt_embeds (found by the ported tests/peers/test_vllm_video.py and
-test_vllm_prompt_validation.py): they change the answer, so they are refused by name instead of ignored; their
-neutral values pass, and a video's frames are still chosen per video with the part's max_frames."""
+"""vLLM's media_io_kwargs, prompt_embeds and logprob_token_ids (found by the ported tests/peers/test_vllm_video.py,
+test_vllm_prompt_validation.py and test_vllm_logprob_token_ids_validation.py): they change the answer, so they are
+refused by name instead of ignored; their neutral values pass, and a video's frames are still chosen per video with
+the part's max_frames."""
 
 from __future__ import annotations
 
@@ -62,3 +63,12 @@ def test_neutral_values_pass_and_max_frames_sets_the_frames(client):
     fewer = client.post(CHAT, json={"messages": video_message(max_frames=4), "max_tokens": 1, "temperature": 0})
     assert fewer.status_code == 200, fewer.get_json()
     assert fewer.get_json()["usage"]["prompt_tokens"] < default.get_json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("path,body", [(CHAT, {"messages": ASK, "logprobs": True, "top_logprobs": 1}),
+                                       ("/v1/completions", {"prompt": "Hello", "logprobs": 1})])
+def test_logprob_token_ids_is_refused_by_name(client, path, body):
+    response = client.post(path, json={**body, "max_tokens": 1, "logprob_token_ids": [5, 7]})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert (error["param"], error["code"]) == ("logprob_token_ids", "unsupported_parameter")
