@@ -558,6 +558,7 @@ PEER_REFUSED = {
     "allowed_token_ids": ("vLLM", ()), "logits_processors": ("vLLM", ([],)),
     "guided_decoding_backend": ("vLLM", ()), "guided_whitespace_pattern": ("vLLM", ()),
     "return_tokens_as_token_ids": ("vLLM", (False,)), "documents": ("vLLM", ([],)),
+    "media_io_kwargs": ("vLLM", ({},)), "prompt_embeds": ("vLLM", ([],)), "logprob_token_ids": ("vLLM", ()),
     "typical_p": ("vLLM, llama.cpp", (1, 1.0)), "top_n_sigma": ("llama.cpp", (-1, -1.0, 0)),
     "mirostat": ("llama.cpp", (0,)), "tfs_z": ("llama.cpp", (1, 1.0)), "dry_multiplier": ("llama.cpp", (0, 0.0)),
     "xtc_probability": ("llama.cpp", (0, 0.0)), "dynatemp_range": ("llama.cpp", (0, 0.0)),
