@@ -1,11 +1,7 @@
 """Ported from vLLM tests/entrypoints/openai/basic/test_chat_logit_bias_validation.py at commit
 0ccf651ac3f16f87c51197d5aaf06ee6b94d9d37 (github.com/vllm-project/vllm), the whole module.
 The checks are re-expressed here with the synchronous OpenAI client against this project's demo server; each
-upstream assertion is kept, except this deliberate difference:
-
-- the vocabulary is the tokenizer's (the ids that are tokens: 538 in the demo), not the model config's
-  vocab_size (576 in the demo: its logits carry padding rows no text decodes from), so ids are checked against
-  it; the error names the refused id and the last valid id ("0..537") where vLLM names vocab_size.
+upstream assertion is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ def client(server):
 
 
 def vocab_size(engine) -> int:
-    return len(engine.tokenizer)
+    return engine.vocab_size  # the model's (config vocab_size), as vLLM checks
 
 
 def test_chat_logit_bias_valid(client, engine):
@@ -43,4 +39,4 @@ def test_chat_logit_bias_invalid(client, engine):
     error_message = str(error)
     assert error.status_code == 400
     assert str(invalid_token_id) in error_message
-    assert f"0..{size - 1}" in error_message  # upstream: str(vocab_size) in the message
+    assert str(size) in error_message

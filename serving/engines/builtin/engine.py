@@ -239,7 +239,8 @@ class PaddleEngine:
         size = self.vocab_size
         bad = [i for i in ids if not 0 <= int(i) < size]
         if bad:
-            raise InvalidRequest(f"{param}: token id {bad[0]} is not in the model's vocabulary (0..{size - 1})",
+            raise InvalidRequest(f"{param}: token id {bad[0]} is not in the model's vocabulary of {size} ids "
+                                 f"(0..{size - 1})",
                                  param=param, code="invalid_value")
 
     def check_rule_tokens(self, params: SamplingParams) -> None:

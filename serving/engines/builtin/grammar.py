@@ -86,7 +86,6 @@ class GrammarCompiler:
         started = time.perf_counter()
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json(tokenizer), n_vocab=vocab, eos_token=list(eos_ids))
         self.vocab = vocab
-        self.text_vocab = len(tokenizer)  # ids past it pad the logits: no text
         ids = [tokenizer.convert_tokens_to_ids(t) for t in TOOL_CALL_TOKENS]
         self.tool_call_ids = tuple(ids) if all(isinstance(i, int) and 0 <= i < vocab for i in ids) else None
         self.options = WHITESPACE[whitespace]
@@ -179,10 +178,10 @@ class GrammarCompiler:
     def _bias(self, logit_bias: dict) -> Optional[tuple]:
         if not logit_bias:
             return None
-        bad = [t for t in logit_bias if not 0 <= t < self.text_vocab]
+        bad = [t for t in logit_bias if not 0 <= t < self.vocab]  # any id the model can write, as vLLM
         if bad:
-            raise InvalidRequest(f"logit_bias: token id {bad[0]} is not in the model's vocabulary "
-                                 f"(0..{self.text_vocab - 1})", param="logit_bias")
+            raise InvalidRequest(f"logit_bias: token id {bad[0]} is not in the model's vocabulary of {self.vocab} "
+                                 f"ids (0..{self.vocab - 1})", param="logit_bias")
         ids = np.fromiter(logit_bias.keys(), dtype=np.int64, count=len(logit_bias))
         return ids, np.fromiter(logit_bias.values(), dtype=np.float32, count=len(logit_bias))
 
