@@ -204,13 +204,17 @@ def test_internal_error_is_500_and_server_recovers(client, engine, monkeypatch):
 
 
 def test_generation_failure_in_worker_is_500_and_worker_survives(client, engine, monkeypatch):
-    def explode(*a, **kw):
+    def explode(layer, inputs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(engine.model.lm_head, "forward", explode)  # every forward pass ends there, in the worker
-    r = chat(client, {"messages": [{"role": "user", "content": "x"}]})
+    # every forward pass ends in lm_head, in the worker (a hook: patching `forward` on the layer would leave it
+    # shadowing the class's after undo, and later tests patching the class would see nothing)
+    hook = engine.model.lm_head.register_forward_pre_hook(explode)
+    try:
+        r = chat(client, {"messages": [{"role": "user", "content": "x"}]})
+    finally:
+        hook.remove()
     assert r.status_code == 500 and r.json["error"]["type"] == "server_error"
-    monkeypatch.undo()
     assert chat(client, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code == 200
 
 
