@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -136,6 +137,55 @@ def test_logit_bias(client, engine):
     forced = complete(client, max_tokens=3, return_token_ids=True, logit_bias={str(banned[0]): 100}, **GREEDY)
     assert forced["choices"][0]["token_ids"] == [banned[0]] * 3
     assert complete(client, max_tokens=8, **GREEDY)["choices"][0]["text"] == engine_answer(engine, ids, 8)
+
+
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "count": {"type": "integer", "minimum": 1, "maximum": 5},
+                                           "name": {"type": "string", "maxLength": 8}},
+          "required": ["color", "count", "name"], "additionalProperties": False}  # bounded: every answer ends
+CHOICES = ["apple pie", "banana", "cherry tart"]
+
+
+@pytest.mark.parametrize("form", [
+    {"structured_outputs": {"json": SCHEMA}}, {"guided_json": SCHEMA},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+], ids=["structured_outputs", "guided_json", "response_format"])
+def test_a_json_schema_shapes_the_completion(client, form):
+    """The answer's form on /v1/completions, through the grammar path chat uses: greedy and sampled rows (n 3)."""
+    import jsonschema
+
+    greedy = complete(client, max_tokens=64, **GREEDY, **form)["choices"][0]
+    sampled = complete(client, max_tokens=64, n=3, temperature=1.0, top_p=1.0, top_k=-1, seed=7, **form)["choices"]
+    for choice in [greedy, *sampled]:
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["text"]), SCHEMA)
+
+
+def test_guided_choice_answers_one_of_the_choices(client):
+    for form in ({"guided_choice": CHOICES}, {"structured_outputs": {"choice": CHOICES}}):
+        answers = complete(client, max_tokens=16, n=4, temperature=1.0, top_p=1.0, top_k=-1, seed=3, **form)
+        for choice in answers["choices"]:
+            assert choice["text"] in CHOICES and choice["finish_reason"] == "stop", choice
+    regex = r"[0-9]{3}-[a-z]{2}"
+    choice = complete(client, max_tokens=16, structured_outputs={"regex": regex}, **GREEDY)["choices"][0]
+    assert re.fullmatch(regex, choice["text"]) and choice["finish_reason"] == "stop", choice
+
+
+@pytest.mark.parametrize("body,param,code", [
+    (dict(structured_outputs={"json": {"type": "object", "properties": {"foo": "bar"}}}), "structured_outputs.json",
+     "invalid_schema"),
+    (dict(guided_json={"type": "strin"}), "guided_json", "invalid_schema"),
+    (dict(structured_outputs={"regex": "[.*"}), "structured_outputs.regex", "invalid_grammar"),
+    (dict(guided_regex="(unclosed"), "guided_regex", "invalid_grammar"),
+    (dict(structured_outputs={"grammar": "root ::= undefined_rule"}), "structured_outputs.grammar",
+     "invalid_grammar"),
+    (dict(structured_outputs={"choice": []}), "structured_outputs.choice", "invalid_value"),
+    (dict(structured_outputs={"whitespace": "x"}), "structured_outputs.whitespace", "unsupported_parameter"),
+    (dict(guided_regex="a+", guided_choice=["a"]), "guided_choice", "invalid_value"),
+], ids=["json", "guided_json", "regex", "guided_regex", "grammar", "empty choice", "unknown key", "two forms"])
+def test_an_answer_form_that_cannot_be_served_is_a_400_naming_it(client, body, param, code):
+    error = complete(client, 400, **body)["error"]
+    assert (error["param"], error["code"]) == (param, code), error
 
 
 @pytest.mark.parametrize("body,param,code", [

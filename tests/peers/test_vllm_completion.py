@@ -33,7 +33,6 @@ from peer_server import server  # noqa: F401  (one demo server per module)
 IDS = [0, 0, 0, 0, 0]
 LONG = {"ignore_eos": True}
 SAMPLED = {"top_k": 0, "top_p": 1.0}
-COMPLETIONS_GAP = "gap, reported (serving/completions.py, changed on another branch): on /v1/completions "
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +240,6 @@ def test_echo_logprob_completion(client, tokenizer, logprobs_arg):
 
 
 def test_invalid_json_schema(client):
-    pytest.skip(COMPLETIONS_GAP + "structured_outputs is neither honoured nor refused there (ignored, so an "
-                "invalid one is answered 200)")
     invalid_json_schema = {
         "$defs": {"CarType": {"enum": ["sedan", "SUV", "Truck", "Coupe"], "title": "CarType", "type": "string"}},
         "properties": {"brand": {"title": "Brand", "type": "string"}, "model": {"title": "Model", "type": "string"},
@@ -255,8 +252,6 @@ def test_invalid_json_schema(client):
 
 
 def test_invalid_regex(client):
-    pytest.skip(COMPLETIONS_GAP + "structured_outputs is neither honoured nor refused there (ignored, so an "
-                "invalid one is answered 200)")
     with pytest.raises((openai.BadRequestError, openai.APIError)):
         client.completions.create(model="demo", prompt="Generate an email address for Alan Turing, who works in "
                                   "Enigma. End in .com and new line. Example result: alan.turing@enigma.com\n",
@@ -264,8 +259,6 @@ def test_invalid_regex(client):
 
 
 def test_invalid_grammar(client):
-    pytest.skip(COMPLETIONS_GAP + "structured_outputs is neither honoured nor refused there (ignored, so an "
-                "invalid one is answered 200)")
     invalid_simplified_sql_grammar = """
         root ::= select_statementinvalidsyntax
 
