@@ -6,8 +6,8 @@ top_logprobs, text_offset), `echo` (the prompt's text before the answer; with `l
 scored too, the first with null, as OpenAI and vLLM do; `max_tokens: 0` then scores the prompt alone: a
 harness's loglikelihood request), vLLM's `prompt_logprobs`, `n`, streaming, and the answer's form as on chat
 (response_format, structured_outputs, guided_*: serving.structured.completion_spec, the engine's grammar path).
-llama.cpp and vLLM serve /tokenize and /detokenize; both forms of their bodies are taken. All of it needs an engine that builds
-prompts itself from token ids (the built-in one: `start_ids`, `tokenizer`).
+llama.cpp and vLLM serve /tokenize and /detokenize; both forms of their bodies are taken. All of it needs an
+engine that builds prompts itself from token ids (the built-in one: `start_ids`, `tokenizer`).
 """
 
 from __future__ import annotations
@@ -352,21 +352,32 @@ def new_id() -> str:
 
 # ---------------------------------------------------------------- /tokenize, /detokenize
 
+# the chat request's fields that shape its prompt: /tokenize with messages renders them as the chat endpoint does
+CHAT_PROMPT_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "tools", "tool_choice",
+                      "parallel_tool_calls", "functions", "function_call")
+
+
 def tokenize(service, body) -> dict:
-    """llama.cpp's {"content": ...} (with_pieces) or vLLM's {"prompt": ...} / {"messages": [...]} (return_token_strs)."""
+    """llama.cpp's {"content": ...} (with_pieces) or vLLM's {"prompt": ...} / {"messages": [...]} (return_token_strs;
+    with `tools`, the prompt holds them as the chat endpoint's does)."""
     engine = service.ready_engine()
     if not hasattr(engine, "start_ids"):
         raise InvalidRequest("/tokenize needs the built-in engine (--backend paddle)", code="unsupported_parameter")
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
     if "messages" in body:
-        chat = {key: body[key] for key in ("messages", "add_generation_prompt", "continue_final_message") if key in body}
+        chat = {key: body[key] for key in CHAT_PROMPT_FIELDS if key in body}
         req = service.parse_request(chat)
         from serving.chat import prompt_ending
 
         go_on, open_turn = prompt_ending(req)
+        # the tools the chat endpoint would write into the prompt (checked as there: a 400 names a bad one)
+        spec = structured.output_spec(req, max_tools=service.settings.max_tools,
+                                      max_schema_bytes=service.settings.max_schema_bytes)
+        tools = spec.prompt_tools if spec is not None else None
         turns = service.load_images(protocol.normalise_messages(req))
-        ids = engine.build_prompt(turns, continue_final=go_on, generation_prompt=open_turn).arrays["input_ids"][0]
+        ids = engine.build_prompt(turns, tools or None, continue_final=go_on,
+                                  generation_prompt=open_turn).arrays["input_ids"][0]
         ids = [int(t) for t in ids]
     else:
         text = body.get("content", body.get("prompt"))

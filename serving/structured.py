@@ -50,6 +50,11 @@ class OutputSpec:
         """The answer may hold tool calls."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def prompt_tools(self) -> list:
+        """The tools the prompt lists (as sent): those the answer may call, none when it may call none."""
+        return self.tool_dicts if self.calls else []
+
 
 def output_spec(req: protocol.ChatCompletionRequest, *, max_tools: int, max_schema_bytes: int) -> Optional[OutputSpec]:
     """The OutputSpec of `req`, or None when it asks for free text; InvalidRequest (400) naming the field

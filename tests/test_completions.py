@@ -223,6 +223,30 @@ def test_tokenize_and_detokenize(client, engine):
     assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "tokens"
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tokenize_with_tools_is_the_chat_endpoints_prompt(client, engine):
+    """/tokenize with messages and tools gives the ids the chat endpoint prompts the model with (its
+    return_token_ids), tools block included; tool_choice "none" lists none there, and so here."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    for extra in ({}, {"tool_choice": "required"}, {"tool_choice": "none"}):
+        chat = client.post("/v1/chat/completions", json=dict(messages=messages, tools=TOOLS, max_tokens=1,
+                                                            return_token_ids=True, **extra)).get_json()
+        tokenized = client.post("/tokenize", json=dict(messages=messages, tools=TOOLS, **extra)).get_json()
+        assert tokenized["tokens"] == chat["prompt_token_ids"], extra
+        listed = "get_weather" in engine.tokenizer.decode(tokenized["tokens"])
+        assert listed == (extra.get("tool_choice") != "none"), extra
+    without = client.post("/tokenize", json={"messages": messages}).get_json()["tokens"]
+    listing = client.post("/tokenize", json={"messages": messages, "tools": TOOLS}).get_json()["tokens"]
+    assert len(without) < len(listing)
+    misnamed = [{"type": "function", "function": {"name": "a b"}}]
+    bad = client.post("/tokenize", json={"messages": messages, "tools": misnamed})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "tools[0].function.name"
+
+
 def test_cors_is_off_by_default(client):
     preflight = client.options("/v1/chat/completions", headers={"Origin": "https://a.example",
                                                                 "Access-Control-Request-Method": "POST"})

@@ -75,7 +75,7 @@ class CompiledOutput:
     @property
     def tools(self) -> list:
         """The request's tools as sent (for the prompt), when the answer may call them."""
-        return self.spec.tool_dicts if self.spec.calls else []
+        return self.spec.prompt_tools
 
 
 class GrammarCompiler:
