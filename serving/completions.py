@@ -4,9 +4,10 @@ Evaluation harnesses and older clients use /v1/completions: a raw prompt (a stri
 template), `logprobs` (0..20 most likely alternatives per token, in the legacy form: tokens, token_logprobs,
 top_logprobs, text_offset), `echo` (the prompt's text before the answer; with `logprobs`, the prompt's tokens
 scored too, the first with null, as OpenAI and vLLM do; `max_tokens: 0` then scores the prompt alone: a
-harness's loglikelihood request), vLLM's `prompt_logprobs`, `n`, streaming. llama.cpp and vLLM
-serve /tokenize and /detokenize; both forms of their bodies are taken. All of it needs an engine that builds
-prompts itself from token ids (the built-in one: `start_ids`, `tokenizer`).
+harness's loglikelihood request), vLLM's `prompt_logprobs`, `n`, streaming, and the answer's form as on chat
+(response_format, structured_outputs, guided_*: serving.structured.completion_spec, the engine's grammar path).
+llama.cpp and vLLM serve /tokenize and /detokenize; both forms of their bodies are taken. All of it needs an
+engine that builds prompts itself from token ids (the built-in one: `start_ids`, `tokenizer`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving import protocol
+from serving import protocol, structured
 from serving.chat import Choices, Reply, choice_of, refuse_peer_fields, word_rules
 from serving.errors import InvalidRequest
 from serving.jobs import Finished
-from serving.structured import OutputSpec
 
 MAX_LOGPROBS = 20
 
@@ -59,6 +59,17 @@ class CompletionRequest(BaseModel):
     bad_words: Optional[protocol.BadWords] = None
     bad_words_token_ids: Optional[protocol.BadWordIds] = None
     user: Optional[str] = None
+    # the answer's form, as on chat (serving.structured.answer_form): vLLM's response_format and structured
+    # outputs, the peers' guided_* and llama.cpp's json_schema / grammar
+    response_format: Optional[protocol.ResponseFormat] = None
+    guided_json: Union[dict, str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = Field(default=None, min_length=1)
+    guided_grammar: Optional[str] = None
+    guided_json_object: Optional[bool] = None
+    structured_outputs: Optional[dict] = None
+    json_schema: Optional[dict] = None
+    grammar: Optional[str] = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -190,11 +201,16 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
     # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
     params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
     engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
-    if req.logit_bias:  # enforced per row as on /v1/chat/completions (the engine's grammar path)
-        if "logit_bias" not in getattr(engine.info, "features", ()):
-            raise InvalidRequest("logit_bias is not supported here: structured output is off (see the log)",
-                                 param="logit_bias", code="unsupported_parameter")
-        params.output = engine.compile_output(OutputSpec(logit_bias={int(k): float(v) for k, v in req.logit_bias.items()}))
+    spec = structured.completion_spec(req, max_schema_bytes=service.settings.max_schema_bytes)
+    if spec is not None:  # enforced per row as on /v1/chat/completions (the engine's grammar path)
+        features = getattr(engine.info, "features", ())
+        for feature, param, asked in (("response_format", spec.grammar_param or spec.schema_param,
+                                       spec.schema is not None or spec.grammar is not None),
+                                      ("logit_bias", "logit_bias", bool(spec.logit_bias))):
+            if asked and feature not in features:
+                raise InvalidRequest(f"{param} is not supported here: structured output is off (see the log)",
+                                     param=param, code="unsupported_parameter")
+        params.output = engine.compile_output(spec)  # a 400 naming the field for a schema or grammar it refuses
     ids = prompt_ids(req, engine)
     generation = (engine.start_ids(ids, params) if req.n == 1
                   else Choices(lambda p: engine.start_ids(ids, p), params, req.n))
@@ -336,21 +352,32 @@ def new_id() -> str:
 
 # ---------------------------------------------------------------- /tokenize, /detokenize
 
+# the chat request's fields that shape its prompt: /tokenize with messages renders them as the chat endpoint does
+CHAT_PROMPT_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "tools", "tool_choice",
+                      "parallel_tool_calls", "functions", "function_call")
+
+
 def tokenize(service, body) -> dict:
-    """llama.cpp's {"content": ...} (with_pieces) or vLLM's {"prompt": ...} / {"messages": [...]} (return_token_strs)."""
+    """llama.cpp's {"content": ...} (with_pieces) or vLLM's {"prompt": ...} / {"messages": [...]} (return_token_strs;
+    with `tools`, the prompt holds them as the chat endpoint's does)."""
     engine = service.ready_engine()
     if not hasattr(engine, "start_ids"):
         raise InvalidRequest("/tokenize needs the built-in engine (--backend paddle)", code="unsupported_parameter")
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_body")
     if "messages" in body:
-        chat = {key: body[key] for key in ("messages", "add_generation_prompt", "continue_final_message") if key in body}
+        chat = {key: body[key] for key in CHAT_PROMPT_FIELDS if key in body}
         req = service.parse_request(chat)
         from serving.chat import prompt_ending
 
         go_on, open_turn = prompt_ending(req)
+        # the tools the chat endpoint would write into the prompt (checked as there: a 400 names a bad one)
+        spec = structured.output_spec(req, max_tools=service.settings.max_tools,
+                                      max_schema_bytes=service.settings.max_schema_bytes)
+        tools = spec.prompt_tools if spec is not None else None
         turns = service.load_images(protocol.normalise_messages(req))
-        ids = engine.build_prompt(turns, continue_final=go_on, generation_prompt=open_turn).arrays["input_ids"][0]
+        ids = engine.build_prompt(turns, tools or None, continue_final=go_on,
+                                  generation_prompt=open_turn).arrays["input_ids"][0]
         ids = [int(t) for t in ids]
     else:
         text = body.get("content", body.get("prompt"))

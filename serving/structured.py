@@ -50,10 +50,30 @@ class OutputSpec:
         """The answer may hold tool calls."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def prompt_tools(self) -> list:
+        """The tools the prompt lists (as sent): those the answer may call, none when it may call none."""
+        return self.tool_dicts if self.calls else []
+
 
 def output_spec(req: protocol.ChatCompletionRequest, *, max_tools: int, max_schema_bytes: int) -> Optional[OutputSpec]:
     """The OutputSpec of `req`, or None when it asks for free text; InvalidRequest (400) naming the field
     when a part of it cannot be served."""
+    spec = answer_form(req, max_schema_bytes=max_schema_bytes)
+    _tools(req, spec, max_tools, max_schema_bytes)
+    if spec.grammar is not None and spec.calls:
+        raise InvalidRequest(f"{spec.grammar_param} cannot be combined with tools (tool_choice other than 'none')",
+                             param=spec.grammar_param)
+    if req.logit_bias:
+        spec.logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+    if spec.schema is None and spec.grammar is None and not spec.calls and not spec.logit_bias:
+        return None
+    return spec
+
+
+def answer_form(req, *, max_schema_bytes: int) -> OutputSpec:
+    """An OutputSpec holding the answer's form alone: `response_format` or one of the peers' fields
+    (peer_forms), never two. Shared by /v1/chat/completions and /v1/completions (which have no tools)."""
     spec = OutputSpec()
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -80,13 +100,15 @@ def output_spec(req: protocol.ChatCompletionRequest, *, max_tools: int, max_sche
         else:
             spec.grammar, spec.grammar_param = (kind, value), param
             _check_size(value, max_schema_bytes, param)
-    _tools(req, spec, max_tools, max_schema_bytes)
-    if spec.grammar is not None and spec.calls:
-        raise InvalidRequest(f"{spec.grammar_param} cannot be combined with tools (tool_choice other than 'none')",
-                             param=spec.grammar_param)
+    return spec
+
+
+def completion_spec(req, *, max_schema_bytes: int) -> Optional[OutputSpec]:
+    """The OutputSpec of a /v1/completions request (its form and logit_bias), or None when it asks for free text."""
+    spec = answer_form(req, max_schema_bytes=max_schema_bytes)
     if req.logit_bias:
         spec.logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-    if spec.schema is None and spec.grammar is None and not spec.calls and not spec.logit_bias:
+    if spec.schema is None and spec.grammar is None and not spec.logit_bias:
         return None
     return spec
 
@@ -95,7 +117,7 @@ STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "gramma
                    "json_object": "json_object"}
 
 
-def peer_forms(req: protocol.ChatCompletionRequest) -> list:
+def peer_forms(req) -> list:
     """(param, kind, value) of each output form the peers' fields ask for: kind "json" (value: a schema),
     "regex", "choice" (a list of strings) or "grammar" (Lark or GBNF text). vLLM's guided_* and
     structured_outputs, FastDeploy's guided_* and guided_json_object, llama.cpp's json_schema and grammar."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -138,6 +139,55 @@ def test_logit_bias(client, engine):
     assert complete(client, max_tokens=8, **GREEDY)["choices"][0]["text"] == engine_answer(engine, ids, 8)
 
 
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "count": {"type": "integer", "minimum": 1, "maximum": 5},
+                                           "name": {"type": "string", "maxLength": 8}},
+          "required": ["color", "count", "name"], "additionalProperties": False}  # bounded: every answer ends
+CHOICES = ["apple pie", "banana", "cherry tart"]
+
+
+@pytest.mark.parametrize("form", [
+    {"structured_outputs": {"json": SCHEMA}}, {"guided_json": SCHEMA},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+], ids=["structured_outputs", "guided_json", "response_format"])
+def test_a_json_schema_shapes_the_completion(client, form):
+    """The answer's form on /v1/completions, through the grammar path chat uses: greedy and sampled rows (n 3)."""
+    import jsonschema
+
+    greedy = complete(client, max_tokens=64, **GREEDY, **form)["choices"][0]
+    sampled = complete(client, max_tokens=64, n=3, temperature=1.0, top_p=1.0, top_k=-1, seed=7, **form)["choices"]
+    for choice in [greedy, *sampled]:
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["text"]), SCHEMA)
+
+
+def test_guided_choice_answers_one_of_the_choices(client):
+    for form in ({"guided_choice": CHOICES}, {"structured_outputs": {"choice": CHOICES}}):
+        answers = complete(client, max_tokens=16, n=4, temperature=1.0, top_p=1.0, top_k=-1, seed=3, **form)
+        for choice in answers["choices"]:
+            assert choice["text"] in CHOICES and choice["finish_reason"] == "stop", choice
+    regex = r"[0-9]{3}-[a-z]{2}"
+    choice = complete(client, max_tokens=16, structured_outputs={"regex": regex}, **GREEDY)["choices"][0]
+    assert re.fullmatch(regex, choice["text"]) and choice["finish_reason"] == "stop", choice
+
+
+@pytest.mark.parametrize("body,param,code", [
+    (dict(structured_outputs={"json": {"type": "object", "properties": {"foo": "bar"}}}), "structured_outputs.json",
+     "invalid_schema"),
+    (dict(guided_json={"type": "strin"}), "guided_json", "invalid_schema"),
+    (dict(structured_outputs={"regex": "[.*"}), "structured_outputs.regex", "invalid_grammar"),
+    (dict(guided_regex="(unclosed"), "guided_regex", "invalid_grammar"),
+    (dict(structured_outputs={"grammar": "root ::= undefined_rule"}), "structured_outputs.grammar",
+     "invalid_grammar"),
+    (dict(structured_outputs={"choice": []}), "structured_outputs.choice", "invalid_value"),
+    (dict(structured_outputs={"whitespace": "x"}), "structured_outputs.whitespace", "unsupported_parameter"),
+    (dict(guided_regex="a+", guided_choice=["a"]), "guided_choice", "invalid_value"),
+], ids=["json", "guided_json", "regex", "guided_regex", "grammar", "empty choice", "unknown key", "two forms"])
+def test_an_answer_form_that_cannot_be_served_is_a_400_naming_it(client, body, param, code):
+    error = complete(client, 400, **body)["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+
+
 @pytest.mark.parametrize("body,param,code", [
     (dict(prompt=["a", "b"]), "prompt", "invalid_value"),
     (dict(prompt=[1, 10**6]), "prompt", "invalid_value"),
@@ -171,6 +221,30 @@ def test_tokenize_and_detokenize(client, engine):
     assert back == {"content": PROMPT, "prompt": PROMPT}
     bad = client.post("/detokenize", json={"tokens": [10**7]})
     assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "tokens"
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tokenize_with_tools_is_the_chat_endpoints_prompt(client, engine):
+    """/tokenize with messages and tools gives the ids the chat endpoint prompts the model with (its
+    return_token_ids), tools block included; tool_choice "none" lists none there, and so here."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    for extra in ({}, {"tool_choice": "required"}, {"tool_choice": "none"}):
+        chat = client.post("/v1/chat/completions", json=dict(messages=messages, tools=TOOLS, max_tokens=1,
+                                                            return_token_ids=True, **extra)).get_json()
+        tokenized = client.post("/tokenize", json=dict(messages=messages, tools=TOOLS, **extra)).get_json()
+        assert tokenized["tokens"] == chat["prompt_token_ids"], extra
+        listed = "get_weather" in engine.tokenizer.decode(tokenized["tokens"])
+        assert listed == (extra.get("tool_choice") != "none"), extra
+    without = client.post("/tokenize", json={"messages": messages}).get_json()["tokens"]
+    listing = client.post("/tokenize", json={"messages": messages, "tools": TOOLS}).get_json()["tokens"]
+    assert len(without) < len(listing)
+    misnamed = [{"type": "function", "function": {"name": "a b"}}]
+    bad = client.post("/tokenize", json={"messages": messages, "tools": misnamed})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "tools[0].function.name"
 
 
 def test_cors_is_off_by_default(client):

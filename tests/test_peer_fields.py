@@ -218,6 +218,8 @@ BAD_FORMS = [
      "guided_regex", "invalid_value"),
     ("a bad regex", dict(guided_regex="(unclosed"), "guided_regex", "invalid_grammar"),
     ("a bad grammar", dict(grammar="root ::= ("), "grammar", "invalid_grammar"),
+    ("a grammar naming an undefined rule", dict(guided_grammar="root ::= missing"), "guided_grammar",
+     "invalid_grammar"),  # llguidance's GBNF converter raised a bare Exception: it was a 500
     ("guided_json not a schema", dict(guided_json="{nope"), "guided_json", "invalid_value"),
     ("an unknown structured_outputs key", dict(structured_outputs={"structural_tag": "x"}),
      "structured_outputs.structural_tag", "unsupported_parameter"),

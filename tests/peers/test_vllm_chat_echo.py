@@ -8,7 +8,8 @@ upstream assertion is kept, except these deliberate differences:
 - the demo model's words are random: its answer may run to max_tokens, so finish_reason is "stop" or "length"
   (upstream: "stop", Qwen2-1.5B ends the saying);
 - top_logprobs is 0 to 20 as in OpenAI's API (vLLM's -1, the whole vocabulary, is a 400 naming top_logprobs);
-- prompt_logprobs: built on another branch (skipped).
+  prompt_logprobs likewise (upstream runs with --max-logprobs 151936 for -1): -1 is a 400 naming prompt_logprobs,
+  and the same request with 20 is answered with the form upstream checks.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def test_chat_session_with_echo_true_is_refused(client):
 
 
 def test_prompt_logprobs(client):
-    pytest.skip("prompt_logprobs: built on another branch")
+    with pytest.raises(BadRequestError) as caught:  # upstream: -1 scores each prompt token over the whole vocabulary
+        client.chat.completions.create(model="demo", messages=MESSAGES, extra_body={"prompt_logprobs": -1})
+    assert caught.value.body["param"] == "prompt_logprobs"
+    completion = client.chat.completions.create(model="demo", messages=MESSAGES, extra_body={"prompt_logprobs": 20})
+    assert completion.model_extra["prompt_logprobs"] is not None
+    assert len(completion.model_extra["prompt_logprobs"]) > 0
 
 
 def test_top_logprobs(client):

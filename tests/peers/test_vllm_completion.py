@@ -13,17 +13,15 @@ deliberate differences:
   checked (the demo rarely samples an end token within 50 tokens);
 - a stream's finishing chunk carries no text (OpenAI's form, docs/api.md): the streaming test checks the last
   text chunk has text;
-- one prompt per request (docs/api.md): test_batch_completions and test_prompt_logprobs_completion (lists of
-  prompts; the latter needs prompt_logprobs, built on another branch) are skipped, and so are the echo tests'
-  prompt logprobs (prompt_logprobs: built on another branch);
+- one prompt per request (docs/api.md): test_batch_completions (lists of prompts, and beam search) is skipped;
+  test_prompt_logprobs_completion sends its two prompts as two requests, upstream's assertions checked on each;
+- the echo-with-logprobs tests use ignore_eos so the answer has its 5 tokens (upstream's model writes them);
 - truncate_prompt_tokens / truncation_side are refused by name (docs/api.md): that test is skipped;
-- gaps of /v1/completions found here, in serving/completions.py (owned by another branch), are skipped with the
-  reason and reported: no prompt_tokens_details in its usage (test_single_completion's last two assertions, as
-  test_single_completion_prompt_tokens_details), logprobs 0 gives empty top_logprobs, and structured_outputs is
-  ignored there (the three invalid-constraint tests).
 """
 
 from __future__ import annotations
+
+import re
 
 import openai
 import pytest
@@ -35,8 +33,6 @@ from peer_server import server  # noqa: F401  (one demo server per module)
 IDS = [0, 0, 0, 0, 0]
 LONG = {"ignore_eos": True}
 SAMPLED = {"top_k": 0, "top_p": 1.0}
-PROMPT_LOGPROBS = "prompt_logprobs: built on another branch"
-COMPLETIONS_GAP = "gap, reported (serving/completions.py, changed on another branch): on /v1/completions "
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +59,12 @@ def test_single_completion(client, tokenizer, no_prefix_cache):
     assert completion.usage.completion_tokens == 5
     assert completion.usage.prompt_tokens == prompt_tokens
     assert completion.usage.total_tokens == prompt_tokens + 5
+    assert completion.usage.prompt_tokens_details is not None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 0
 
     completion = client.completions.create(model="demo", prompt=IDS, max_tokens=5, temperature=0.0, extra_body=LONG)
     assert len(completion.choices[0].text) >= 1
     assert (completion.choices[0].model_extra or {}).get("prompt_logprobs") is None
-
-
-def test_single_completion_prompt_tokens_details(client):
-    pytest.skip(COMPLETIONS_GAP + "its usage has no prompt_tokens_details (upstream: cached_tokens 0, as the chat "
-                "endpoint here reports it)")
 
 
 def test_completion_truncation_side_controls_prompt_truncation(client):
@@ -84,8 +77,6 @@ def test_no_logprobs(client):
 
 
 def test_zero_logprobs(client):
-    pytest.skip(COMPLETIONS_GAP + "logprobs 0 answers empty top_logprobs; OpenAI's legacy API and vLLM always add "
-                "the sampled token (up to logprobs + 1 entries)")
     completion = client.completions.create(model="demo", prompt=IDS, max_tokens=5, temperature=0.0, logprobs=0)
     choice = completion.choices[0]
     assert choice.logprobs is not None
@@ -116,7 +107,21 @@ def test_too_many_completion_logprobs(client):
 
 @pytest.mark.parametrize("prompt_logprobs", [-1, 0, 1, None])
 def test_prompt_logprobs_completion(client, prompt_logprobs):
-    pytest.skip(PROMPT_LOGPROBS + "; its two prompts in one request: one prompt per request (docs/api.md)")
+    for prompt in ("A robot may not injure another robot", "My name is"):  # upstream: both in one request
+        params: dict = {"prompt": prompt, "model": "demo"}
+        if prompt_logprobs is not None:
+            params["extra_body"] = {"prompt_logprobs": prompt_logprobs}
+        if prompt_logprobs is not None and prompt_logprobs < 0:
+            with pytest.raises(BadRequestError):
+                client.completions.create(**params)
+            continue
+        completion = client.completions.create(**params)
+        scores = (completion.choices[0].model_extra or {}).get("prompt_logprobs")
+        if prompt_logprobs is not None:
+            assert scores is not None
+            assert len(scores) > 0
+        else:
+            assert scores is None
 
 
 def test_completion_streaming(client):
@@ -218,14 +223,23 @@ def test_batch_completions(client):
 
 
 @pytest.mark.parametrize("logprobs_arg", [1, 0])
-def test_echo_logprob_completion(client, logprobs_arg):
-    pytest.skip(PROMPT_LOGPROBS + ": echo with logprobs scores the prompt's tokens (token_logprobs[0] None, then "
-                "each prompt token's logprob)")
+def test_echo_logprob_completion(client, tokenizer, logprobs_arg):
+    for prompt in ("Hello, my name is", IDS):
+        completion = client.completions.create(model="demo", prompt=prompt, max_tokens=5, temperature=0.0, echo=True,
+                                               logprobs=logprobs_arg, extra_body=LONG)
+        prompt_text = tokenizer.decode(prompt) if isinstance(prompt, list) else prompt
+        assert re.search(r"^" + prompt_text, completion.choices[0].text)
+        logprobs = completion.choices[0].logprobs
+        assert logprobs is not None
+        assert len(logprobs.text_offset) > 5
+        assert len(logprobs.token_logprobs) > 5 and logprobs.token_logprobs[0] is None
+        assert len(logprobs.top_logprobs) > 5 and logprobs.top_logprobs[0] is None
+        for top_logprobs in logprobs.top_logprobs[1:]:
+            assert max(logprobs_arg, 1) <= len(top_logprobs) <= logprobs_arg + 1
+        assert len(logprobs.tokens) > 5
 
 
 def test_invalid_json_schema(client):
-    pytest.skip(COMPLETIONS_GAP + "structured_outputs is neither honoured nor refused there (ignored, so an "
-                "invalid one is answered 200)")
     invalid_json_schema = {
         "$defs": {"CarType": {"enum": ["sedan", "SUV", "Truck", "Coupe"], "title": "CarType", "type": "string"}},
         "properties": {"brand": {"title": "Brand", "type": "string"}, "model": {"title": "Model", "type": "string"},
@@ -238,8 +252,6 @@ def test_invalid_json_schema(client):
 
 
 def test_invalid_regex(client):
-    pytest.skip(COMPLETIONS_GAP + "structured_outputs is neither honoured nor refused there (ignored, so an "
-                "invalid one is answered 200)")
     with pytest.raises((openai.BadRequestError, openai.APIError)):
         client.completions.create(model="demo", prompt="Generate an email address for Alan Turing, who works in "
                                   "Enigma. End in .com and new line. Example result: alan.turing@enigma.com\n",
@@ -247,8 +259,6 @@ def test_invalid_regex(client):
 
 
 def test_invalid_grammar(client):
-    pytest.skip(COMPLETIONS_GAP + "structured_outputs is neither honoured nor refused there (ignored, so an "
-                "invalid one is answered 200)")
     invalid_simplified_sql_grammar = """
         root ::= select_statementinvalidsyntax
 

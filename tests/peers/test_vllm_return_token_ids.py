@@ -12,14 +12,16 @@ deliberate differences:
 - the demo's answers are random and may run to max_tokens: a decoded answer ends with an end token only when
   finish_reason is "stop" (upstream's model always ends its answer), and that end token is <|im_end|> or
   <|endoftext|> (both end an answer in the checkpoint's generation config; the demo's random weights pick either);
-- test_comparison_with_prompt_logprobs_and_logprobs needs prompt_logprobs (built on another branch) and
-  return_tokens_as_token_ids (refused by name, docs/api.md): skipped.
+- return_tokens_as_token_ids is refused by name (docs/api.md): test_comparison_with_prompt_logprobs_and_logprobs
+  checks that refusal, then sends its two requests without it and keeps the assertions that do not read token ids
+  out of the logprobs' "token_id:N" strings (those need it): each is compared by count instead; its answer is
+  decoded without special tokens, as the server's text is (the demo's random answer may hold some).
 """
 
 from __future__ import annotations
 
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 from paddleformers.transformers import AutoTokenizer
 
 from peer_server import server  # noqa: F401  (one demo server per module)
@@ -102,9 +104,40 @@ def test_chat_completion_with_tool_use(client, tokenizer):
     assert without.model_extra.get("prompt_token_ids") is None
 
 
-def test_comparison_with_prompt_logprobs_and_logprobs(client):
-    pytest.skip("prompt_logprobs: built on another branch (and return_tokens_as_token_ids is refused by name, "
-                "docs/api.md)")
+def test_comparison_with_prompt_logprobs_and_logprobs(client, tokenizer):
+    asked = dict(model="demo", prompt="Hello, world! How are you today?", max_tokens=20, temperature=0, echo=True,
+                 logprobs=1)
+    with pytest.raises(BadRequestError) as caught:
+        client.completions.create(**asked, extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True,
+                                                       "prompt_logprobs": 1})
+    assert caught.value.body["param"] == "return_tokens_as_token_ids"
+
+    completion = client.completions.create(**asked, extra_body={"return_token_ids": True, "prompt_logprobs": 1})
+    choice = completion.choices[0]
+    assert choice.token_ids is not None
+    assert choice.prompt_token_ids is not None
+    assert choice.prompt_logprobs is not None
+    assert choice.logprobs is not None
+    # echo: the logprobs hold the prompt's tokens, then the answer's (upstream: their "token_id:N" ids)
+    assert len(choice.token_ids) < len(choice.logprobs.tokens)
+    assert len(choice.logprobs.tokens) == len(choice.prompt_token_ids) + len(choice.token_ids)
+    assert "Hello, world" in tokenizer.decode(choice.prompt_token_ids)
+    # the answer's text leaves out special tokens (vLLM's skip_special_tokens default); the demo's random answer
+    # may hold some, so they are skipped in the decoding too (upstream: plain decode, its model writes none)
+    assert choice.text.endswith(tokenizer.decode(choice.token_ids, skip_special_tokens=True))
+
+    streamed_prompt_token_ids, streamed_token_ids, streamed_logprob_tokens, first_chunk = [], [], [], True
+    for chunk in client.completions.create(model="demo", prompt="Tell me a short fact about Python:", max_tokens=30,
+                                           temperature=0, stream=True, echo=False, logprobs=1,
+                                           extra_body={"return_token_ids": True}):
+        if chunk.choices[0].logprobs is not None:  # the finishing chunk here has none (docs/api.md)
+            streamed_logprob_tokens += chunk.choices[0].logprobs.tokens
+        if first_chunk:
+            streamed_prompt_token_ids = chunk.choices[0].prompt_token_ids
+            first_chunk = False
+        streamed_token_ids += chunk.choices[0].token_ids or []
+    assert len(streamed_prompt_token_ids) > 0
+    assert len(streamed_token_ids) == len(streamed_logprob_tokens)
 
 
 def test_chat_completion_with_emoji_and_token_ids(client, tokenizer):

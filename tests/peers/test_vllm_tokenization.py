@@ -10,7 +10,6 @@ upstream assertion is kept, except these deliberate differences:
 - /detokenize answers {"content", "prompt"} (llama.cpp's and vLLM's names for the text, one endpoint for both
   peers), so its "prompt" is compared, not the whole body;
 - Qwen's tokenizer adds no special tokens (no BOS), so add_special_tokens true and false give the same ids here;
-- tools on /tokenize: skipped, a gap in serving/completions.py (owned by another branch): it drops 'tools';
 - /tokenizer_info needs vLLM's --enable-tokenizer-info-endpoint and is not served: its five tests are skipped.
 """
 
@@ -94,8 +93,6 @@ def test_tokenize_chat(server, tokenizer, max_model_len):
 
 
 def test_tokenize_chat_with_tools(server, tokenizer, max_model_len):
-    pytest.skip("gap, reported: /tokenize drops 'tools' (serving/completions.py, being changed on another branch), "
-                "so its ids lack the tools system block the chat endpoint writes")
     check_chat(server, tokenizer, max_model_len, tools=TOOLS)
 
 

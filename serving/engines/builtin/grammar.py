@@ -75,7 +75,7 @@ class CompiledOutput:
     @property
     def tools(self) -> list:
         """The request's tools as sent (for the prompt), when the answer may call them."""
-        return self.spec.tool_dicts if self.spec.calls else []
+        return self.spec.prompt_tools
 
 
 class GrammarCompiler:
@@ -138,11 +138,11 @@ class GrammarCompiler:
             return LLMatcher.grammar_from_regex(value)
         if kind == "choice":
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
-        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+        from llguidance.gbnf_to_lark import any_to_lark
 
-        try:
-            return LLMatcher.grammar_from_lark(any_to_lark(value))
-        except (GbnfToLarkError, ValueError) as exc:
+        try:  # both read the client's text alone; the converter raises a bare Exception for some faults
+            return LLMatcher.grammar_from_lark(any_to_lark(value))  # ("Rule 'x' not found": it was a 500)
+        except Exception as exc:
             raise InvalidRequest(f"{param} is not a Lark or GBNF grammar this server can read: "
                                  f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
                                  param=param, code="invalid_grammar") from None
