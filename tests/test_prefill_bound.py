@@ -59,3 +59,47 @@ def test_a_request_given_up_stops_its_prefill_within_one_pass(no_prefix_cache, m
     assert len(passes) == 3 and not engine.scheduler.rows_running()  # not the ~20 passes of the whole prompt
     short = engine.build_prompt([ChatTurn("user", ["Hello"])])
     assert engine.generate(short, SamplingParams(max_tokens=4, temperature=0)).finish is not None
+
+
+def test_a_request_arriving_during_a_long_prefill_on_an_idle_engine_is_not_held_behind_it(no_prefix_cache,
+                                                                                          monkeypatch):
+    """An idle engine prefills a prompt without a budget; a request arriving meanwhile is taken in at the next
+    forward pass and answered while the long prompt is still prefilling, and both answers are those of each
+    request alone. Before, it waited for the whole long prefill (minutes for a long prompt on a CPU)."""
+    import threading
+
+    engine = no_prefix_cache
+    long_prompt = engine.build_prompt([ChatTurn("user", [" ".join(f"word{i}" for i in range(300))])])
+    short_prompt = engine.build_prompt([ChatTurn("user", ["Hello there"])])
+    greedy = dict(max_tokens=4, temperature=0)
+    monkeypatch.setattr(decode, "FORWARD_TOKENS", 16)
+    long_alone = engine.generate(long_prompt, SamplingParams(**greedy)).text
+    short_alone = engine.generate(short_prompt, SamplingParams(**greedy)).text
+
+    passes, short_done_at, answers = [], [], {}
+    short_job = Job(short_prompt, SamplingParams(**greedy))
+
+    def count_pass(layer, inputs):
+        passes.append(1)
+        if len(passes) == 3:
+            engine.scheduler.submit(short_job)  # arrives during the long prompt's third pass
+
+    def collect(name, job, then=lambda: None):
+        answers[name] = "".join(e for e in job if isinstance(e, str))
+        then()
+
+    hook = engine.model.model.language_model.register_forward_pre_hook(count_pass)
+    try:
+        long_job = Job(long_prompt, SamplingParams(**greedy))
+        threads = [threading.Thread(target=collect, args=("long", long_job)),
+                   threading.Thread(target=collect, args=("short", short_job, lambda: short_done_at.append(len(passes))))]
+        engine.scheduler.submit(long_job)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        hook.remove()
+    long_passes = -(-long_prompt.prompt_tokens // 16)
+    assert short_done_at and short_done_at[0] < long_passes  # answered before the long prompt was prefilled
+    assert answers == {"long": long_alone, "short": short_alone}

@@ -149,17 +149,18 @@ class Prefill:
     def remaining(self) -> int:
         return self.length - self.done
 
-    def run(self, tokens: int, cancelled=lambda: False) -> Optional[PrefillResult]:
+    def run(self, tokens: int, cancelled=lambda: False, pause=lambda: False) -> Optional[PrefillResult]:
         """Prefill up to `tokens` more prompt tokens; the result once the whole prompt is in. One forward
         pass takes at most FORWARD_TOKENS of them: its attention scores (heads x new tokens x all tokens)
         stay bounded whatever the prompt's length (a 9,000-token prompt at once took 17 GB on the demo).
-        `cancelled()` is asked between passes: a request given up stops within one pass (on an idle engine
-        the whole prompt is asked for at once: 80,000 tokens ran on for minutes after their client left)."""
+        Between passes, `cancelled()` stops a request given up (on an idle engine the whole prompt is asked
+        for at once: 80,000 tokens ran on for minutes after their client left), and `pause()` ends this
+        call early, after one pass at least (so a prompt always moves on), with the prompt unfinished."""
         paddle = _paddle()
         assert self.tower is None, "the vision tower has blocks left"
-        end = min(self.length, self.done + max(1, tokens))
+        end, began = min(self.length, self.done + max(1, tokens)), self.done
         while self.done < end:
-            if cancelled():
+            if cancelled() or (self.done > began and pause()):
                 return None
             start, stop = self.done, min(end, self.done + FORWARD_TOKENS)
             here = slice(start - self.start, stop - self.start)  # embeddings and positions start at self.start

@@ -95,6 +95,7 @@ class Scheduler:
         self._sampling = threading.Lock()
         self.closing = False
         self.refusing = None  # an error every job not yet admitted gets instead (refuse_waiting)
+        self._prompt_done = False  # a prompt of this prefill turn is done (see _others_waiting)
         self.stopped = None  # the error every job gets once the loop itself has failed (fail_everyone)
         # numbers for the metrics (read from other threads: plain ints and floats)
         self.steps = 0
@@ -329,6 +330,7 @@ class Scheduler:
         """One turn of prefill work, in prefill order, within the budget (each lane its own share of
         it); finished prompts join the running batch."""
         budget = self.prefill_tokens if len(self.batch) else None  # nobody waits on an idle batch
+        self._prompt_done = False
         items = self.prefilling
         lanes = self.lanes.count(len(items))
         outcomes = self.lanes.run(items, budget, self._advance, lanes)
@@ -376,19 +378,30 @@ class Scheduler:
             if item.prefill.vision_blocks_left or (allowance is not None and spent >= allowance):
                 return spent, None
             tokens = item.prefill.remaining if allowance is None else min(item.prefill.remaining, allowance - spent)
-            spent += tokens
-            result = item.prefill.run(tokens, cancelled=job.cancelled.is_set)
+            before = item.prefill.done
+            result = item.prefill.run(tokens, cancelled=job.cancelled.is_set,
+                                      pause=self._others_waiting if allowance is None else lambda: False)
+            spent += item.prefill.done - before
         except Exception as exc:
             item.row.fail(_internal(exc))
             return spent, _FAILED
         if result is None:
             return spent, None
+        self._prompt_done = True
         if result.prompt_logprobs is not None:  # before the first token's event: its reader finds them set
             job.prompt_logprobs = result.prompt_logprobs
         token = self._first_token(item.row, result)
         if token is not None:  # after the first token is out: the client does not wait for this copy
             self._keep_prompt(item.key, result)
         return spent, (_FAILED if token is None else (result, token))
+
+    def _others_waiting(self) -> bool:
+        """An unbudgeted prefill (the batch idle) stops at its next forward pass when a request has arrived
+        or another prompt of this turn is done: the newcomer is admitted and prefilled beside it, a prompt
+        done starts decoding, and from then on the long prompt goes on within the budget between decoding
+        steps. Before, a request arriving during a long prompt's prefill waited for all of it (minutes for
+        a long prompt on a CPU)."""
+        return self._prompt_done or not self.inbox.empty()
 
     def _start_prefill(self, item: _Prefilling) -> Prefill:
         """The prompt's prefill, starting after the longest prefix the prefix cache holds for it. A resumed
