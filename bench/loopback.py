@@ -20,3 +20,25 @@ class LoopbackServer:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FileHost(LoopbackServer):
+    """Serves `files` ({name: (bytes, content type)}) at /<name>; anything else is a 404."""
+
+    def __init__(self, files: dict):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                data, mime = files.get(self.path.lstrip("/"), (None, None))
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", mime)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler)

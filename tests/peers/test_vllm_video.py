@@ -22,7 +22,6 @@ differences:
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 from dataclasses import replace
 
@@ -32,7 +31,7 @@ import pytest
 from openai import OpenAI
 from paddleformers.transformers import AutoProcessor
 
-from bench.loopback import LoopbackServer
+from bench.loopback import FileHost
 from serving.web.app import create_app
 from serving.web.server import BackgroundServer
 
@@ -65,29 +64,9 @@ VIDEOS = {"slow_traffic_small.mp4": (make_video("mp4", "libx264", 40), "video/mp
 TEST_VIDEO_URLS = list(VIDEOS)
 
 
-class VideoHost(LoopbackServer):
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                data, mime = VIDEOS.get(self.path.lstrip("/"), (None, None))
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", mime)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(Handler)
-
-
 @pytest.fixture(scope="module")
 def url_of():
-    host = VideoHost()
+    host = FileHost(VIDEOS)
     yield lambda name: f"{host.url}/{name}"
     host.stop()
 

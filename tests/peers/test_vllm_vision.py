@@ -22,7 +22,6 @@ except these deliberate differences:
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 from dataclasses import replace
 
@@ -33,7 +32,7 @@ from openai import OpenAI
 from paddleformers.transformers import AutoProcessor
 from PIL import Image
 
-from bench.loopback import LoopbackServer
+from bench.loopback import FileHost
 from serving.web.app import create_app
 from serving.web.server import BackgroundServer
 
@@ -69,29 +68,9 @@ ASSETS = _assets()
 TEST_IMAGE_ASSETS = list(ASSETS)
 
 
-class AssetHost(LoopbackServer):
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                data, mime = ASSETS.get(self.path.lstrip("/"), (None, None))
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", mime)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(Handler)
-
-
 @pytest.fixture(scope="module")
 def asset_host():
-    host = AssetHost()
+    host = FileHost(ASSETS)
     yield host
     host.stop()
 
