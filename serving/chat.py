@@ -458,25 +458,14 @@ class Choices:
         return self.until(None)
 
     def until(self, deadline: Optional[float]):
-        import queue
-
-        from serving.jobs import POLL_SECONDS
+        from serving.jobs import read_events  # the same polled read as one generation's
 
         ended = 0
-        while ended < self.n:
-            wait = POLL_SECONDS
-            if deadline is not None:
-                wait = min(wait, deadline - time.perf_counter())
-                if wait <= 0:
-                    raise TimeoutError("the generation's deadline passed")
-            try:
-                index, event = self._queue.get(timeout=wait)
-            except queue.Empty:
-                if self._cancelled.is_set():
-                    return
-                continue
+        for index, event in read_events(self._queue, self._cancelled, deadline):
             if event is None:
                 ended += 1
+                if ended == self.n:
+                    return
                 continue
             if isinstance(event, BaseException):
                 self.cancel()

@@ -200,7 +200,6 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
     word_rules(params, req)
     # the deltas' ids: shown (return_token_ids) or counted (continuous_usage_stats)
     params.return_token_ids = bool(req.return_token_ids) or protocol.continuous_usage(req.stream_options)
-    engine.check_token_ids(params.stop_token_ids, "stop_token_ids")
     spec = structured.completion_spec(req, max_schema_bytes=service.settings.max_schema_bytes)
     if spec is not None:  # enforced per row as on /v1/chat/completions (the engine's grammar path)
         features = getattr(engine.info, "features", ())

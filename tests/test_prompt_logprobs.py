@@ -7,10 +7,6 @@ and the 400s for bad values."""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +14,8 @@ from PIL import Image
 from serving.engines.builtin import decode, speedups
 from serving.jobs import Finished, Prompt, SamplingParams
 from serving.protocol import ChatTurn
+from test_completions import sse
+from test_continuous_batching import collect, wait_idle
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 PROMPT = "Once upon a time, in a land far away, there lived a scorer of prompts"
@@ -36,19 +34,8 @@ def text_prompt(engine, text=PROMPT) -> Prompt:
 def run(engine, prompt, params) -> tuple:
     """(text, Finished, the job's prompt logprobs) of one request."""
     job = engine.submit(prompt, params)
-    pieces, finish = [], None
-    for event in job:
-        if isinstance(event, Finished):
-            finish = event
-        else:
-            pieces.append(event)
-    return "".join(pieces), finish, job.prompt_logprobs
-
-
-def wait_idle(engine, timeout=10.0):
-    deadline = time.time() + timeout
-    while (engine.stats()["rows_running"] or engine.stats()["queue_depth"]) and time.time() < deadline:
-        time.sleep(0.01)
+    text, finish = collect(job)
+    return text, finish, job.prompt_logprobs
 
 
 def reference(engine, prompt) -> np.ndarray:
@@ -200,12 +187,6 @@ def chat(client, status=200, **body):
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.get_json()
     return response.get_json()
-
-
-def sse(response) -> list:
-    lines = [line[6:] for line in response.get_data(as_text=True).split("\n") if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 def test_echo_with_logprobs_scores_prompt_then_answer(client, engine):

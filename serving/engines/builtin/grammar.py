@@ -215,12 +215,15 @@ class RowConstraint:
         """The next token's scores are changed (a bias, or a grammar in force)."""
         return self.bias is not None or self.active
 
-    def adjust(self, scores: np.ndarray) -> np.ndarray:
-        """float32 [V] scores of this row -> the same with the bias added and the tokens the grammar forbids at
-        -inf (in place when it can: the caller hands over a row it owns)."""
+    def _add_bias(self, scores: np.ndarray) -> None:
         if self.bias is not None:
             ids, amounts = self.bias
             scores[ids] += amounts
+
+    def adjust(self, scores: np.ndarray) -> np.ndarray:
+        """float32 [V] scores of this row -> the same with the bias added and the tokens the grammar forbids at
+        -inf (in place when it can: the caller hands over a row it owns)."""
+        self._add_bias(scores)
         if self.active:
             started = time.perf_counter()
             self._compute_mask()
@@ -233,9 +236,7 @@ class RowConstraint:
         """adjust for a greedy row, whose token is the argmax of what this returns: when the grammar allows the
         row's own argmax, that argmax is also the first maximum of the masked row (every earlier index scores
         less), so the scores go back unmasked; only a rejected argmax costs the full mask."""
-        if self.bias is not None:
-            ids, amounts = self.bias
-            scores[ids] += amounts
+        self._add_bias(scores)
         if self.active:
             started = time.perf_counter()
             self._compute_mask()
