@@ -224,8 +224,11 @@ class ChatService:
             raise _timeout(time_limit, "reading its images")
         engine = self.ready_engine()  # again: a shutdown may have begun meanwhile
         generation = engine.start(turns, params) if n == 1 else Choices(lambda p: engine.start(turns, p), params, n)
-        reply = Reply(generation, started=started, time_limit=time_limit, metrics=self.metrics,
-                      image_sizes=image_sizes(turns), n=n)
+        return self._tracked(Reply(generation, started=started, time_limit=time_limit, metrics=self.metrics,
+                                   image_sizes=image_sizes(turns), n=n))
+
+    def _tracked(self, reply: "Reply") -> "Reply":
+        """`reply`, among the answers being generated that a shutdown ends (end_all)."""
         with self._replies_lock:
             self._replies.add(reply)
         return reply
@@ -275,15 +278,14 @@ class ChatService:
         return self.start(turns, params, started=started, time_limit=self.settings.request_timeout, n=req.n)
 
     def start_ids(self, ids: list, params: SamplingParams, *, started: Optional[float] = None, n: int = 1) -> "Reply":
-        """A prompt of token ids, as written (no chat template), under REQUEST_TIMEOUT."""
+        """A prompt of token ids, as written (no chat template: disable_chat_template, /v1/completions), under
+        REQUEST_TIMEOUT."""
         engine = self.ready_engine()
         started = time.perf_counter() if started is None else started
         generation = (engine.start_ids(ids, params) if n == 1
                       else Choices(lambda p: engine.start_ids(ids, p), params, n))
-        reply = Reply(generation, started=started, time_limit=self.settings.request_timeout, metrics=self.metrics, n=n)
-        with self._replies_lock:
-            self._replies.add(reply)
-        return reply
+        return self._tracked(Reply(generation, started=started, time_limit=self.settings.request_timeout,
+                                   metrics=self.metrics, n=n))
 
 
 @dataclass

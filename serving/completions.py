@@ -20,7 +20,7 @@ from typing import Annotated, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving import protocol, structured
-from serving.chat import Choices, Reply, choice_of, refuse_peer_fields, word_rules
+from serving.chat import Reply, choice_of, refuse_peer_fields, word_rules
 from serving.errors import InvalidRequest
 from serving.jobs import Finished
 
@@ -211,10 +211,7 @@ def start(service, req: CompletionRequest, *, started: float) -> tuple:
                                      param=param, code="unsupported_parameter")
         params.output = engine.compile_output(spec)  # a 400 naming the field for a schema or grammar it refuses
     ids = prompt_ids(req, engine)
-    generation = (engine.start_ids(ids, params) if req.n == 1
-                  else Choices(lambda p: engine.start_ids(ids, p), params, req.n))
-    reply = Reply(generation, started=started, time_limit=service.settings.request_timeout,
-                  metrics=service.metrics, n=req.n)
+    reply = service.start_ids(ids, params, started=started, n=req.n)  # shutdown ends it with the chats
     echo = (req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)) if req.echo else ""
     from serving.engines.builtin.sampling import token_names
 

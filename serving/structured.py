@@ -64,11 +64,7 @@ def output_spec(req: protocol.ChatCompletionRequest, *, max_tools: int, max_sche
     if spec.grammar is not None and spec.calls:
         raise InvalidRequest(f"{spec.grammar_param} cannot be combined with tools (tool_choice other than 'none')",
                              param=spec.grammar_param)
-    if req.logit_bias:
-        spec.logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-    if spec.schema is None and spec.grammar is None and not spec.calls and not spec.logit_bias:
-        return None
-    return spec
+    return _with_bias(spec, req)
 
 
 def answer_form(req, *, max_schema_bytes: int) -> OutputSpec:
@@ -105,10 +101,14 @@ def answer_form(req, *, max_schema_bytes: int) -> OutputSpec:
 
 def completion_spec(req, *, max_schema_bytes: int) -> Optional[OutputSpec]:
     """The OutputSpec of a /v1/completions request (its form and logit_bias), or None when it asks for free text."""
-    spec = answer_form(req, max_schema_bytes=max_schema_bytes)
+    return _with_bias(answer_form(req, max_schema_bytes=max_schema_bytes), req)
+
+
+def _with_bias(spec: OutputSpec, req) -> Optional[OutputSpec]:
+    """`spec` with the request's logit_bias; None when it then asks for nothing but free text."""
     if req.logit_bias:
         spec.logit_bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-    if spec.schema is None and spec.grammar is None and not spec.logit_bias:
+    if spec.schema is None and spec.grammar is None and not spec.calls and not spec.logit_bias:
         return None
     return spec
 
